@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ssmtpd",
+    version="0.1.0",
+    description="A small SMTP submission server that hands each message to your program",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["ssmtpd", "ssmtpd.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "gevent>=22.10",
+        "configargparse>=1.5",
+        # Only for the self-signed certificate made when none is configured.
+        "cryptography>=3.4",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "aiosmtpd>=1.4"],
+    },
+    entry_points={"console_scripts": ["ssmtpd=ssmtpd.cli:main"]},
+    classifiers=[
+        "License :: OSI Approved :: MIT License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Communications :: Email :: Mail Transport Agents",
+    ],
+)

@@ -1,0 +1,5 @@
+import sys
+
+from ssmtpd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,266 @@
+"""The one table of options, and the parser and Settings built from it (SPEC §2).
+
+Each Option yields a command-line flag, its SSMTPD_* environment variable, its
+ini key (`-` or `_`), the --help line and a validator.  Validation errors
+become ConfigError("--name: why"), which the CLI prints on one line with exit 2.
+"""
+
+import argparse
+import os
+import shlex
+import shutil
+import socket
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import configargparse
+
+ENV_PREFIX = "SSMTPD_"
+INI_SECTION = "ssmtpd"
+
+
+class ConfigError(Exception):
+    """A bad setting; str() is the one line printed before exit 2."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # long option without dashes, e.g. "max-message-size"
+    default: Any
+    help: str
+    kind: str = "str"  # str, int, float, bool
+    check: Optional[Callable[[Any], Any]] = None  # returns the cleaned value or raises ValueError
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+
+# --- validators: each raises ValueError with the reason --------------------
+
+def _port(value):
+    if not 1 <= value <= 65535:
+        raise ValueError("must be 1-65535")
+    return value
+
+
+def _optional_port(value):
+    return None if value in (None, 0) else _port(value)
+
+
+def _positive(value):
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _not_negative(value):
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _readable_file(value):
+    if value is None:
+        return None
+    try:
+        with open(value, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read {value}: {e.strerror}") from None
+    return value
+
+
+def _program(value):
+    """Split shell-style (SPEC §2) and check the program can be executed."""
+    if value is None:
+        return None
+    try:
+        argv = tuple(shlex.split(value))
+    except ValueError as e:
+        raise ValueError(f"cannot parse {value!r}: {e}") from None
+    if not argv:
+        raise ValueError("is empty")
+    exe = argv[0]
+    if os.sep in exe:
+        if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+            raise ValueError(f"{exe} is not an executable file")
+    elif shutil.which(exe) is None:
+        raise ValueError(f"{exe} not found in PATH")
+    return argv
+
+
+def _bind(value):
+    if value in (None, ""):
+        return None
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, value)
+            return value
+        except OSError:
+            pass
+    raise ValueError(f"{value!r} is not an IPv4 or IPv6 address")
+
+
+def _hostname(value):
+    value = value or socket.getfqdn()
+    if not value or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{value!r} is not a host name")
+    return value
+
+
+def _log_level(value):
+    value = value.lower()
+    if value not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be one of debug, info, warning, error")
+    return value
+
+
+OPTIONS: Tuple[Option, ...] = (
+    Option("hostname", None, "name in the greeting, EHLO reply and Received header "
+           "(default: the machine's FQDN)", check=_hostname),
+    Option("bind", None, "address to listen on, IPv4 or IPv6 (default: all interfaces)", check=_bind),
+    Option("port", 8025, "submission port: plain, STARTTLS offered", "int", _port),
+    Option("smtps-port", None, "optional second port with implicit TLS (RFC 8314)", "int",
+           _optional_port),
+    Option("ssl-cert", None, "PEM certificate chain (default: self-signed, generated at start)",
+           check=_readable_file),
+    Option("ssl-key", None, "PEM private key", check=_readable_file),
+    Option("auth", None, "auth program, split shell-style, run without a shell", check=_program),
+    Option("process", None, "process program, split shell-style, run without a shell",
+           check=_program),
+    Option("require-tls", True, "refuse AUTH and MAIL before TLS", "bool"),
+    Option("require-auth", True, "refuse MAIL before AUTH", "bool"),
+    Option("max-message-size", 26214400, "largest message in octets, advertised as SIZE", "int",
+           _positive),
+    Option("max-recipients", 100, "RCPTs per message", "int", _positive),
+    Option("max-connections", 1000, "concurrent clients; over it: 421 and close", "int", _positive),
+    Option("max-connections-per-ip", 20, "concurrent clients from one address", "int", _positive),
+    Option("timeout", 300.0, "seconds to wait for a command line or a TLS handshake", "float",
+           _positive),
+    Option("data-timeout", 600.0, "seconds a whole DATA phase may take", "float", _positive),
+    Option("auth-timeout", 30.0, "seconds the auth program may run", "float", _positive),
+    Option("auth-failure-delay", 1.0, "seconds before a failed AUTH is answered", "float",
+           _not_negative),
+    Option("process-timeout", 300.0, "seconds the process program may run", "float", _positive),
+    Option("received-header", True, "prepend a Received: trace header", "bool"),
+    Option("log-level", "info", "debug, info, warning or error", check=_log_level),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings; program options are already argv tuples."""
+
+    hostname: str
+    bind: Optional[str]
+    port: int
+    smtps_port: Optional[int]
+    ssl_cert: Optional[str]
+    ssl_key: Optional[str]
+    auth: Optional[Tuple[str, ...]]
+    process: Tuple[str, ...]
+    require_tls: bool
+    require_auth: bool
+    max_message_size: int
+    max_recipients: int
+    max_connections: int
+    max_connections_per_ip: int
+    timeout: float
+    data_timeout: float
+    auth_timeout: float
+    auth_failure_delay: float
+    process_timeout: float
+    received_header: bool
+    log_level: str
+
+
+class _IniParser(configargparse.IniConfigParser):
+    """Reads [ssmtpd]; accepts `-` or `_` in keys and refuses unknown ones."""
+
+    def __init__(self, known: Sequence[str]):
+        super().__init__(sections=[INI_SECTION], split_ml_text_to_list=False)
+        self.known = set(known)
+
+    def parse(self, stream):
+        items = {}
+        for key, value in super().parse(stream).items():
+            name = key.replace("_", "-")
+            if name not in self.known:
+                raise configargparse.ConfigFileParserException(
+                    f"--{name}: unknown key {key!r} in [{INI_SECTION}] of the config file")
+            items[name] = value
+        return items
+
+
+class _Parser(configargparse.ArgParser):
+    def error(self, message):
+        # argparse prints usage plus the message; the contract wants one line.
+        raise ConfigError(message.replace("\n", " "))
+
+
+def _bool_env(name):
+    # argparse would take any word; be strict so a typo is an error, not "false".
+    raw = os.environ.get(ENV_PREFIX + name.replace("-", "_").upper())
+    if raw is not None and raw.strip().lower() not in (
+            "1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ConfigError(f"--{name}: {ENV_PREFIX}{name.replace('-', '_').upper()}={raw!r} "
+                          "is not a boolean (true/false)")
+
+
+def build_parser() -> configargparse.ArgParser:
+    parser = _Parser(
+        prog="ssmtpd",
+        description="SMTP submission server: STARTTLS, AUTH PLAIN/LOGIN checked by an auth "
+                    "program, each message piped to a process program.",
+        auto_env_var_prefix=ENV_PREFIX,
+        config_file_parser_class=_IniParser([o.name for o in OPTIONS]),
+        args_for_setting_config_path=["-c", "--config"],
+        config_arg_help_message=f"ini file with an [{INI_SECTION}] section",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    types = {"str": str, "int": int, "float": float}
+    for opt in OPTIONS:
+        if opt.kind == "bool":
+            parser.add_argument(opt.flag, action=argparse.BooleanOptionalAction,
+                                default=opt.default, help=opt.help)
+        else:
+            parser.add_argument(opt.flag, type=types[opt.kind], default=opt.default,
+                                help=opt.help, metavar=opt.attr.upper())
+    return parser
+
+
+def parse(argv: Optional[Sequence[str]] = None) -> Settings:
+    """Parse CLI > env > ini > defaults into Settings, or raise ConfigError."""
+    for opt in OPTIONS:
+        if opt.kind == "bool":
+            _bool_env(opt.name)
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except configargparse.ConfigFileParserException as e:
+        raise ConfigError(str(e)) from None
+    values = {}
+    for opt in OPTIONS:
+        value = getattr(ns, opt.attr)
+        if opt.check is not None:
+            try:
+                value = opt.check(value)
+            except ValueError as e:
+                raise ConfigError(f"{opt.flag}: {e}") from None
+        values[opt.attr] = value
+    if values["process"] is None:
+        raise ConfigError("--process: is required")
+    if values["auth"] is None and values["require_auth"]:
+        raise ConfigError("--auth: is required unless --no-require-auth")
+    if bool(values["ssl_cert"]) != bool(values["ssl_key"]):
+        missing = "--ssl-key" if values["ssl_cert"] else "--ssl-cert"
+        raise ConfigError(f"{missing}: --ssl-cert and --ssl-key go together")
+    if values["smtps_port"] is not None and values["smtps_port"] == values["port"]:
+        raise ConfigError("--smtps-port: must differ from --port")
+    assert set(values) == {f.name for f in fields(Settings)}
+    return Settings(**values)

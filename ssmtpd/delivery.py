@@ -1,0 +1,108 @@
+"""The two programs' contracts: environment, argv and the exit-code tables (SPEC §3, §4)."""
+
+import email.utils
+from dataclasses import dataclass, field
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+
+from ssmtpd import programs, replies
+from ssmtpd.programs import Outcome
+from ssmtpd.replies import Reply
+from ssmtpd.sasl import Credentials
+
+EX_TEMPFAIL = 75
+EX_OSERR = 71
+
+# SPEC §3, as data.  Exit 0 -> 235; tempfail / signal / timeout / no start -> 454;
+# any other exit -> 535.
+AUTH_EXIT = {0: replies.AUTH_OK, EX_TEMPFAIL: replies.AUTH_TEMPFAIL}
+AUTH_OTHER_EXIT = replies.BAD_CREDENTIALS
+AUTH_ABNORMAL = replies.AUTH_TEMPFAIL
+
+# SPEC §4, as data.  Exit 0 -> 250; 75, 71 / signal / timeout / no start -> 451;
+# any other exit -> 554.
+PROCESS_EXIT = {0: replies.ACCEPTED, EX_TEMPFAIL: replies.PROCESS_TEMPFAIL,
+                EX_OSERR: replies.PROCESS_TEMPFAIL}
+PROCESS_OTHER_EXIT = replies.PROCESS_REJECTED
+PROCESS_ABNORMAL = replies.PROCESS_TEMPFAIL
+
+# Variables we set ourselves; an inherited copy is never passed through.
+_OWN_VARIABLES = ("SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_MECHANISM", "SSMTPD_CLIENT_ADDR",
+                  "SSMTPD_MAIL_FROM", "SSMTPD_RCPT_TO", "SSMTPD_HELO", "SSMTPD_TLS")
+
+
+@dataclass
+class Envelope:
+    """What the session knows about one message when its data is complete."""
+
+    client_addr: str
+    helo: str
+    tls: str  # protocol version, "" when plain
+    username: Optional[str]
+    mail_from: str
+    rcpt_to: List[str] = field(default_factory=list)
+
+    @property
+    def protocol(self) -> str:
+        # RFC 3848 "with" keywords: S = TLS, A = authenticated.
+        return "ESMTP" + ("S" if self.tls else "") + ("A" if self.username is not None else "")
+
+
+def reply_for(outcome: Outcome, by_exit: Mapping[int, Reply], other: Reply,
+              abnormal: Reply, use_text: bool) -> Reply:
+    if outcome.status != programs.EXITED:
+        reply = abnormal
+    else:
+        reply = by_exit.get(outcome.code, other)
+    if use_text and outcome.last_line:
+        reply = reply.with_text(outcome.last_line)
+    return reply
+
+
+def received_header(env: Envelope, hostname: str, session_id: str, now: float) -> bytes:
+    """One Received: line (RFC 5321 §4.4), folded, with CRLF ends.
+
+    No reverse DNS: a lookup per message would stall delivery on a slow
+    resolver, and the address literal is what a reader trusts anyway.
+    """
+    addr = env.client_addr
+    literal = f"[IPv6:{addr}]" if ":" in addr else f"[{addr}]"
+    date = email.utils.formatdate(now, localtime=True)
+    header = (f"Received: from {env.helo} ({literal})\r\n"
+              f"\tby {hostname} (ssmtpd) with {env.protocol} id {session_id};\r\n"
+              f"\t{date}\r\n")
+    return header.encode("utf-8")
+
+
+class Programs:
+    """Runs the configured auth and process programs with a fixed base environment."""
+
+    def __init__(self, auth: Optional[Sequence[str]], process: Sequence[str],
+                 auth_timeout: float, process_timeout: float, base_env: Mapping[str, str]):
+        self.auth = tuple(auth) if auth else None
+        self.process = tuple(process)
+        self.auth_timeout = auth_timeout
+        self.process_timeout = process_timeout
+        self.base_env = {k: v for k, v in base_env.items() if k not in _OWN_VARIABLES}
+
+    def authenticate(self, creds: Credentials, mechanism: str, client_addr: str,
+                     on_stderr: Callable[[str], None]) -> Tuple[Reply, Outcome]:
+        env = dict(self.base_env)
+        env.update(SSMTPD_USERNAME=creds.username, SSMTPD_PASSWORD=creds.password,
+                   SSMTPD_MECHANISM=mechanism, SSMTPD_CLIENT_ADDR=client_addr)
+        outcome = programs.run(self.auth, env, self.auth_timeout, on_stderr=on_stderr)
+        return reply_for(outcome, AUTH_EXIT, AUTH_OTHER_EXIT, AUTH_ABNORMAL, False), outcome
+
+    def deliver(self, envelope: Envelope, message,
+                on_stderr: Callable[[str], None]) -> Tuple[Reply, Outcome]:
+        env = dict(self.base_env)
+        env.update(SSMTPD_USERNAME=envelope.username or "",
+                   SSMTPD_MAIL_FROM=envelope.mail_from,
+                   SSMTPD_RCPT_TO="\n".join(envelope.rcpt_to),
+                   SSMTPD_CLIENT_ADDR=envelope.client_addr,
+                   SSMTPD_HELO=envelope.helo,
+                   SSMTPD_TLS=envelope.tls)
+        argv = self.process + (envelope.username or "",)
+        outcome = programs.run(argv, env, self.process_timeout, stdin=message,
+                               on_stderr=on_stderr)
+        return reply_for(outcome, PROCESS_EXIT, PROCESS_OTHER_EXIT, PROCESS_ABNORMAL, True), outcome
+

@@ -1,0 +1,120 @@
+"""The DATA phase as its own small machine (RFC 5321 §4.1.1.4, §4.5.2).
+
+Data ends only at <CR><LF>.<CR><LF>; any other dot line (LF.LF, CR.CR,
+LF.CRLF, CRLF.LF, ...) is content.  A bare CR or LF anywhere makes the
+message refused after the real end, never "repaired": normalising is exactly
+how a lone "." line gets forged (SMTP smuggling, CVE-2023-51764 and kin).
+
+The work is done per chunk with bytes.find/count/replace, never per line in
+Python.  A chunk is cut after its last LF, so a CRLF pair and a terminator are
+never split across two scans.
+"""
+
+import io
+import tempfile
+from dataclasses import dataclass
+
+from ssmtpd.stream import ClientStream
+
+# Without a LF for this long, scan what we have anyway so a client cannot make
+# us buffer an endless line; one byte is held back in case it is the CR of a CRLF.
+MAX_PENDING = 256 * 1024
+
+TERMINATOR = b"\r\n.\r\n"
+
+# Outcomes of read_message
+OK = "ok"
+TOO_BIG = "too-big"
+BARE_LINE_ENDING = "bare-line-ending"
+
+
+@dataclass
+class DataResult:
+    status: str
+    size: int  # octets of the unstuffed message (counted even past the limit)
+
+
+def read_message(stream: ClientStream, limit: int, spool) -> DataResult:
+    """Read up to the terminator, write the unstuffed message to `spool`.
+
+    Always consumes the whole DATA phase before returning, whatever goes wrong,
+    so the next command is read from the right place.  Bytes after the
+    terminator go back to the stream (PIPELINING).  Raises ClientGone if the
+    client vanishes first; the caller then must not deliver.
+    """
+    size = 0
+    bare = False
+    after_crlf = True  # the DATA command line ended the previous line
+    pending = b""
+    while True:
+        data = stream.recv_some()
+        pending = pending + data if pending else data
+        cut = pending.rfind(b"\n") + 1
+        if cut == 0:
+            if len(pending) < MAX_PENDING:
+                continue
+            cut = len(pending) - 1
+        region, pending = pending[:cut], pending[cut:]
+
+        # A terminator either starts this region (the CRLF ended the previous
+        # one) or lies inside it.
+        if after_crlf and region.startswith(b".\r\n"):
+            end, resume = 0, 3
+        else:
+            end = region.find(TERMINATOR)
+            resume = end + len(TERMINATOR)
+            if end >= 0:
+                end += 2  # keep the CRLF that ends the last line
+        if end >= 0:
+            stream.unread(region[resume:] + pending)
+            region = region[:end]
+
+        crlf = region.count(b"\r\n")
+        if region.count(b"\r") != crlf or region.count(b"\n") != crlf:
+            bare = True
+        # Dot-unstuffing: a line starting with "." loses that dot (§4.5.2).
+        body = region.replace(b"\r\n.", b"\r\n")
+        if after_crlf and body[:1] == b".":
+            body = body[1:]
+        size += len(body)
+        if not bare and size <= limit:
+            spool.write(body)
+        if end >= 0:
+            break
+        after_crlf = region.endswith(b"\r\n")
+
+    if bare:
+        return DataResult(BARE_LINE_ENDING, size)
+    if size > limit:
+        return DataResult(TOO_BIG, size)
+    return DataResult(OK, size)
+
+
+class Spool:
+    """Message storage: memory up to `memory_limit`, then an unlinked temp file.
+
+    A small message is piped to the program from memory; a large one is
+    handed over as the file itself, so it is never held whole in memory.
+    """
+
+    def __init__(self, memory_limit: int = 512 * 1024):
+        self.memory_limit = memory_limit
+        self._file = io.BytesIO()
+        self._on_disk = False
+
+    def write(self, data: bytes) -> None:
+        if not self._on_disk and self._file.tell() + len(data) > self.memory_limit:
+            disk = tempfile.TemporaryFile(prefix="ssmtpd-")
+            disk.write(self._file.getbuffer())
+            self._file = disk
+            self._on_disk = True
+        self._file.write(data)
+
+    def reader(self):
+        """The whole message from its start: a BytesIO or a real file."""
+        self._file.flush()
+        self._file.seek(0)
+        return self._file
+
+    def close(self) -> None:
+        self._file.close()

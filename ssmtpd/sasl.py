@@ -1,0 +1,77 @@
+"""Pure decoding of SASL PLAIN (RFC 4616) and LOGIN responses, no I/O.
+
+Every malformed input raises SmtpError with the SPEC reply, so the session
+never needs to inspect bytes itself.
+"""
+
+import binascii
+import base64
+from dataclasses import dataclass
+
+from ssmtpd import replies
+from ssmtpd.replies import SmtpError
+
+MECHANISMS = ("PLAIN", "LOGIN")
+
+# RFC 4954 §4: the LOGIN prompts are the base64 of "Username:" / "Password:".
+LOGIN_USERNAME_PROMPT = base64.b64encode(b"Username:").decode()
+LOGIN_PASSWORD_PROMPT = base64.b64encode(b"Password:").decode()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    # Bytes that were not UTF-8 are kept as surrogate escapes, so the auth
+    # program's environment receives exactly the octets the client sent.
+    password: str = ""
+
+    def __repr__(self) -> str:  # never show the password, not even in a traceback
+        return f"Credentials(username={self.username!r}, password=***)"
+
+
+def decode_response(line: str) -> bytes:
+    """One client response line: `*` cancels, otherwise strict base64."""
+    line = line.strip()
+    if line == "*":
+        raise SmtpError(replies.AUTH_CANCELLED)
+    if line == "=":  # RFC 4954 §4: an empty initial response
+        return b""
+    try:
+        return base64.b64decode(line.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise SmtpError(replies.BAD_BASE64) from None
+
+
+def _username(raw: bytes) -> str:
+    # The name goes into argv, env and logs: refuse what could split a line or
+    # truncate a C string rather than pass it on (hardening, SPEC §3).
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SmtpError(replies.BAD_CREDENTIALS_SYNTAX) from None
+    if not name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise SmtpError(replies.BAD_CREDENTIALS_SYNTAX)
+    return name
+
+
+def _password(raw: bytes) -> str:
+    if b"\0" in raw:  # an environment value cannot hold NUL
+        raise SmtpError(replies.BAD_CREDENTIALS_SYNTAX)
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def plain(message: bytes) -> Credentials:
+    """authzid NUL authcid NUL passwd; an authzid other than authcid is refused."""
+    parts = message.split(b"\0")
+    if len(parts) != 3:
+        raise SmtpError(replies.BAD_CREDENTIALS_SYNTAX)
+    authzid, authcid, passwd = parts
+    username = _username(authcid)
+    if authzid and authzid != authcid:
+        # We cannot ask the auth program whether authcid may act as authzid.
+        raise SmtpError(replies.BAD_CREDENTIALS)
+    return Credentials(username, _password(passwd))
+
+
+def login(username: bytes, password: bytes) -> Credentials:
+    return Credentials(_username(username), _password(password))

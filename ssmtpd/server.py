@@ -1,0 +1,184 @@
+"""Listeners, the session registry, connection limits and signals (SPEC §2, §6).
+
+One gevent StreamServer per port spawns a greenlet per client.  gevent's own
+pool would only stop accepting when full; we count sessions ourselves so a
+client over a limit hears 421 at once instead of waiting in the backlog.
+"""
+
+import collections
+import secrets
+import signal
+import socket
+import time
+from typing import List, Optional
+
+import gevent
+from gevent.event import Event
+from gevent.server import StreamServer
+
+from ssmtpd import replies
+from ssmtpd.config import Settings
+from ssmtpd.delivery import Programs
+from ssmtpd.log import SessionLog
+from ssmtpd.session import Session
+from ssmtpd.tls import TLSHolder
+
+BACKLOG = 1024
+# After SIGTERM, how long beyond the longest program run we wait for busy sessions.
+SHUTDOWN_GRACE = 15.0
+
+
+def client_ip(address) -> str:
+    ip = address[0]
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+class ListenError(Exception):
+    """A port could not be bound; str() names the option."""
+
+
+class Server:
+    def __init__(self, settings: Settings, tls: TLSHolder, programs: Programs, logger):
+        self.settings = settings
+        self.tls = tls
+        self.programs = programs
+        self.log = logger
+        self.sessions = set()
+        self.per_ip = collections.Counter()
+        self.stopping = False
+        self._stopped = Event()
+        self._servers: List[StreamServer] = []
+
+    # --- start ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind and listen, or raise ListenError."""
+        ports = [("--port", self.settings.port, False)]
+        if self.settings.smtps_port:
+            ports.append(("--smtps-port", self.settings.smtps_port, True))
+        for option, port, implicit in ports:
+            try:
+                listener = self._listen(port)
+            except OSError as e:
+                raise ListenError(f"{option}: cannot listen on port {port}: "
+                                  f"{e.strerror or e}") from None
+            server = StreamServer(listener, self._handler(implicit))
+            server.start()
+            self._servers.append(server)
+            self.log.info("listening on %s port %d (%s)", listener.getsockname()[0],
+                          listener.getsockname()[1], "implicit TLS" if implicit else "STARTTLS")
+
+    def _listen(self, port: int) -> socket.socket:
+        bind = self.settings.bind
+        if bind is None and socket.has_dualstack_ipv6():
+            return _socket(("::", port), socket.AF_INET6, dualstack=True)
+        host = bind if bind is not None else "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return _socket((host, port), family)
+
+    @property
+    def addresses(self):
+        return [s.address for s in self._servers]
+
+    # --- per client ----------------------------------------------------------
+
+    def _handler(self, implicit_tls: bool):
+        def handle(sock, address):
+            self._serve(sock, address, implicit_tls)
+        return handle
+
+    def _serve(self, sock, address, implicit_tls: bool) -> None:
+        ip = client_ip(address)
+        session_id = secrets.token_hex(6)
+        log = SessionLog(self.log, session_id, ip)
+        refusal = self._refusal(ip)
+        if refusal is not None:
+            log.warning("refused: %s", refusal.text)
+            _refuse(sock, None if implicit_tls else refusal)
+            return
+        session = Session(sock, (ip,) + tuple(address[1:]), self.settings, self.tls,
+                          self.programs, log, session_id, implicit_tls)
+        self.sessions.add(session)
+        self.per_ip[ip] += 1
+        try:
+            session.run()
+        finally:
+            self.sessions.discard(session)
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
+            if self.stopping and not self.sessions:
+                self._stopped.set()
+
+    def _refusal(self, ip: str) -> Optional[replies.Reply]:
+        if self.stopping:
+            return replies.SHUTTING_DOWN
+        if len(self.sessions) >= self.settings.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if self.per_ip[ip] >= self.settings.max_connections_per_ip:
+            return replies.TOO_MANY_FROM_IP
+        return None
+
+    # --- run and stop --------------------------------------------------------
+
+    def serve_forever(self) -> int:
+        """Run until SIGTERM/SIGINT has drained the sessions; returns the exit status."""
+        handlers = [gevent.signal_handler(signal.SIGTERM, self.begin_shutdown, "SIGTERM"),
+                    gevent.signal_handler(signal.SIGINT, self.begin_shutdown, "SIGINT"),
+                    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.tls.reload))]
+        try:
+            self._stopped.wait()
+        finally:
+            for h in handlers:
+                h.cancel()
+        self.log.info("stopped")
+        return 0
+
+    def begin_shutdown(self, why: str = "request") -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.log.info("%s: shutting down, %d sessions open", why, len(self.sessions))
+        gevent.spawn(self._drain)
+
+    def _drain(self) -> None:
+        for server in self._servers:
+            server.close()  # stop accepting; new clients are refused by the OS
+        for session in list(self.sessions):
+            session.interrupt()
+        s = self.settings
+        limit = s.process_timeout + s.auth_timeout + s.auth_failure_delay + SHUTDOWN_GRACE
+        deadline = time.monotonic() + limit
+        while self.sessions and time.monotonic() < deadline:
+            self._stopped.wait(timeout=min(1.0, deadline - time.monotonic()))
+        if self.sessions:
+            self.log.warning("%d sessions still busy after %.0fs; exiting anyway",
+                             len(self.sessions), limit)
+        self._stopped.set()
+
+
+def _socket(address, family, dualstack: bool = False):
+    from gevent import socket as gsocket
+    sock = gsocket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dualstack else 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _refuse(sock, reply: Optional[replies.Reply]) -> None:
+    try:
+        if reply is not None:
+            sock.settimeout(2)
+            sock.sendall(reply.encode())
+    except OSError:
+        pass
+    finally:
+        sock.close()

@@ -1,0 +1,418 @@
+"""One client's SMTP dialogue as a state machine (SPEC §5).
+
+`Session.run()` owns the policy: it reads one bounded line under the idle
+deadline, finds `smtp_<VERB>`, checks the verb's declared requirements, calls
+it, counts errors and failed logins, and writes the Reply.  Verbs only say
+what a command means.
+"""
+
+import socket
+import time
+from typing import Callable, List, Optional, Tuple
+
+import gevent
+from gevent import ssl
+
+from ssmtpd import dotreader, replies, sasl, syntax
+from ssmtpd.config import Settings
+from ssmtpd.delivery import Envelope, Programs, received_header
+from ssmtpd.log import SessionLog, clean
+from ssmtpd.replies import Reply, SmtpError
+from ssmtpd.stream import ClientGone, ClientStream, LineTooLong
+from ssmtpd.tls import TLSHolder, protocol_of
+
+# RFC 5321 §4.5.3.1.4: 512 octets with CRLF.  MAIL may grow by the allowances
+# of the extensions we offer: SIZE +26 (RFC 1870), AUTH= +500 (RFC 4954 §5),
+# SMTPUTF8 +10 (RFC 6531 §3.4).  An AUTH line may carry 12288 (RFC 4954 §4).
+COMMAND_LIMIT = 512
+MAIL_LIMIT = 512 + 26 + 500 + 10
+AUTH_LINE_LIMIT = 12288
+READ_LIMIT = AUTH_LINE_LIMIT + 2
+
+MAX_AUTH_FAILURES = 3
+MAX_ERRORS = 10
+# Replies that mean "the client is talking nonsense"; enough of them ends the session.
+ERROR_CODES = frozenset((500, 501, 502, 503, 504, 555))
+# A web browser or proxy lured into talking to us (cross-protocol attacks):
+# close without echoing anything back.
+HTTP_VERBS = frozenset(("GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"))
+
+
+class Shutdown(Exception):
+    """The server is stopping; raised into a session waiting for input."""
+
+
+class IdleTimeout(Exception):
+    """The client was silent or slow past --timeout / --data-timeout."""
+
+
+class _Close(Exception):
+    """End the session without a further reply."""
+
+
+# --- verb requirements, declared once per verb ------------------------------
+
+class Need:
+    def __init__(self, test: Callable[["Session"], bool], reply: Reply):
+        self.test = test
+        self.reply = reply
+
+
+HELO_DONE = Need(lambda s: s.helo is not None, replies.NO_HELO)
+TLS_UP = Need(lambda s: s.tls_version or not s.settings.require_tls, replies.MUST_STARTTLS)
+AUTHENTICATED = Need(lambda s: s.user is not None or not s.settings.require_auth,
+                     replies.AUTH_REQUIRED)
+NOT_AUTHENTICATED = Need(lambda s: s.user is None, replies.ALREADY_AUTHENTICATED)
+IN_MAIL = Need(lambda s: s.mail_from is not None, replies.NEED_MAIL)
+HAS_RCPT = Need(lambda s: bool(s.rcpt_to), replies.NEED_RCPT)
+NO_TLS_YET = Need(lambda s: not s.tls_version, replies.TLS_ACTIVE)
+
+
+def outside_mail(reply: Reply) -> Need:
+    return Need(lambda s: s.mail_from is None, reply)
+
+
+def requires(*needs: Need):
+    """Declare what must hold before a verb runs; checked in order by the loop."""
+    def mark(method):
+        method.needs = needs
+        return method
+    return mark
+
+
+class Session:
+    def __init__(self, sock, address: Tuple, settings: Settings, tls: TLSHolder,
+                 programs: Programs, log: SessionLog, session_id: str,
+                 implicit_tls: bool = False):
+        self.settings = settings
+        self.tls = tls
+        self.programs = programs
+        self.log = log
+        self.session_id = session_id
+        self.client_addr = address[0]
+        self.implicit_tls = implicit_tls
+        self.stream = ClientStream(sock)
+        # Bounds a send to a client that stops reading (sendall would wait forever).
+        sock.settimeout(settings.timeout)
+        self.tls_version = ""
+        self.errors = 0
+        self.auth_failures = 0
+        self.stopping = False
+        self._waiting = False
+        self._greenlet = None
+        self._reset_session()
+
+    # --- state -------------------------------------------------------------
+
+    def _reset_session(self) -> None:
+        """Back to just after the greeting (RFC 3207 §4.2)."""
+        self.helo: Optional[str] = None
+        self.user: Optional[str] = None
+        self.log.user = "-"
+        self._reset_transaction()
+
+    def _reset_transaction(self) -> None:
+        self.mail_from: Optional[str] = None
+        self.rcpt_to: List[str] = []
+
+    # --- shutdown: only a session waiting for input is interrupted ----------
+
+    def interrupt(self) -> None:
+        """Ask the session to end: now if it waits for the client, else after its reply."""
+        self.stopping = True
+        gevent.get_hub().loop.run_callback(self._throw_if_waiting)
+
+    def _throw_if_waiting(self) -> None:
+        # Runs in the hub, so `_waiting` cannot change between test and throw:
+        # a running program is never interrupted (SPEC §6).
+        g = self._greenlet
+        if self._waiting and g is not None and not g.dead:
+            g.throw(Shutdown())
+
+    def _wait_for_client(self, seconds: float, call, *args):
+        self._waiting = True
+        try:
+            with gevent.Timeout(seconds, IdleTimeout()):
+                return call(*args)
+        finally:
+            self._waiting = False
+
+    # --- the loop -----------------------------------------------------------
+
+    def run(self) -> None:
+        self._greenlet = gevent.getcurrent()
+        started = time.monotonic()
+        self.log.info("connected%s", " (implicit TLS)" if self.implicit_tls else "")
+        reason = "closed"
+        try:
+            if self.implicit_tls:
+                self._handshake()
+            self._send(replies.greeting(self.settings.hostname))
+            while not self.stopping:
+                reply = self._one_command()
+                if reply is not None:
+                    self._send(reply)
+                    if reply.closes:
+                        reason = f"closed after {reply.code}"
+                        break
+            else:
+                raise Shutdown()
+        except Shutdown:
+            reason = "server shutting down"
+            self._send_quietly(replies.SHUTTING_DOWN)
+        except (IdleTimeout, socket.timeout):
+            reason = "timed out"
+            self._send_quietly(replies.IDLE_TIMEOUT)
+        except _Close as e:
+            reason = str(e)
+        except ClientGone as e:
+            reason = f"client gone: {e}"
+        except ssl.SSLError as e:
+            reason = f"TLS error: {e}"
+        finally:
+            self._close()
+            self.log.info("disconnected: %s after %.3fs", reason, time.monotonic() - started)
+
+    def _one_command(self) -> Optional[Reply]:
+        try:
+            raw = self._wait_for_client(self.settings.timeout, self.stream.readline, READ_LIMIT)
+        except LineTooLong:
+            return self._counted(replies.LINE_TOO_LONG)
+        reply = self._dispatch(raw)
+        if reply is None:  # STARTTLS answered before its handshake
+            return None
+        if reply.code == 535:
+            self.auth_failures += 1
+            # A pause before answering makes password guessing slow (SPEC §5).
+            gevent.sleep(self.settings.auth_failure_delay)
+            if self.auth_failures >= MAX_AUTH_FAILURES:
+                self._send(reply)
+                return replies.TOO_MANY_AUTH_FAILURES
+        return self._counted(reply)
+
+    def _counted(self, reply: Reply) -> Reply:
+        if reply.code in ERROR_CODES:
+            self.errors += 1
+            if self.errors >= MAX_ERRORS:
+                self._send(reply)
+                return replies.TOO_MANY_ERRORS
+        return reply
+
+    def _dispatch(self, raw: bytes) -> Optional[Reply]:
+        line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return replies.BAD_UTF8
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        if verb in HTTP_VERBS:
+            raise _Close(f"closed: HTTP request {clean(text, 60)!r}")
+        method = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+        self.log.debug("command %s", clean(verb if verb == "AUTH" else text))
+        if method is None:
+            return replies.NOT_IMPLEMENTED
+        limit = {"MAIL": MAIL_LIMIT, "AUTH": AUTH_LINE_LIMIT + 2}.get(verb, COMMAND_LIMIT)
+        if len(raw) > limit:
+            return replies.LINE_TOO_LONG
+        for need in method.needs:
+            if not need.test(self):
+                return need.reply
+        try:
+            return method(arg)
+        except SmtpError as e:
+            return e.reply
+
+    # --- I/O helpers ---------------------------------------------------------
+
+    def _send(self, reply: Reply) -> None:
+        self.stream.write(reply.encode())
+
+    def _send_quietly(self, reply: Reply) -> None:
+        try:
+            with gevent.Timeout(5):
+                self._send(reply)
+        except (gevent.Timeout, ClientGone, OSError):
+            pass
+
+    def _close(self) -> None:
+        sock = self.stream.sock
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    def _handshake(self) -> None:
+        """Wrap the socket in TLS under the --timeout deadline."""
+        context = self.tls.context  # taken now: a SIGHUP reload affects new sessions only
+        tls_sock = context.wrap_socket(self.stream.sock, server_side=True,
+                                       do_handshake_on_connect=False)
+        try:
+            self._wait_for_client(self.settings.timeout, tls_sock.do_handshake)
+        except (ssl.SSLError, OSError) as e:
+            if isinstance(e, socket.timeout):
+                raise
+            raise _Close(f"TLS handshake failed: {clean(str(e))}") from None
+        self.stream = ClientStream(tls_sock)
+        self.tls_version = protocol_of(tls_sock)
+        cipher = tls_sock.cipher()
+        self.log.info("TLS established: %s %s", self.tls_version, cipher[0] if cipher else "")
+
+    def _stderr_logger(self, program: str):
+        def log_line(line: str) -> None:
+            self.log.warning("%s stderr: %s", program, clean(line, 1000))
+        return log_line
+
+    # --- verbs ---------------------------------------------------------------
+
+    @requires()
+    def smtp_EHLO(self, arg: str) -> Reply:
+        self.helo = syntax.helo_name(arg)
+        self._reset_transaction()  # RFC 5321 §4.1.4: EHLO implies RSET
+        keywords = ["PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
+                    f"SIZE {self.settings.max_message_size}"]
+        if not self.tls_version:
+            keywords.append("STARTTLS")
+        if self.tls_version or not self.settings.require_tls:
+            keywords.append("AUTH " + " ".join(sasl.MECHANISMS))  # RFC 4954 §4
+        return replies.ehlo(self.settings.hostname, clean(self.helo, 64), keywords)
+
+    @requires()
+    def smtp_HELO(self, arg: str) -> Reply:
+        self.helo = syntax.helo_name(arg)
+        self._reset_transaction()
+        return replies.helo(self.settings.hostname)
+
+    @requires(HELO_DONE, NO_TLS_YET, outside_mail(replies.TLS_IN_TRANSACTION))
+    def smtp_STARTTLS(self, arg: str) -> Optional[Reply]:
+        if arg.strip():
+            return replies.SYNTAX
+        self._send(replies.READY_TLS)
+        # Anything pipelined after STARTTLS was sent in the clear and could be
+        # an attacker's injection (CVE-2011-0411): drop it, never execute it.
+        dropped = self.stream.discard_buffer()
+        if dropped:
+            self.log.warning("discarded %d octets pipelined after STARTTLS", dropped)
+        self._handshake()
+        self._reset_session()
+        return None
+
+    @requires(HELO_DONE, outside_mail(replies.AUTH_IN_TRANSACTION), NOT_AUTHENTICATED, TLS_UP)
+    def smtp_AUTH(self, arg: str) -> Reply:
+        mechanism, _, initial = arg.strip().partition(" ")
+        mechanism = mechanism.upper()
+        initial = initial.strip()
+        if mechanism == "PLAIN":
+            creds = sasl.plain(sasl.decode_response(initial or self._challenge("")))
+        elif mechanism == "LOGIN":
+            username = sasl.decode_response(initial or self._challenge(sasl.LOGIN_USERNAME_PROMPT))
+            password = sasl.decode_response(self._challenge(sasl.LOGIN_PASSWORD_PROMPT))
+            creds = sasl.login(username, password)
+        else:
+            return replies.UNKNOWN_MECHANISM
+        reply, outcome = self.programs.authenticate(
+            creds, mechanism, self.client_addr, self._stderr_logger("auth program"))
+        self.log.info("AUTH %s user=%s: %s, %s in %.3fs", mechanism, clean(creds.username),
+                      reply.code, outcome.describe(), outcome.seconds)
+        if reply.code == 235:
+            self.user = creds.username
+            self.log.user = clean(creds.username, 64)
+        return reply
+
+    def _challenge(self, prompt: str) -> str:
+        """Send a 334 and read one response line (RFC 4954 §4)."""
+        self.stream.write(f"334 {prompt}\r\n".encode("ascii"))
+        try:
+            raw = self._wait_for_client(self.settings.timeout, self.stream.readline, READ_LIMIT)
+        except LineTooLong:
+            raise SmtpError(replies.LINE_TOO_LONG) from None
+        return raw.decode("ascii", "replace").strip()
+
+    @requires(HELO_DONE, TLS_UP, AUTHENTICATED, outside_mail(replies.NESTED_MAIL))
+    def smtp_MAIL(self, arg: str) -> Reply:
+        address, params = syntax.parse_path(arg, "FROM", replies.BAD_SENDER)
+        for name, value in params.items():
+            if name == "SIZE":
+                if not value.isdigit():
+                    return replies.SYNTAX
+                if int(value) > self.settings.max_message_size:
+                    return replies.TOO_BIG
+            elif name == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.SYNTAX
+            elif name not in ("SMTPUTF8", "AUTH"):  # AUTH=<> is parsed and ignored
+                return replies.UNKNOWN_PARAMETER
+        self.mail_from = address
+        self.rcpt_to = []
+        self.log.info("MAIL FROM:<%s>", clean(address))
+        return replies.SENDER_OK
+
+    @requires(IN_MAIL)
+    def smtp_RCPT(self, arg: str) -> Reply:
+        address, params = syntax.parse_path(arg, "TO", replies.BAD_RECIPIENT)
+        if not address:
+            return replies.BAD_RECIPIENT
+        if params:
+            return replies.UNKNOWN_PARAMETER
+        if len(self.rcpt_to) >= self.settings.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        self.rcpt_to.append(address)
+        return replies.RECIPIENT_OK
+
+    @requires(IN_MAIL, HAS_RCPT)
+    def smtp_DATA(self, arg: str) -> Reply:
+        if arg.strip():
+            return replies.SYNTAX
+        started = time.monotonic()
+        envelope = Envelope(self.client_addr, self.helo, self.tls_version, self.user,
+                            self.mail_from, list(self.rcpt_to))
+        # Whatever the outcome, this transaction is over (RFC 5321 §4.1.1.4).
+        self._reset_transaction()
+        self._send(replies.START_DATA)
+        spool = dotreader.Spool()
+        try:
+            if self.settings.received_header:
+                spool.write(received_header(envelope, self.settings.hostname,
+                                            self.session_id, time.time()))
+            result = self._wait_for_client(self.settings.data_timeout, dotreader.read_message,
+                                           self.stream, self.settings.max_message_size, spool)
+            if result.status == dotreader.TOO_BIG:
+                self.log.info("message refused: %d octets over the limit", result.size)
+                return replies.TOO_BIG
+            if result.status == dotreader.BARE_LINE_ENDING:
+                self.log.warning("message refused: bare CR or LF (%d octets)", result.size)
+                return replies.BARE_LINE_ENDING
+            reply, outcome = self.programs.deliver(envelope, spool.reader(),
+                                                   self._stderr_logger("process program"))
+        finally:
+            spool.close()
+        self.log.info("message from=<%s> rcpts=%d size=%d: %s, process program %s in %.3fs, "
+                      "total %.3fs", clean(envelope.mail_from), len(envelope.rcpt_to),
+                      result.size, reply.code, outcome.describe(), outcome.seconds,
+                      time.monotonic() - started)
+        return reply
+
+    @requires()
+    def smtp_RSET(self, arg: str) -> Reply:
+        if arg.strip():
+            return replies.SYNTAX
+        self._reset_transaction()
+        return replies.RESET_OK
+
+    @requires()
+    def smtp_NOOP(self, arg: str) -> Reply:
+        return replies.OK
+
+    @requires()
+    def smtp_QUIT(self, arg: str) -> Reply:
+        return replies.BYE
+
+    @requires()
+    def smtp_VRFY(self, arg: str) -> Reply:
+        if not arg.strip():
+            return replies.SYNTAX
+        return replies.VRFY_ANSWER
+
+    @requires()
+    def smtp_HELP(self, arg: str) -> Reply:
+        return replies.HELP

@@ -1,0 +1,99 @@
+"""Buffered, bounded reading from one client socket.
+
+Memory per client is bounded: a line never grows past its limit (the rest is
+read and dropped in chunks), and the DATA reader takes raw chunks.
+"""
+
+import socket
+
+CHUNK = 65536
+
+
+class ClientGone(Exception):
+    """The client closed the connection or it broke."""
+
+
+class LineTooLong(Exception):
+    """A line exceeded its limit; the whole line has been consumed."""
+
+
+class ClientStream:
+    def __init__(self, sock):
+        self.sock = sock
+        self._buf = bytearray()
+
+    # --- reading -----------------------------------------------------------
+
+    def _recv(self) -> bytes:
+        try:
+            data = self.sock.recv(CHUNK)
+        except (ConnectionError, socket.error) as e:
+            if isinstance(e, socket.timeout):
+                raise
+            raise ClientGone(str(e)) from None
+        if not data:
+            raise ClientGone("connection closed by client")
+        return data
+
+    def readline(self, limit: int) -> bytes:
+        """One line ending in LF (LF included), of at most `limit` octets.
+
+        Over the limit, the remainder up to the next LF is discarded as it
+        arrives (RFC 5321 §4.5.3.1.4) and LineTooLong is raised.
+        """
+        buf = self._buf
+        searched = 0
+        while True:
+            end = buf.find(b"\n", searched)
+            if end >= 0:
+                if end + 1 > limit:
+                    del buf[:end + 1]
+                    raise LineTooLong()
+                line = bytes(buf[:end + 1])
+                del buf[:end + 1]
+                return line
+            if len(buf) > limit:
+                buf.clear()
+                self._discard_to_newline()
+                raise LineTooLong()
+            searched = len(buf)
+            buf += self._recv()
+
+    def _discard_to_newline(self) -> None:
+        while True:
+            data = self._recv()
+            end = data.find(b"\n")
+            if end >= 0:
+                self._buf += data[end + 1:]
+                return
+
+    def recv_some(self) -> bytes:
+        """Buffered bytes if any, else one read from the socket."""
+        if self._buf:
+            data = bytes(self._buf)
+            self._buf.clear()
+            return data
+        return self._recv()
+
+    def unread(self, data: bytes) -> None:
+        self._buf[:0] = data
+
+    def discard_buffer(self) -> int:
+        """Drop what the client pipelined; used at STARTTLS (RFC 3207 §4.2)."""
+        n = len(self._buf)
+        self._buf.clear()
+        return n
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    # --- writing -----------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except (ConnectionError, socket.error) as e:
+            if isinstance(e, socket.timeout):
+                raise
+            raise ClientGone(str(e)) from None

@@ -1,0 +1,79 @@
+"""Pure parsing of command arguments: paths, ESMTP parameters, HELO names.
+
+Values that reach the programs' argv and environment or the Received header
+must not carry control characters: a CR/LF could inject a header or split a
+log line, a NUL cannot be passed in argv or env at all.  Such input is
+refused here with a 501, never passed on.
+"""
+
+import re
+from typing import Dict, Tuple
+
+from ssmtpd import replies
+from ssmtpd.replies import Reply, SmtpError
+
+# RFC 5321 §4.5.3.1.3: a path is at most 256 octets including the brackets.
+MAX_PATH = 256
+
+_PARAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(=[\x21-\x3c\x3e-\x7e]+)?$")
+
+
+def has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def parse_path(arg: str, keyword: str, bad: Reply) -> Tuple[str, Dict[str, str]]:
+    """`FROM:<addr> PARAMS` -> (addr, {PARAM: value}).
+
+    Accepts a space after the colon (common in the wild) and a quoted local
+    part with spaces or '>' inside (RFC 5321 §4.1.2).
+    """
+    head, colon, rest = arg.partition(":")
+    if not colon or head.strip().upper() != keyword:
+        raise SmtpError(replies.SYNTAX)
+    rest = rest.lstrip(" ")
+    if not rest.startswith("<"):
+        raise SmtpError(bad)
+    end = _closing_bracket(rest)
+    if end < 0:
+        raise SmtpError(bad)
+    address = rest[1:end]
+    if len(address) + 2 > MAX_PATH or has_control(address):
+        raise SmtpError(bad)
+    # A source route (@a,@b:user@c) is obsolete; RFC 5321 §4.1.1.3 says to ignore it.
+    if address.startswith("@") and ":" in address:
+        address = address.split(":", 1)[1]
+    return address, parse_params(rest[end + 1:])
+
+
+def _closing_bracket(text: str) -> int:
+    quoted = escaped = False
+    for i, c in enumerate(text[1:], 1):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return i
+    return -1
+
+
+def parse_params(text: str) -> Dict[str, str]:
+    params: Dict[str, str] = {}
+    if text and not text.startswith(" "):
+        raise SmtpError(replies.SYNTAX)
+    for word in text.split():
+        if not _PARAM.match(word):
+            raise SmtpError(replies.SYNTAX)
+        name, _, value = word.partition("=")
+        params[name.upper()] = value
+    return params
+
+
+def helo_name(arg: str) -> str:
+    name = arg.strip(" ")
+    if not name or has_control(name) or len(name) > 255:
+        raise SmtpError(replies.BAD_HELO)
+    return name

@@ -1,0 +1,325 @@
+"""Test harness: a real ssmtpd process on a free loopback port, real TLS, real programs.
+
+`server` is a default server shared by a test module; `make_server(...)` starts
+one with other options.  Every server is stopped with SIGTERM at the end and must
+exit 0 without a traceback in its log.
+"""
+
+import base64
+import datetime
+import glob
+import json
+import os
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRAMS = os.path.join(ROOT, "tests", "programs")
+AUTH = os.path.join(PROGRAMS, "auth")
+RECORD = os.path.join(PROGRAMS, "record")
+HOSTNAME = "mx.test"
+USER, PASSWORD = "alice", "secret"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = START_TIMEOUT, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} not listening after {timeout}s")
+
+
+# --- certificates ------------------------------------------------------------
+
+def make_certs(directory: str, names=("localhost", HOSTNAME), serial_cn="ssmtpd test"):
+    """A CA and a leaf for `names` and 127.0.0.1; returns (ca, cert, key) paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{serial_cn} CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, serial_cn)]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName(n) for n in names]
+                + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = tuple(os.path.join(directory, n) for n in ("ca.pem", "cert.pem", "key.pem"))
+    with open(paths[0], "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    with open(paths[1], "wb") as f:
+        f.write(leaf.public_bytes(serialization.Encoding.PEM))
+    with open(paths[2], "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    return make_certs(str(tmp_path_factory.mktemp("certs")))
+
+
+def client_context(ca: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.check_hostname = True
+    return ctx
+
+
+# --- the server process --------------------------------------------------------
+
+class ServerProcess:
+    """One ssmtpd subprocess and the directory its programs record into."""
+
+    def __init__(self, workdir: str, certs, args=(), env=None, with_tls=True, defaults=True):
+        self.workdir = workdir
+        self.ca, self.cert, self.key = certs
+        self.port = free_port()
+        self.record_dir = os.path.join(workdir, "records")
+        os.makedirs(self.record_dir, exist_ok=True)
+        self.log_path = os.path.join(workdir, f"ssmtpd-{self.port}.log")
+        argv = [sys.executable, "-m", "ssmtpd"]
+        if defaults:
+            argv += ["--bind", "127.0.0.1", "--port", str(self.port), "--hostname", HOSTNAME,
+                     "--auth", AUTH, "--process", RECORD, "--auth-failure-delay", "0"]
+            if with_tls:
+                argv += ["--ssl-cert", self.cert, "--ssl-key", self.key]
+        argv += list(args)
+        self.argv = argv
+        self.env = dict(os.environ, SSMTPD_TEST_RECORD=self.record_dir,
+                        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.env.update(env or {})
+        self.proc = None
+
+    def start(self, wait_port=None):
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.workdir,
+                                     stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        wait_for_port(wait_port or self.port, proc=self.proc)
+        return self
+
+    def signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"server did not stop within {timeout}s after SIGTERM")
+        finally:
+            self._log.close()
+        return rc
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            if needle in text:
+                return text
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not in server log after {timeout}s:\n{self.log()}")
+
+    # --- what the programs saw ---
+
+    def runs(self, kind="run"):
+        """Records of finished program runs, oldest first."""
+        out = []
+        for path in sorted(glob.glob(os.path.join(self.record_dir, f"{kind}-*.json"))):
+            with open(path) as f:
+                out.append(json.load(f))
+        return out
+
+    def clear_runs(self) -> None:
+        for path in glob.glob(os.path.join(self.record_dir, "*.json")):
+            os.unlink(path)
+
+    # --- clients ---
+
+    def smtp(self, timeout=10) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test",
+                            timeout=timeout)
+
+    def tls_context(self) -> ssl.SSLContext:
+        ctx = client_context(self.ca)
+        ctx.check_hostname = False  # we connect to 127.0.0.1 but the name is mx.test
+        return ctx
+
+    def login(self, user=USER, password=PASSWORD, timeout=10) -> smtplib.SMTP:
+        """smtplib through EHLO, STARTTLS, EHLO and AUTH."""
+        s = self.smtp(timeout)
+        s.ehlo()
+        s.starttls(context=self.tls_context())
+        s.ehlo()
+        s.login(user, password)
+        return s
+
+    def raw(self, timeout=10) -> "Raw":
+        return Raw(socket.create_connection(("127.0.0.1", self.port), timeout=timeout))
+
+
+class Raw:
+    """A raw-socket SMTP client for exact byte sequences."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+
+    def send(self, data) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def cmd(self, line: str):
+        self.send(line + "\r\n")
+        return self.reply()
+
+    def reply(self):
+        """(code, [lines]) of one possibly multi-line reply; (None, []) at EOF."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return (None, lines)
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            text = line.decode("utf-8", "replace")
+            lines.append(text)
+            if len(text) < 4 or text[3] != "-":
+                return (int(text[:3]), lines)
+
+    def starttls(self, ctx: ssl.SSLContext) -> None:
+        code, _ = self.cmd("STARTTLS")
+        assert code == 220
+        self.sock = ctx.wrap_socket(self.sock, server_hostname=HOSTNAME)
+        self.buf = b""
+
+    def login(self, ctx, user=USER, password=PASSWORD) -> None:
+        """EHLO, STARTTLS, EHLO, AUTH PLAIN: the usual start of a submission."""
+        assert self.reply()[0] == 220
+        assert self.cmd("EHLO client.test")[0] == 250
+        self.starttls(ctx)
+        assert self.cmd("EHLO client.test")[0] == 250
+        token = plain_token(user, password)
+        code, lines = self.cmd(f"AUTH PLAIN {token}")
+        assert code == 235, lines
+
+    def closed(self, timeout=5.0) -> bool:
+        """True when the server closed the connection (EOF) within `timeout`."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.buf += data
+        except (ConnectionResetError, ssl.SSLError):
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def plain_token(user=USER, password=PASSWORD, authzid="") -> str:
+    return base64.b64encode(f"{authzid}\0{user}\0{password}".encode()).decode()
+
+
+def b64(text) -> str:
+    return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
+
+
+@pytest.fixture
+def make_server(tmp_path, certs):
+    """Factory: make_server(*args, env=..., with_tls=True) -> started ServerProcess."""
+    started = []
+
+    def factory(*args, env=None, with_tls=True, defaults=True, start=True):
+        srv = ServerProcess(str(tmp_path / f"srv{len(started)}"), certs, args, env,
+                            with_tls, defaults)
+        os.makedirs(srv.workdir, exist_ok=True)
+        started.append(srv)
+        return srv.start() if start else srv
+
+    yield factory
+    for srv in started:
+        if srv.proc is not None:
+            running = srv.proc.poll() is None
+            rc = srv.stop()
+            if running:
+                assert rc == 0, f"server exit status {rc}:\n{srv.log()}"
+            assert "Traceback" not in srv.log(), srv.log()
+
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory, certs):
+    srv = ServerProcess(str(tmp_path_factory.mktemp("server")), certs).start()
+    yield srv
+    rc = srv.stop()
+    assert rc == 0, srv.log()
+    assert "Traceback" not in srv.log(), srv.log()
+
+
+@pytest.fixture
+def server(module_server):
+    """The shared default server, with its run records emptied for this test."""
+    module_server.clear_runs()
+    yield module_server
+    assert "Traceback" not in module_server.log(), module_server.log()
+
+
+def wait_until(predicate, timeout=10.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
