@@ -78,6 +78,7 @@ TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentications, c
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+INTERNAL_ERROR = Reply(421, "4.3.0", "Internal server error, closing connection")
 PROCESS_TEMPFAIL = Reply(451, "4.3.0", "Temporary failure, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")

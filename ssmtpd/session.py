@@ -6,6 +6,7 @@ it, counts errors and failed logins, and writes the Reply.  Verbs only say
 what a command means.
 """
 
+import logging
 import socket
 import time
 from typing import Callable, List, Optional, Tuple
@@ -169,6 +170,13 @@ class Session:
             reason = f"client gone: {e}"
         except ssl.SSLError as e:
             reason = f"TLS error: {e}"
+        except Exception as e:
+            # A bug must cost one session, not the server, and must not print a
+            # traceback where a client's input could have been (debug shows it).
+            reason = f"internal error: {type(e).__name__}: {clean(str(e))}"
+            self.log.error("internal error: %s: %s", type(e).__name__, clean(str(e)),
+                           exc_info=self.log.isEnabledFor(logging.DEBUG))
+            self._send_quietly(replies.INTERNAL_ERROR)
         finally:
             self._close()
             self.log.info("disconnected: %s after %.3fs", reason, time.monotonic() - started)
@@ -229,13 +237,18 @@ class Session:
         self.stream.write(reply.encode())
 
     def _send_quietly(self, reply: Reply) -> None:
+        self._send(reply)
+        self._flush_quietly()
+
+    def _flush_quietly(self) -> None:
         try:
             with gevent.Timeout(5):
-                self._send(reply)
+                self.stream.flush()
         except (gevent.Timeout, ClientGone, OSError):
             pass
 
     def _close(self) -> None:
+        self._flush_quietly()
         sock = self.stream.sock
         try:
             sock.close()
@@ -288,6 +301,7 @@ class Session:
         if arg.strip():
             return replies.SYNTAX
         self._send(replies.READY_TLS)
+        self.stream.flush()
         # Anything pipelined after STARTTLS was sent in the clear and could be
         # an attacker's injection (CVE-2011-0411): drop it, never execute it.
         dropped = self.stream.discard_buffer()
@@ -369,6 +383,7 @@ class Session:
         # Whatever the outcome, this transaction is over (RFC 5321 §4.1.1.4).
         self._reset_transaction()
         self._send(replies.START_DATA)
+        self.stream.flush()
         spool = dotreader.Spool()
         try:
             if self.settings.received_header:

@@ -21,10 +21,14 @@ class ClientStream:
     def __init__(self, sock):
         self.sock = sock
         self._buf = bytearray()
+        # Replies wait here until we would block on the client, so a pipelined
+        # group of commands (RFC 2920) is answered with one send, not one each.
+        self._out = bytearray()
 
     # --- reading -----------------------------------------------------------
 
     def _recv(self) -> bytes:
+        self.flush()
         try:
             data = self.sock.recv(CHUNK)
         except (ConnectionError, socket.error) as e:
@@ -91,6 +95,14 @@ class ClientStream:
     # --- writing -----------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        """Queue data; it is sent before the next read from the client or on flush()."""
+        self._out += data
+
+    def flush(self) -> None:
+        if not self._out:
+            return
+        data = bytes(self._out)
+        self._out.clear()
         try:
             self.sock.sendall(data)
         except (ConnectionError, socket.error) as e:
