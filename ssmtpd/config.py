@@ -129,10 +129,11 @@ OPTIONS: Tuple[Option, ...] = (
            _optional_port),
     Option("ssl-cert", None, "PEM certificate chain (default: self-signed, generated at start)",
            check=_readable_file),
-    Option("ssl-key", None, "PEM private key", check=_readable_file),
-    Option("auth", None, "auth program, split shell-style, run without a shell", check=_program),
-    Option("process", None, "process program, split shell-style, run without a shell",
-           check=_program),
+    Option("ssl-key", None, "PEM private key (default: none; goes with --ssl-cert)", check=_readable_file),
+    Option("auth", None, "auth program, split shell-style, run without a shell "
+           "(default: none; required unless --no-require-auth)", check=_program),
+    Option("process", None, "process program, split shell-style, run without a shell "
+           "(default: none; required)", check=_program),
     Option("require-tls", True, "refuse AUTH and MAIL before TLS", "bool"),
     Option("require-auth", True, "refuse MAIL before AUTH", "bool"),
     Option("max-message-size", 26214400, "largest message in octets, advertised as SIZE", "int",
@@ -221,16 +222,19 @@ def build_parser() -> configargparse.ArgParser:
         config_file_parser_class=_IniParser([o.name for o in OPTIONS]),
         args_for_setting_config_path=["-c", "--config"],
         config_arg_help_message=f"ini file with an [{INI_SECTION}] section",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     types = {"str": str, "int": int, "float": float}
     for opt in OPTIONS:
+        help = opt.help
+        if "default" not in help:  # options without a fixed default say so in their text
+            shown = {True: "on", False: "off", None: "off"}.get(opt.default, opt.default)
+            help += f" (default: {shown})"
         if opt.kind == "bool":
             parser.add_argument(opt.flag, action=argparse.BooleanOptionalAction,
-                                default=opt.default, help=opt.help)
+                                default=opt.default, help=help)
         else:
             parser.add_argument(opt.flag, type=types[opt.kind], default=opt.default,
-                                help=opt.help, metavar=opt.attr.upper())
+                                help=help, metavar=opt.attr.upper())
     return parser
 
 

@@ -1,0 +1,397 @@
+"""The shipped configuration and example programs: conf/auth-users, conf/deliver-maildir,
+conf/ssmtpd.ini — alone, and wired into a real server."""
+
+import configparser
+import os
+import re
+import resource
+import stat
+import subprocess
+
+import pytest
+
+from conftest import HOSTNAME, ROOT, client_context, plain_token
+
+CONF = os.path.join(ROOT, "conf")
+AUTH_USERS = os.path.join(CONF, "auth-users")
+DELIVER = os.path.join(CONF, "deliver-maildir")
+INI = os.path.join(CONF, "ssmtpd.ini")
+PASSWORD = "correct horse battery"
+RUN_TIMEOUT = 60
+
+# A commented example in the ini file: "# key = value" at the start of a line.
+EXAMPLE_LINE = re.compile(r"^# ([a-z][a-z_-]*) = (.*)$", re.M)
+ENTRY = re.compile(r"^([^:]+):scrypt\$16384\$8\$1\$([A-Za-z0-9+/]+=*)\$([A-Za-z0-9+/]+=*)$")
+
+
+# --- helpers -------------------------------------------------------------------
+
+def auth_users(users, *args, stdin=b"", cwd=None):
+    argv = [AUTH_USERS] + (["--users", users] if users else []) + list(args)
+    return subprocess.run(argv, input=stdin, capture_output=True, timeout=RUN_TIMEOUT, cwd=cwd)
+
+
+def check(users, user, password) -> int:
+    """Run auth-users the way the server does (SPEC §3): env, no args, empty stdin."""
+    env = dict(os.environ, SSMTPD_USERNAME=user, SSMTPD_PASSWORD=password,
+               SSMTPD_MECHANISM="PLAIN", SSMTPD_CLIENT_ADDR="127.0.0.1")
+    proc = subprocess.run([AUTH_USERS, "--users", users], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=RUN_TIMEOUT)
+    assert password.encode() not in proc.stdout + proc.stderr or not password
+    assert b"Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode
+
+
+def add(users, user, password=PASSWORD, cwd=None):
+    proc = auth_users(users, "add", user, stdin=password.encode() + b"\n", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def deliver(root, user, data=b"", preexec_fn=None):
+    return subprocess.run([DELIVER, root, user], input=data,
+                          capture_output=True, timeout=RUN_TIMEOUT, preexec_fn=preexec_fn)
+
+
+def listing(path):
+    return sorted(os.listdir(path))
+
+
+@pytest.fixture
+def users(tmp_path):
+    """A users file path in a directory that does not exist yet."""
+    return str(tmp_path / "var" / "users")
+
+
+# --- conf/auth-users ---------------------------------------------------------------
+
+def test_auth_users_add_then_good_password_exits_0(users):
+    """SPEC §3 exit 0 → 235: a password set with `add` checks out."""
+    proc = add(users, "alice")
+    assert proc.stdout == b"added alice\n"
+    assert PASSWORD.encode() not in proc.stdout + proc.stderr
+    assert check(users, "alice", PASSWORD) == 0
+
+
+def test_auth_users_wrong_password_exits_1(users):
+    """SPEC §3 other exit → 535: a wrong password, even one letter off."""
+    add(users, "alice")
+    assert check(users, "alice", PASSWORD + "!") == 1
+    assert check(users, "alice", PASSWORD.upper()) == 1
+    assert check(users, "alice", "") == 1
+
+
+def test_auth_users_unknown_user_exits_1(users):
+    """SPEC §3 other exit → 535: unknown and malformed names are just wrong."""
+    add(users, "alice")
+    assert check(users, "bob", PASSWORD) == 1
+    assert check(users, "Alice", PASSWORD) == 1
+    assert check(users, "alice:x", PASSWORD) == 1
+
+
+def test_auth_users_missing_file_exits_75(users):
+    """SPEC §3 exit 75 → 454: an unreadable users file is a temporary failure."""
+    env = dict(os.environ, SSMTPD_USERNAME="alice", SSMTPD_PASSWORD=PASSWORD)
+    proc = subprocess.run([AUTH_USERS, "--users", users], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 75
+    assert users.encode() in proc.stderr and b"Traceback" not in proc.stderr
+
+
+def test_auth_users_file_is_private_salted_scrypt(users):
+    """conf/auth-users: mode 0600, parent made, one salted scrypt line per user."""
+    add(users, "alice")
+    add(users, "bob")  # same password: the salt must make the hashes differ
+    assert stat.S_IMODE(os.stat(users).st_mode) == 0o600
+    with open(users) as f:
+        lines = f.read().splitlines()
+    entries = [ENTRY.match(line) for line in lines]
+    assert all(entries), lines
+    assert [m.group(1) for m in entries] == ["alice", "bob"]
+    assert entries[0].group(2) != entries[1].group(2)
+    assert entries[0].group(3) != entries[1].group(3)
+    assert PASSWORD not in "".join(lines)
+    # Written by rename: no temporary file is left beside it.
+    assert listing(os.path.dirname(users)) == ["users"]
+
+
+def test_auth_users_add_replaces_entry(users):
+    """conf/auth-users add: a second add changes the password, not a second line."""
+    add(users, "alice", "old password")
+    proc = add(users, "alice", "new password")
+    assert proc.stdout == b"changed password of alice\n"
+    assert check(users, "alice", "old password") == 1
+    assert check(users, "alice", "new password") == 0
+    with open(users) as f:
+        assert [line.split(":")[0] for line in f] == ["alice"]
+
+
+def test_auth_users_password_from_stdin_drops_one_newline(users):
+    """conf/auth-users add: stdin up to one trailing newline is the password."""
+    proc = auth_users(users, "add", "alice", stdin=b" two words \n")
+    assert proc.returncode == 0, proc.stderr
+    assert check(users, "alice", " two words ") == 0
+    assert check(users, "alice", " two words \n") == 1
+    assert check(users, "alice", "two words") == 1
+
+
+@pytest.mark.parametrize("name", ["a:b", "a\tb", "a\x1bb", "a\x7fb", ""])
+def test_auth_users_refuses_bad_user_names(users, name):
+    """conf/auth-users add: ':' would break the file format; control characters the logs."""
+    proc = auth_users(users, "add", name, stdin=PASSWORD.encode())
+    assert proc.returncode == 64
+    assert b"refusing user name" in proc.stderr
+    assert not os.path.exists(users)
+
+
+def test_auth_users_refuses_empty_password(users):
+    """conf/auth-users add: an empty password is never stored."""
+    proc = auth_users(users, "add", "alice", stdin=b"\n")
+    assert proc.returncode == 64
+    assert not os.path.exists(users)
+
+
+def test_auth_users_list_and_delete(users):
+    """conf/auth-users list/delete: names only, in order; a deleted user is unknown."""
+    for name in ("alice", "bob", "carol"):
+        add(users, name)
+    proc = auth_users(users, "list")
+    assert (proc.returncode, proc.stdout) == (0, b"alice\nbob\ncarol\n")
+    proc = auth_users(users, "delete", "bob")
+    assert (proc.returncode, proc.stdout) == (0, b"deleted bob\n")
+    assert auth_users(users, "list").stdout == b"alice\ncarol\n"
+    assert check(users, "bob", PASSWORD) == 1
+    assert check(users, "carol", PASSWORD) == 0
+    proc = auth_users(users, "delete", "bob")
+    assert proc.returncode == 1 and b"no user 'bob'" in proc.stderr
+    assert stat.S_IMODE(os.stat(users).st_mode) == 0o600
+
+
+def test_auth_users_default_file_is_var_users(tmp_path):
+    """conf/auth-users: without --users, var/users under the working directory."""
+    add(None, "alice", cwd=str(tmp_path))
+    assert check(str(tmp_path / "var" / "users"), "alice", PASSWORD) == 0
+    proc = auth_users(None, "list", cwd=str(tmp_path))
+    assert proc.stdout == b"alice\n"
+
+
+# --- conf/deliver-maildir ---------------------------------------------------------
+
+# CRLF lines, a stuffed-looking dot, 8-bit bytes and more than one 64 KiB chunk.
+MESSAGE = (b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test (ssmtpd);\r\n"
+           b"Subject: test\r\n\r\n.\r\n..\r\n\xc3\xa9t\xc3\xa9\r\n"
+           + b"".join(b"line %06d %s\r\n" % (i, b"x" * 60) for i in range(4000)))
+
+
+def test_deliver_maildir_writes_exact_message_into_new(tmp_path):
+    """SPEC §4 exit 0 → 250 with the program's words: file in new/, byte for byte."""
+    root = str(tmp_path / "mail")
+    proc = deliver(root, "alice", MESSAGE)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("delivered as "), lines
+    name = lines[0][len("delivered as "):]
+    maildir = os.path.join(root, "alice")
+    assert listing(maildir) == ["cur", "new", "tmp"]
+    assert listing(os.path.join(maildir, "new")) == [name]
+    assert listing(os.path.join(maildir, "tmp")) == []
+    with open(os.path.join(maildir, "new", name), "rb") as f:
+        assert f.read() == MESSAGE
+    assert stat.S_IMODE(os.stat(os.path.join(maildir, "new", name)).st_mode) == 0o600
+    # Maildir names: no '/' or ':' (the info separator), unique per delivery.
+    assert re.fullmatch(r"\d+\.M\d+P\d+R[0-9a-f]+\.[^/:]+", name), name
+    second = deliver(root, "alice", b"Subject: again\r\n\r\n")
+    assert second.returncode == 0
+    assert len(listing(os.path.join(maildir, "new"))) == 2
+
+
+@pytest.mark.parametrize("user", ["", "a/b", "../x", ".", "..", ".hidden", "a\x01b",
+                                  "a\nb", "a\x7fb"])
+def test_deliver_maildir_refuses_unsafe_user_with_67(tmp_path, user):
+    """SPEC §4 other exit → 554: EX_NOUSER for a name that is not a safe directory."""
+    root = str(tmp_path / "mail")
+    proc = deliver(root, user, MESSAGE)
+    assert proc.returncode == 67
+    assert proc.stdout == b"no mailbox for this user\n"
+    assert not os.path.exists(root)
+    assert listing(str(tmp_path)) == []
+
+
+def test_deliver_maildir_wrong_arguments_exit_64(tmp_path):
+    """SPEC §4 other exit → 554: EX_USAGE without exactly ROOT and USERNAME."""
+    for argv in ([DELIVER], [DELIVER, str(tmp_path)],
+                 [DELIVER, str(tmp_path), "alice", "extra"]):
+        proc = subprocess.run(argv, input=b"x", capture_output=True, timeout=RUN_TIMEOUT)
+        assert proc.returncode == 64, argv
+        assert b"usage" in proc.stderr
+    assert listing(str(tmp_path)) == []
+
+
+def test_deliver_maildir_unwritable_root_exits_75(tmp_path):
+    """SPEC §4 exit 75 → 451: an I/O error is temporary, the client keeps the message."""
+    # A regular file as ROOT: root ignores permissions, but not ENOTDIR.
+    root = tmp_path / "mail"
+    root.write_bytes(b"not a directory")
+    proc = deliver(str(root), "alice", MESSAGE)
+    assert proc.returncode == 75
+    assert proc.stdout.decode().splitlines()[-1] == "mailbox temporarily unavailable"
+    assert b"Traceback" not in proc.stderr
+    assert root.read_bytes() == b"not a directory"
+
+
+def test_deliver_maildir_failed_write_leaves_nothing(tmp_path):
+    """SPEC §4 exit 75 → 451: a write that fails midway (disk full) leaves no file behind."""
+    root = str(tmp_path / "mail")
+
+    def small_files():
+        # EFBIG after 64 KiB stands in for ENOSPC; Python ignores SIGXFSZ.
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, hard))
+
+    proc = deliver(root, "alice", MESSAGE, preexec_fn=small_files)
+    assert len(MESSAGE) > 65536
+    assert proc.returncode == 75, proc.stderr
+    assert b"Traceback" not in proc.stderr
+    for sub in ("tmp", "new", "cur"):
+        assert listing(os.path.join(root, "alice", sub)) == []
+
+
+# --- conf/ssmtpd.ini -------------------------------------------------------------------
+
+def _ini_text():
+    with open(INI) as f:
+        return f.read()
+
+
+def test_ini_sets_first_run_defaults():
+    """SPEC §2 ini file: [ssmtpd] wires the example programs on 127.0.0.1:8025."""
+    ini = configparser.ConfigParser()
+    ini.read_string(_ini_text())
+    assert ini.sections() == ["ssmtpd"]
+    assert dict(ini["ssmtpd"]) == {
+        "bind": "127.0.0.1", "port": "8025",
+        "auth": "conf/auth-users --users var/users",
+        "process": "conf/deliver-maildir var/mail",
+        "log-level": "info",
+    }
+
+
+def test_ini_shows_every_option_once(monkeypatch, certs):
+    """SPEC §2 options table: every option is set or shown commented, with valid values."""
+    monkeypatch.syspath_prepend(ROOT)
+    from ssmtpd import config
+
+    text = _ini_text()
+    examples = dict(EXAMPLE_LINE.findall(text))
+    ini = configparser.ConfigParser()
+    ini.read_string(text)
+    active = set(ini["ssmtpd"])
+    assert not active & set(examples)
+    assert active | set(examples) == {o.name for o in config.OPTIONS}
+
+    # Uncommented, the examples must parse; those not marked as examples of
+    # other values must show the real default.
+    enabled = EXAMPLE_LINE.sub(r"\1 = \2", text)
+    enabled = re.sub(r"^ssl-cert = .*$", f"ssl-cert = {certs[1]}", enabled, flags=re.M)
+    enabled = re.sub(r"^ssl-key = .*$", f"ssl-key = {certs[2]}", enabled, flags=re.M)
+    path = os.path.join(os.path.dirname(certs[1]), "all-options.ini")
+    with open(path, "w") as f:
+        f.write(enabled)
+    for key in list(os.environ):
+        if key.startswith("SSMTPD_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(ROOT)  # the program paths are relative to the repository
+    settings = config.parse(["-c", path])
+    assert settings.hostname == examples["hostname"]
+    assert settings.smtps_port == int(examples["smtps-port"])
+    assert settings.auth == ("conf/auth-users", "--users", "var/users")
+    for opt in config.OPTIONS:
+        if opt.name in examples and opt.name not in ("hostname", "ssl-cert", "ssl-key",
+                                                     "smtps-port"):
+            assert getattr(settings, opt.attr) == opt.default, opt.name
+
+
+# --- wired into a real server --------------------------------------------------------
+
+def swaks(port, user, password, *extra):
+    argv = ["swaks", "--server", f"127.0.0.1:{port}", "--tls", "--auth", "PLAIN",
+            "--auth-user", user, "--auth-password", password, "--ehlo", "client.test",
+            "--from", "alice@example.org", "--to", "bob@example.org",
+            "--header", "Subject: from swaks", "--body", "Hello from the example programs.",
+            "--timeout", "20", *extra]
+    return subprocess.run(argv, capture_output=True, timeout=RUN_TIMEOUT)
+
+
+def delivered_name(swaks_output: bytes) -> str:
+    """The 250 text after the final dot: the Maildir file name the program printed."""
+    m = re.search(rb"<~  250 2\.0\.0 delivered as (\S+)\r?\n", swaks_output)
+    assert m, swaks_output.decode("utf-8", "replace")
+    return m.group(1).decode()
+
+
+def read_delivered(maildir, name) -> bytes:
+    assert listing(os.path.join(maildir, "new")) == [name]
+    assert listing(os.path.join(maildir, "tmp")) == []
+    with open(os.path.join(maildir, "new", name), "rb") as f:
+        return f.read()
+
+
+def test_example_programs_behind_server(make_server, certs, tmp_path):
+    """SPEC §3, §4 end to end: auth-users decides AUTH, deliver-maildir files the message."""
+    data = tmp_path / "data"
+    text = _ini_text().replace("conf/", CONF + "/").replace("var/", f"{data}/")
+    ini = tmp_path / "ssmtpd.ini"
+    ini.write_text(text)
+    users, mail = str(data / "users"), str(data / "mail")
+    assert f"auth = {AUTH_USERS} --users {users}\n" in text
+
+    srv = make_server("--config", str(ini), "--hostname", HOSTNAME,
+                      "--ssl-cert", certs[1], "--ssl-key", certs[2],
+                      "--auth-failure-delay", "0", defaults=False, start=False)
+    # The port is picked when the server object is made; the CLI beats the ini.
+    srv.argv += ["--bind", "127.0.0.1", "--port", str(srv.port)]
+    srv.start()
+
+    # No users file yet: auth-users exits 75, a temporary failure.
+    raw = srv.raw()
+    try:
+        assert raw.reply()[0] == 220
+        assert raw.cmd("EHLO client.test")[0] == 250
+        raw.starttls(client_context(certs[0]))
+        assert raw.cmd("EHLO client.test")[0] == 250
+        code, lines = raw.cmd(f"AUTH PLAIN {plain_token('alice', PASSWORD)}")
+        assert code == 454 and lines[0].startswith("454 4.7.0"), lines
+        add(users, "alice")
+        code, lines = raw.cmd(f"AUTH PLAIN {plain_token('alice', 'wrong')}")
+        assert code == 535 and lines[0].startswith("535 5.7.8"), lines
+    finally:
+        raw.close()
+
+    proc = swaks(srv.port, "alice", PASSWORD)
+    assert proc.returncode == 0, proc.stdout.decode("utf-8", "replace")
+    body = read_delivered(os.path.join(mail, "alice"), delivered_name(proc.stdout))
+    first = body.split(b"\r\n", 2)
+    assert first[0] == b"Received: from client.test ([127.0.0.1])"
+    assert first[1].startswith(b"\tby mx.test (ssmtpd) with ESMTPSA id ")
+    assert b"\r\nSubject: from swaks\r\n" in body
+    assert b"\r\n\r\nHello from the example programs.\r\n" in body
+    assert PASSWORD not in srv.log()
+
+
+def test_shipped_config_first_run(make_server, tmp_path):
+    """SPEC §2 first run: conf/ssmtpd.ini as shipped, self-signed TLS, mail in var/mail."""
+    srv = make_server("-c", "conf/ssmtpd.ini", defaults=False, start=False)
+    # The shipped paths are relative to the repository root; give the server
+    # a working directory that looks like one, so var/ lands in tmp.
+    os.symlink(CONF, os.path.join(srv.workdir, "conf"))
+    srv.argv += ["--port", str(srv.port)]
+    srv.start()
+    srv.wait_log("self-signed certificate")
+
+    add(None, "alice", cwd=srv.workdir)
+    proc = swaks(srv.port, "alice", PASSWORD)
+    assert proc.returncode == 0, proc.stdout.decode("utf-8", "replace")
+    maildir = os.path.join(srv.workdir, "var", "mail", "alice")
+    body = read_delivered(maildir, delivered_name(proc.stdout))
+    assert body.startswith(b"Received: from client.test ([127.0.0.1])\r\n")
+    assert b"\r\n\r\nHello from the example programs.\r\n" in body
