@@ -82,7 +82,6 @@ INTERNAL_ERROR = Reply(421, "4.3.0", "Internal server error, closing connection"
 PROCESS_TEMPFAIL = Reply(451, "4.3.0", "Temporary failure, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
-TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 BAD_UTF8 = Reply(500, "5.5.2", "Command is not valid UTF-8")

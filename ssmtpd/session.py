@@ -29,6 +29,7 @@ COMMAND_LIMIT = 512
 MAIL_LIMIT = 512 + 26 + 500 + 10
 AUTH_LINE_LIMIT = 12288
 READ_LIMIT = AUTH_LINE_LIMIT + 2
+LINE_LIMITS = {b"MAIL": MAIL_LIMIT, b"AUTH": READ_LIMIT}
 
 MAX_AUTH_FAILURES = 3
 MAX_ERRORS = 10
@@ -36,7 +37,7 @@ MAX_ERRORS = 10
 ERROR_CODES = frozenset((500, 501, 502, 503, 504, 555))
 # A web browser or proxy lured into talking to us (cross-protocol attacks):
 # close without echoing anything back.
-HTTP_VERBS = frozenset(("GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"))
+HTTP_VERBS = frozenset((b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE"))
 
 
 class Shutdown(Exception):
@@ -208,21 +209,21 @@ class Session:
 
     def _dispatch(self, raw: bytes) -> Optional[Reply]:
         line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        verb_bytes = line.split(b" ", 1)[0].upper()
+        if verb_bytes in HTTP_VERBS:
+            raise _Close(f"closed: HTTP request {clean(line, 60)!r}")
+        if len(raw) > LINE_LIMITS.get(verb_bytes, COMMAND_LIMIT):
+            return replies.LINE_TOO_LONG
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             return replies.BAD_UTF8
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        if verb in HTTP_VERBS:
-            raise _Close(f"closed: HTTP request {clean(text, 60)!r}")
         method = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
         self.log.debug("command %s", clean(verb if verb == "AUTH" else text))
         if method is None:
             return replies.NOT_IMPLEMENTED
-        limit = {"MAIL": MAIL_LIMIT, "AUTH": AUTH_LINE_LIMIT + 2}.get(verb, COMMAND_LIMIT)
-        if len(raw) > limit:
-            return replies.LINE_TOO_LONG
         for need in method.needs:
             if not need.test(self):
                 return need.reply
