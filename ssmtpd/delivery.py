@@ -1,6 +1,7 @@
 """The two programs' contracts: environment, argv and the exit-code tables (SPEC §3, §4)."""
 
 import email.utils
+import re
 from dataclasses import dataclass, field
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
@@ -30,12 +31,16 @@ _OWN_VARIABLES = ("SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_MECHANISM", "SSM
                   "SSMTPD_MAIL_FROM", "SSMTPD_RCPT_TO", "SSMTPD_HELO", "SSMTPD_TLS")
 
 
+_UNSAFE_IN_HELO = re.compile(r'[\s<>()\[\]\\";@]')
+
+
 @dataclass
 class Envelope:
     """What the session knows about one message when its data is complete."""
 
     client_addr: str
     helo: str
+    esmtp: bool  # EHLO rather than HELO
     tls: str  # protocol version, "" when plain
     username: Optional[str]
     mail_from: str
@@ -43,7 +48,9 @@ class Envelope:
 
     @property
     def protocol(self) -> str:
-        # RFC 3848 "with" keywords: S = TLS, A = authenticated.
+        # RFC 3848 "with" keywords: S = TLS, A = authenticated; HELO is plain SMTP.
+        if not self.esmtp:
+            return "SMTP"
         return "ESMTP" + ("S" if self.tls else "") + ("A" if self.username is not None else "")
 
 
@@ -65,9 +72,12 @@ def received_header(env: Envelope, hostname: str, session_id: str, now: float) -
     resolver, and the address literal is what a reader trusts anyway.
     """
     addr = env.client_addr
+    # The HELO name is the client's word: keep it from posing as another
+    # clause, address literal or comment of the header.
+    helo = _UNSAFE_IN_HELO.sub("?", env.helo)
     literal = f"[IPv6:{addr}]" if ":" in addr else f"[{addr}]"
     date = email.utils.formatdate(now, localtime=True)
-    header = (f"Received: from {env.helo} ({literal})\r\n"
+    header = (f"Received: from {helo} ({literal})\r\n"
               f"\tby {hostname} (ssmtpd) with {env.protocol} id {session_id};\r\n"
               f"\t{date}\r\n")
     return header.encode("utf-8")

@@ -48,13 +48,20 @@ def read_message(stream: ClientStream, limit: int, spool) -> DataResult:
     pending = b""
     while True:
         data = stream.recv_some()
-        pending = pending + data if pending else data
-        cut = pending.rfind(b"\n") + 1
-        if cut == 0:
-            if len(pending) < MAX_PENDING:
-                continue
+        if pending:
+            start = len(pending)
+            pending = pending if isinstance(pending, bytearray) else bytearray(pending)
+            pending += data  # amortised: a long line arriving in drips stays linear
+        else:
+            start, pending = 0, data
+        newline = data.rfind(b"\n")
+        if newline >= 0:
+            cut = start + newline + 1
+        elif len(pending) < MAX_PENDING:
+            continue
+        else:
             cut = len(pending) - 1
-        region, pending = pending[:cut], pending[cut:]
+        region, pending = bytes(pending[:cut]), pending[cut:]
 
         # A terminator either starts this region (the CRLF ended the previous
         # one) or lies inside it.

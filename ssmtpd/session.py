@@ -109,6 +109,7 @@ class Session:
     def _reset_session(self) -> None:
         """Back to just after the greeting (RFC 3207 §4.2)."""
         self.helo: Optional[str] = None
+        self.esmtp = False
         self.user: Optional[str] = None
         self.log.user = "-"
         self._reset_transaction()
@@ -282,6 +283,7 @@ class Session:
     @requires()
     def smtp_EHLO(self, arg: str) -> Reply:
         self.helo = syntax.helo_name(arg)
+        self.esmtp = True
         self._reset_transaction()  # RFC 5321 §4.1.4: EHLO implies RSET
         keywords = ["PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
                     f"SIZE {self.settings.max_message_size}"]
@@ -294,6 +296,7 @@ class Session:
     @requires()
     def smtp_HELO(self, arg: str) -> Reply:
         self.helo = syntax.helo_name(arg)
+        self.esmtp = False
         self._reset_transaction()
         return replies.helo(self.settings.hostname)
 
@@ -379,8 +382,8 @@ class Session:
         if arg.strip():
             return replies.SYNTAX
         started = time.monotonic()
-        envelope = Envelope(self.client_addr, self.helo, self.tls_version, self.user,
-                            self.mail_from, list(self.rcpt_to))
+        envelope = Envelope(self.client_addr, self.helo, self.esmtp, self.tls_version,
+                            self.user, self.mail_from, list(self.rcpt_to))
         # Whatever the outcome, this transaction is over (RFC 5321 §4.1.1.4).
         self._reset_transaction()
         self._send(replies.START_DATA)

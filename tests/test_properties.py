@@ -1,0 +1,308 @@
+"""Property tests of the pure modules: the DATA reader (SPEC §5) and SASL decoding (SPEC §5 AUTH).
+
+These run in-process on generated input; the server tests pin the same rules
+over real sockets.
+"""
+
+import base64
+import io
+import re
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from ssmtpd import dotreader, replies, sasl
+from ssmtpd.replies import SmtpError
+from ssmtpd.stream import ClientGone
+
+PROPERTY = settings(max_examples=200, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+UNLIMITED = 10 ** 12
+TERMINATOR = b"\r\n.\r\n"
+
+
+class ChunkStream:
+    """The two ClientStream methods the DATA reader uses, over chunks given up front."""
+
+    def __init__(self, chunks):
+        assert all(chunks), "a socket read never returns nothing but at EOF"
+        self.chunks = list(chunks)
+        self.buffer = b""
+        self.fed = 0
+        self.reads = 0
+
+    def recv_some(self) -> bytes:
+        self.reads += 1
+        if self.buffer:
+            data, self.buffer = self.buffer, b""
+            return data
+        if not self.chunks:
+            raise ClientGone("end of test input")
+        data = self.chunks.pop(0)
+        self.fed += len(data)
+        return data
+
+    def unread(self, data: bytes) -> None:
+        self.buffer = data + self.buffer
+
+    def rest(self) -> bytes:
+        """What a later reader would see: unread bytes, then the unconsumed chunks."""
+        return self.buffer + b"".join(self.chunks)
+
+
+def split(data: bytes, cuts) -> list:
+    points = sorted(set(c for c in cuts if 0 < c < len(data)))
+    return [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
+
+
+def read(chunks, limit=UNLIMITED):
+    stream, spool = ChunkStream(chunks), io.BytesIO()
+    result = dotreader.read_message(stream, limit, spool)
+    return result, spool.getvalue(), stream.rest()
+
+
+def stuff(message: bytes) -> bytes:
+    """Dot-stuffing and the terminator, as a client sends a message (RFC 5321 §4.5.2)."""
+    return (b"\r\n" + message).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n"
+
+
+def reference(stream: bytes):
+    """The rule, stated directly: (content before the end, what follows it, bare?).
+
+    DATA starts right after a CRLF, so the end is the first CRLF.CRLF of
+    CRLF + stream; the content keeps the CRLF of its last line.
+    """
+    end = (b"\r\n" + stream).find(TERMINATOR)
+    assert end >= 0
+    content, after = stream[:end], stream[end + 3:]
+    bare = re.search(rb"\r(?!\n)|(?<!\r)\n", content) is not None
+    return content, after, bare
+
+
+def unstuff(content: bytes) -> bytes:
+    return (b"\r\n" + content).replace(b"\r\n.", b"\r\n")[2:]
+
+
+# --- strategies ----------------------------------------------------------------
+
+# Lines without CR or LF, rich in dots, so stuffing and look-alike ends are common.
+line = st.lists(st.sampled_from([b".", b"..", b"a", b" ", b"\t", b"\x00", b"\xff", b"x.y",
+                                 b"MAIL FROM:<x@y>"]), max_size=6).map(b"".join)
+message = st.lists(line, max_size=12).map(lambda ls: b"".join(x + b"\r\n" for x in ls))
+# Arbitrary streams: fragments of every kind of line ending and dot line.
+fragment = st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"a", b"\r\n.", b".\r\n", b"\n.\n",
+                            b"\r.\r", b"\r\n.\n", b"\n.\r\n", TERMINATOR, b"\x00", b"\xc3\xa9"])
+raw_bytes = st.lists(fragment, max_size=30).map(b"".join)
+cuts = st.lists(st.integers(min_value=1, max_value=400), max_size=12)
+
+
+# --- the DATA reader -------------------------------------------------------------
+
+@PROPERTY
+@given(message, st.binary(max_size=40), cuts)
+def test_stuffed_message_round_trips(msg, after, cut_points):
+    """SPEC §4/§5: a dot-stuffed CRLF message comes out exactly; what follows is left unread."""
+    wire = stuff(msg) + after
+    result, spooled, rest = read(split(wire, cut_points))
+    assert result.status == dotreader.OK
+    assert spooled == msg
+    assert result.size == len(msg)
+    assert rest == after
+
+
+@PROPERTY
+@given(raw_bytes, st.binary(max_size=20), cuts)
+def test_chunk_boundaries_never_matter(stream, after, cut_points):
+    """SPEC §5: how the client's bytes are split into reads never changes the outcome."""
+    wire = stream + TERMINATOR + after
+    whole = read([wire])
+    pieces = read(split(wire, cut_points))
+    assert pieces[0] == whole[0]
+    assert pieces[2] == whole[2]
+    if whole[0].status == dotreader.OK:
+        assert pieces[1] == whole[1]
+
+
+@PROPERTY
+@given(raw_bytes, st.binary(max_size=20), cuts)
+def test_ends_only_at_the_first_crlf_dot_crlf(stream, after, cut_points):
+    """SPEC §5: DATA ends at the first CRLF.CRLF and nowhere else; a bare CR or LF before it
+    makes the message bare-line-ending, otherwise it is the unstuffed content."""
+    wire = stream + TERMINATOR + after
+    content, expected_rest, bare = reference(wire)
+    result, spooled, rest = read(split(wire, cut_points))
+    assert rest == expected_rest
+    if bare:
+        assert result.status == dotreader.BARE_LINE_ENDING
+    else:
+        assert result.status == dotreader.OK
+        assert spooled == unstuff(content)
+        assert result.size == len(spooled)
+
+
+@PROPERTY
+@given(raw_bytes, cuts)
+def test_no_terminator_means_client_gone(stream, cut_points):
+    """SPEC §5: without CRLF.CRLF the DATA phase never ends; a vanished client is ClientGone."""
+    assume(TERMINATOR not in b"\r\n" + stream and stream)
+    with pytest.raises(ClientGone):
+        read(split(stream, cut_points))
+
+
+@PROPERTY
+@given(message, st.integers(min_value=0, max_value=200), st.binary(max_size=20), cuts)
+def test_size_limit(msg, limit, after, cut_points):
+    """SPEC §5: over the limit → too-big after reading to the real end; nothing past the
+    limit is kept; the next command is still in place."""
+    result, spooled, rest = read(split(stuff(msg) + after, cut_points), limit)
+    assert rest == after
+    assert result.size == len(msg)
+    if len(msg) > limit:
+        assert result.status == dotreader.TOO_BIG
+        assert len(spooled) <= limit
+        assert msg.startswith(spooled)
+    else:
+        assert result.status == dotreader.OK
+        assert spooled == msg
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(min_value=1000, max_value=300000), st.sampled_from([b"a", b"\r", b"\xff"]),
+       st.booleans())
+def test_endless_line_is_scanned_in_bounded_memory(chunk, filler, dotted):
+    """SPEC §5 / stream bounds: a 1 MB line without LF is not buffered whole (MAX_PENDING)."""
+    line = filler * (1024 * 1024)
+    wire = (b".." if dotted else b"") + line + TERMINATOR + b"NOOP\r\n"
+    expected = (b"." if dotted else b"") + line + b"\r\n"
+    stream, spool = ChunkStream(split(wire, range(chunk, len(wire), chunk))), io.BytesIO()
+    worst = 0
+    original = stream.recv_some
+
+    def recv_some():
+        nonlocal worst
+        # Octets taken from the client but neither written out nor given back.
+        worst = max(worst, stream.fed - len(stream.buffer) - spool.tell())
+        return original()
+
+    stream.recv_some = recv_some
+    result = dotreader.read_message(stream, UNLIMITED, spool)
+    assert stream.rest() == b"NOOP\r\n"
+    if filler == b"\r":
+        assert result.status == dotreader.BARE_LINE_ENDING
+        return
+    assert result.status == dotreader.OK
+    assert spool.getvalue() == expected
+    assert worst <= dotreader.MAX_PENDING
+
+
+@PROPERTY
+@given(st.lists(st.binary(max_size=300), max_size=20), st.integers(min_value=0, max_value=2000))
+def test_spool_keeps_every_octet_and_goes_to_disk_when_big(writes, memory_limit):
+    """SPEC §4: the spool returns the message intact; a big one is a real file to hand over."""
+    spool = dotreader.Spool(memory_limit=memory_limit)
+    try:
+        for data in writes:
+            spool.write(data)
+        total = b"".join(writes)
+        reader = spool.reader()
+        assert reader.read() == total
+        if len(total) > memory_limit:
+            assert reader.fileno() >= 0
+        else:
+            with pytest.raises(io.UnsupportedOperation):
+                reader.fileno()
+    finally:
+        spool.close()
+
+
+# --- SASL decoding ------------------------------------------------------------------
+
+def decodes_or_refuses(call, *args):
+    """Run `call`; only SmtpError may come out (SPEC §5: every bad input is a reply)."""
+    try:
+        return call(*args)
+    except SmtpError as e:
+        assert isinstance(e.reply, replies.Reply)
+        assert 500 <= e.reply.code < 600
+        return None
+
+
+@PROPERTY
+@given(st.one_of(st.text(), st.text(alphabet="ABCDabcd0189+/= *\t\r\n")))
+def test_decode_response_never_raises_anything_else(line):
+    """SPEC §5 AUTH: arbitrary response lines decode or are refused with an SMTP reply."""
+    out = decodes_or_refuses(sasl.decode_response, line)
+    assert out is None or isinstance(out, bytes)
+
+
+@PROPERTY
+@given(st.binary(max_size=200), st.sampled_from(["", " ", "\t", "  "]))
+def test_decode_response_reads_strict_base64(data, pad):
+    """RFC 4954 §4: a base64 response decodes to its octets; surrounding blanks are ignored."""
+    token = base64.b64encode(data).decode()
+    assume(token not in ("", "=", "*"))
+    assert sasl.decode_response(pad + token + pad) == data
+
+
+@pytest.mark.parametrize("line", ["*", " *", "* ", "\t*\t"])
+def test_star_cancels(line):
+    """SPEC §5 / RFC 4954 §4: `*` cancels the exchange with 501."""
+    with pytest.raises(SmtpError) as e:
+        sasl.decode_response(line)
+    assert e.value.reply == replies.AUTH_CANCELLED
+
+
+@PROPERTY
+@given(st.binary(max_size=200))
+def test_plain_never_raises_anything_else(message):
+    """SPEC §5 AUTH PLAIN: arbitrary decoded octets give credentials or an SMTP reply."""
+    creds = decodes_or_refuses(sasl.plain, message)
+    if creds is not None:
+        assert creds.username and "\0" not in creds.password
+
+
+@PROPERTY
+@given(st.binary(max_size=100), st.binary(max_size=100))
+def test_login_never_raises_anything_else(username, password):
+    """SPEC §5 AUTH LOGIN: arbitrary username and password octets never crash the decoder."""
+    decodes_or_refuses(sasl.login, username, password)
+
+
+username = st.text(st.characters(min_codepoint=32, blacklist_characters="\x7f",
+                                 blacklist_categories=("Cs",)), min_size=1, max_size=40)
+password = st.binary(max_size=60).filter(lambda p: b"\0" not in p)
+
+
+@PROPERTY
+@given(username, password, st.booleans())
+def test_plain_round_trip(user, secret, with_authzid):
+    """RFC 4616: authzid (empty or equal) NUL authcid NUL passwd decodes to exactly those."""
+    raw_user = user.encode("utf-8")
+    token = base64.b64encode((raw_user if with_authzid else b"") + b"\0" + raw_user + b"\0"
+                             + secret).decode()
+    creds = sasl.plain(sasl.decode_response(token))
+    assert creds.username == user
+    # Octets that are not UTF-8 survive unchanged to the auth program's environment.
+    assert creds.password.encode("utf-8", "surrogateescape") == secret
+    assert repr(creds) == f"Credentials(username={user!r}, password=***)"
+
+
+@PROPERTY
+@given(username, username, password)
+def test_plain_foreign_authzid_is_refused(authzid, user, secret):
+    """SPEC §5: a PLAIN authzid that differs from the authcid → 535."""
+    assume(authzid != user)
+    message = authzid.encode() + b"\0" + user.encode() + b"\0" + secret
+    with pytest.raises(SmtpError) as e:
+        sasl.plain(message)
+    assert e.value.reply == replies.BAD_CREDENTIALS
+
+
+@PROPERTY
+@given(username, password)
+def test_login_round_trip(user, secret):
+    """RFC 4954 LOGIN: username and password octets decode to exactly those."""
+    creds = sasl.login(base64.b64decode(base64.b64encode(user.encode())), secret)
+    assert creds.username == user
+    assert creds.password.encode("utf-8", "surrogateescape") == secret
