@@ -6,6 +6,7 @@ become ConfigError("--name: why"), which the CLI prints on one line with exit 2.
 """
 
 import argparse
+import configparser
 import os
 import shlex
 import shutil
@@ -180,21 +181,37 @@ class Settings:
     log_level: str
 
 
-class _IniParser(configargparse.IniConfigParser):
-    """Reads [ssmtpd]; accepts `-` or `_` in keys and refuses unknown ones."""
+class _IniParser(configargparse.ConfigFileParser):
+    """Reads [ssmtpd] literally: no %-interpolation, no unquoting, no lists.
+
+    A program value is split shell-style later, so quotes must survive to
+    that point; `-` or `_` in keys are both accepted, unknown keys refused.
+    """
 
     def __init__(self, known: Sequence[str]):
-        super().__init__(sections=[INI_SECTION], split_ml_text_to_list=False)
+        super().__init__()
         self.known = set(known)
 
+    def get_syntax_description(self):
+        return f"An ini file with an [{INI_SECTION}] section; keys are the long option names."
+
     def parse(self, stream):
+        ini = configparser.ConfigParser(interpolation=None)
+        try:
+            ini.read_string(stream.read())
+        except configparser.Error as e:
+            raise configargparse.ConfigFileParserException(
+                f"--config: cannot parse: {' '.join(str(e).split())}") from None
+        if not ini.has_section(INI_SECTION):
+            raise configargparse.ConfigFileParserException(
+                f"--config: no [{INI_SECTION}] section")
         items = {}
-        for key, value in super().parse(stream).items():
+        for key, value in ini.items(INI_SECTION):
             name = key.replace("_", "-")
             if name not in self.known:
                 raise configargparse.ConfigFileParserException(
                     f"--{name}: unknown key {key!r} in [{INI_SECTION}] of the config file")
-            items[name] = value
+            items[name] = value.strip()
         return items
 
 
@@ -227,7 +244,10 @@ def build_parser() -> configargparse.ArgParser:
     for opt in OPTIONS:
         help = opt.help
         if "default" not in help:  # options without a fixed default say so in their text
-            shown = {True: "on", False: "off", None: "off"}.get(opt.default, opt.default)
+            if opt.kind == "bool":
+                shown = "on" if opt.default else "off"
+            else:
+                shown = "off" if opt.default is None else opt.default
             help += f" (default: {shown})"
         if opt.kind == "bool":
             parser.add_argument(opt.flag, action=argparse.BooleanOptionalAction,

@@ -37,9 +37,14 @@ def decode_response(line: str) -> bytes:
     if line == "=":  # RFC 4954 §4: an empty initial response
         return b""
     try:
-        return base64.b64decode(line.encode("ascii"), validate=True)
+        data = base64.b64decode(line.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise SmtpError(replies.BAD_BASE64) from None
+    # b64decode tolerates surplus padding ("c2VjcmV0="); only the canonical
+    # encoding is base64 as RFC 4648 §3.3 and RFC 4954 §4 mean it.
+    if base64.b64encode(data) != line.encode("ascii"):
+        raise SmtpError(replies.BAD_BASE64)
+    return data
 
 
 def _username(raw: bytes) -> str:

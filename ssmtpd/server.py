@@ -49,25 +49,40 @@ class Server:
         self.stopping = False
         self._stopped = Event()
         self._servers: List[StreamServer] = []
+        self._signal_handlers = []
 
     # --- start ---------------------------------------------------------------
 
     def start(self) -> None:
         """Bind and listen, or raise ListenError."""
+        # Before the port opens: a supervisor may signal as soon as it can connect.
+        self._signal_handlers = [
+            gevent.signal_handler(signal.SIGTERM, self.begin_shutdown, "SIGTERM"),
+            gevent.signal_handler(signal.SIGINT, self.begin_shutdown, "SIGINT"),
+            gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.tls.reload))]
         ports = [("--port", self.settings.port, False)]
         if self.settings.smtps_port:
             ports.append(("--smtps-port", self.settings.smtps_port, True))
-        for option, port, implicit in ports:
-            try:
-                listener = self._listen(port)
-            except OSError as e:
-                raise ListenError(f"{option}: cannot listen on port {port}: "
-                                  f"{e.strerror or e}") from None
+        listeners = []
+        try:
+            for option, port, implicit in ports:
+                try:
+                    listeners.append((self._listen(port), implicit))
+                except OSError as e:
+                    raise ListenError(f"{option}: cannot listen on port {port}: "
+                                      f"{e.strerror or e}") from None
+        except ListenError:
+            for listener, _ in listeners:
+                listener.close()
+            raise
+        # Only once every port is bound: a failure must leave nothing listening.
+        for listener, implicit in listeners:
             server = StreamServer(listener, self._handler(implicit))
             server.start()
             self._servers.append(server)
-            self.log.info("listening on %s port %d (%s)", listener.getsockname()[0],
-                          listener.getsockname()[1], "implicit TLS" if implicit else "STARTTLS")
+            host, port = listener.getsockname()[:2]
+            self.log.info("listening on %s port %d (%s)", host, port,
+                          "implicit TLS" if implicit else "STARTTLS")
 
     def _listen(self, port: int) -> socket.socket:
         bind = self.settings.bind
@@ -124,14 +139,11 @@ class Server:
 
     def serve_forever(self) -> int:
         """Run until SIGTERM/SIGINT has drained the sessions; returns the exit status."""
-        handlers = [gevent.signal_handler(signal.SIGTERM, self.begin_shutdown, "SIGTERM"),
-                    gevent.signal_handler(signal.SIGINT, self.begin_shutdown, "SIGINT"),
-                    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.tls.reload))]
         try:
             self._stopped.wait()
         finally:
-            for h in handlers:
-                h.cancel()
+            for handler in self._signal_handlers:
+                handler.cancel()
         self.log.info("stopped")
         return 0
 

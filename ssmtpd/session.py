@@ -64,6 +64,7 @@ HELO_DONE = Need(lambda s: s.helo is not None, replies.NO_HELO)
 TLS_UP = Need(lambda s: s.tls_version or not s.settings.require_tls, replies.MUST_STARTTLS)
 AUTHENTICATED = Need(lambda s: s.user is not None or not s.settings.require_auth,
                      replies.AUTH_REQUIRED)
+AUTH_ENABLED = Need(lambda s: s.programs.auth is not None, replies.AUTH_NOT_ENABLED)
 NOT_AUTHENTICATED = Need(lambda s: s.user is None, replies.ALREADY_AUTHENTICATED)
 IN_MAIL = Need(lambda s: s.mail_from is not None, replies.NEED_MAIL)
 HAS_RCPT = Need(lambda s: bool(s.rcpt_to), replies.NEED_RCPT)
@@ -147,6 +148,7 @@ class Session:
         started = time.monotonic()
         self.log.info("connected%s", " (implicit TLS)" if self.implicit_tls else "")
         reason = "closed"
+        clean_end = False
         try:
             if self.implicit_tls:
                 self._handshake()
@@ -157,11 +159,13 @@ class Session:
                     self._send(reply)
                     if reply.closes:
                         reason = f"closed after {reply.code}"
+                        clean_end = True
                         break
             else:
                 raise Shutdown()
         except Shutdown:
             reason = "server shutting down"
+            clean_end = True
             self._send_quietly(replies.SHUTTING_DOWN)
         except (IdleTimeout, socket.timeout):
             reason = "timed out"
@@ -180,7 +184,7 @@ class Session:
                            exc_info=self.log.isEnabledFor(logging.DEBUG))
             self._send_quietly(replies.INTERNAL_ERROR)
         finally:
-            self._close()
+            self._close(clean_end)
             self.log.info("disconnected: %s after %.3fs", reason, time.monotonic() - started)
 
     def _one_command(self) -> Optional[Reply]:
@@ -249,9 +253,18 @@ class Session:
         except (gevent.Timeout, ClientGone, OSError):
             pass
 
-    def _close(self) -> None:
+    def _close(self, clean_end: bool) -> None:
         self._flush_quietly()
         sock = self.stream.sock
+        if clean_end and self.tls_version:
+            # close_notify, so the client can tell our end from a truncation
+            # (OpenSSL 3 clients report the difference).  Bounded: the peer
+            # may never answer.
+            try:
+                with gevent.Timeout(2):
+                    sock = sock.unwrap()
+            except (gevent.Timeout, OSError, ValueError):
+                pass
         try:
             sock.close()
         except OSError:
@@ -289,7 +302,7 @@ class Session:
                     f"SIZE {self.settings.max_message_size}"]
         if not self.tls_version:
             keywords.append("STARTTLS")
-        if self.tls_version or not self.settings.require_tls:
+        if self.programs.auth and (self.tls_version or not self.settings.require_tls):
             keywords.append("AUTH " + " ".join(sasl.MECHANISMS))  # RFC 4954 §4
         return replies.ehlo(self.settings.hostname, clean(self.helo, 64), keywords)
 
@@ -315,7 +328,8 @@ class Session:
         self._reset_session()
         return None
 
-    @requires(HELO_DONE, outside_mail(replies.AUTH_IN_TRANSACTION), NOT_AUTHENTICATED, TLS_UP)
+    @requires(AUTH_ENABLED, HELO_DONE, outside_mail(replies.AUTH_IN_TRANSACTION),
+              NOT_AUTHENTICATED, TLS_UP)
     def smtp_AUTH(self, arg: str) -> Reply:
         mechanism, _, initial = arg.strip().partition(" ")
         mechanism = mechanism.upper()

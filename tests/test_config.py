@@ -1,0 +1,483 @@
+"""Options from the command line, the environment and the ini file; start-up errors (SPEC §2)."""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+
+import pytest
+
+from conftest import AUTH, HOSTNAME, PASSWORD, RECORD, ROOT, USER, free_port, plain_token
+
+RUN_TIMEOUT = 15.0
+
+
+def clean_env(extra=None):
+    """The test's environment without any SSMTPD_* leaking in from outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSMTPD_")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+def run_ssmtpd(args, cwd, env=None):
+    """Run `python -m ssmtpd args` to completion; a server that starts is a failed test."""
+    try:
+        return subprocess.run([sys.executable, "-m", "ssmtpd", *args], cwd=str(cwd),
+                              env=clean_env(env), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"ssmtpd {args} still running after {RUN_TIMEOUT}s "
+                             f"(it should have refused to start):\n{e.stderr}") from None
+
+
+def write_ini(directory, body: str) -> str:
+    path = os.path.join(str(directory), "ssmtpd.ini")
+    with open(path, "w") as f:
+        f.write("[ssmtpd]\n" + body)
+    return path
+
+
+def start(make_server, args=(), env=None, ini=None, tls=True, auth=True, process=True):
+    """A server whose hostname, size and TLS policy come only from what the test gives."""
+    srv = make_server(defaults=False, start=False, env=env)
+    srv.env = {k: v for k, v in srv.env.items()
+               if not k.startswith("SSMTPD_") or k == "SSMTPD_TEST_RECORD" or k in (env or {})}
+    argv = ["--bind", "127.0.0.1", "--port", str(srv.port), "--auth-failure-delay", "0"]
+    if process:
+        argv += ["--process", RECORD]
+    if auth:
+        argv += ["--auth", AUTH]
+    if tls:
+        argv += ["--ssl-cert", srv.cert, "--ssl-key", srv.key]
+    if ini is not None:
+        argv += ["-c", write_ini(srv.workdir, ini)]
+    srv.argv += argv + list(args)
+    return srv.start()
+
+
+def probe(srv):
+    """(greeting line, EHLO keyword lines) of a plain connection."""
+    raw = srv.raw()
+    try:
+        code, greeting = raw.reply()
+        assert code == 220, greeting
+        code, lines = raw.cmd("EHLO client.test")
+        assert code == 250, lines
+        raw.cmd("QUIT")
+        return greeting[0], [line[4:] for line in lines[1:]]
+    finally:
+        raw.close()
+
+
+def size_of(keywords):
+    (size,) = [k for k in keywords if k.startswith("SIZE ")]
+    return int(size.split()[1])
+
+
+def auth_before_tls(keywords) -> bool:
+    return "AUTH PLAIN LOGIN" in keywords
+
+
+# --- where a value comes from: CLI > env > ini > default ---------------------------
+
+INI_VALUES = "hostname = ini.test\nmax-message-size = 1111\nrequire-tls = false\n"
+ENV_VALUES = {"SSMTPD_HOSTNAME": "env.test", "SSMTPD_MAX_MESSAGE_SIZE": "2222",
+              "SSMTPD_REQUIRE_TLS": "true"}
+CLI_VALUES = ["--hostname", "cli.test", "--max-message-size", "3333", "--no-require-tls"]
+
+LEVELS = {
+    # name: (ini, env, cli, expected hostname, size, AUTH offered before TLS)
+    "default": (None, None, [], socket.getfqdn(), 26214400, False),
+    "ini": (INI_VALUES, None, [], "ini.test", 1111, True),
+    "env-over-ini": (INI_VALUES, ENV_VALUES, [], "env.test", 2222, False),
+    "cli-over-env": (INI_VALUES, ENV_VALUES, CLI_VALUES, "cli.test", 3333, True),
+}
+
+
+@pytest.mark.parametrize("level", list(LEVELS.values()), ids=list(LEVELS))
+def test_precedence(make_server, level):
+    """SPEC §2: CLI > env > ini > default, for a string, an int and a boolean option."""
+    ini, env, cli, hostname, size, auth_offered = level
+    srv = start(make_server, cli, env=env, ini=ini)
+    greeting, keywords = probe(srv)
+    assert greeting == f"220 {hostname} ESMTP ssmtpd"
+    assert size_of(keywords) == size
+    assert auth_before_tls(keywords) is auth_offered
+
+
+@pytest.mark.parametrize("ini", [
+    "hostname = ini.test\nmax_message_size = 1111\nrequire_tls = false\n",
+    "hostname = ini.test\nmax-message-size = 1111\nrequire-tls = no\n",
+], ids=["underscore-keys", "dash-keys"])
+def test_ini_key_spellings(make_server, ini):
+    """SPEC §2: ini keys are the long option names with `-` or `_`."""
+    greeting, keywords = probe(start(make_server, ini=ini))
+    assert greeting == "220 ini.test ESMTP ssmtpd"
+    assert size_of(keywords) == 1111
+    assert auth_before_tls(keywords)
+
+
+def test_long_config_flag(make_server):
+    """SPEC §2: the ini file is also given by --config."""
+    srv = make_server(defaults=False, start=False)
+    ini = write_ini(srv.workdir, "hostname = long.test\n")
+    srv.argv += ["--bind", "127.0.0.1", "--port", str(srv.port), "--auth", AUTH,
+                 "--process", RECORD, "--config", ini]
+    srv.start()
+    assert probe(srv)[0] == "220 long.test ESMTP ssmtpd"
+
+
+@pytest.mark.parametrize("env,cli,ini,offered", [
+    ({"SSMTPD_REQUIRE_TLS": "false"}, [], None, True),
+    ({"SSMTPD_REQUIRE_TLS": "false"}, ["--require-tls"], None, False),
+    ({"SSMTPD_REQUIRE_TLS": "true"}, ["--no-require-tls"], None, True),
+    (None, ["--require-tls"], "require_tls = false\n", False),
+    ({"SSMTPD_REQUIRE_TLS": "0"}, [], "require-tls = true\n", True),
+], ids=["env-false", "cli-true-over-env-false", "cli-false-over-env-true",
+        "cli-true-over-ini-false", "env-0-over-ini-true"])
+def test_boolean_sources(make_server, env, cli, ini, offered):
+    """SPEC §2, §5: --require-tls / --no-require-tls from env, CLI and ini, CLI winning."""
+    _, keywords = probe(start(make_server, cli, env=env, ini=ini))
+    assert auth_before_tls(keywords) is offered
+
+
+def test_int_from_env_limits_recipients(make_server):
+    """SPEC §2: SSMTPD_MAX_RECIPIENTS overrides the ini value: the 3rd RCPT gets 452 4.5.3."""
+    srv = start(make_server, env={"SSMTPD_MAX_RECIPIENTS": "2"}, ini="max_recipients = 5\n")
+    raw = srv.raw()
+    try:
+        raw.login(srv.tls_context())
+        assert raw.cmd("MAIL FROM:<a@example.org>")[0] == 250
+        assert raw.cmd("RCPT TO:<r1@example.org>")[0] == 250
+        assert raw.cmd("RCPT TO:<r2@example.org>")[0] == 250
+        code, lines = raw.cmd("RCPT TO:<r3@example.org>")
+        assert code == 452 and lines[0].startswith("452 4.5.3"), lines
+    finally:
+        raw.close()
+
+
+# --- --help ------------------------------------------------------------------------------
+
+# SPEC §2's table: option → what its default must read like in --help.
+HELP_DEFAULTS = {
+    "hostname": r"\(default: [^)]*FQDN",
+    "bind": r"\(default: all interfaces\)",
+    "port": r"\(default: 8025\)",
+    "smtps-port": r"\(default: off\)",
+    "ssl-cert": r"\(default: [^)]*self-signed",
+    "ssl-key": r"\(default: none",
+    "auth": r"\(default: [^)]*required unless --no-require-auth",
+    "process": r"\(default: [^)]*required",
+    "require-tls": r"\(default: (on|True)\)",
+    "require-auth": r"\(default: (on|True)\)",
+    "max-message-size": r"\(default: 26214400\)",
+    "max-recipients": r"\(default: 100\)",
+    "max-connections": r"\(default: 1000\)",
+    "max-connections-per-ip": r"\(default: 20\)",
+    "timeout": r"\(default: 300(\.0)?\)",
+    "data-timeout": r"\(default: 600(\.0)?\)",
+    "auth-timeout": r"\(default: 30(\.0)?\)",
+    "auth-failure-delay": r"\(default: 1(\.0)?\)",
+    "process-timeout": r"\(default: 300(\.0)?\)",
+    "received-header": r"\(default: (on|True)\)",
+    "log-level": r"\(default: info\)",
+}
+
+
+def help_blocks(text: str):
+    """--help text cut into one whitespace-normalised block per option."""
+    blocks, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (?:-\w[ ,\w]*, )?--([a-z-]+)", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = line
+        elif line.startswith("  ") and current is not None and not line.startswith("  -"):
+            blocks[current] += " " + line
+        else:
+            current = None
+    return {name: " ".join(block.split()) for name, block in blocks.items()}
+
+
+def test_help(tmp_path):
+    """SPEC §2: --help exits 0 and shows each option with its SSMTPD_ env var and default."""
+    result = run_ssmtpd(["--help"], tmp_path, env={"COLUMNS": "100"})
+    assert result.returncode == 0, result.stderr
+    blocks = help_blocks(result.stdout)
+    assert "config" in blocks
+    for name, default in HELP_DEFAULTS.items():
+        assert name in blocks, f"--{name} missing from --help"
+        block = blocks[name]
+        env_var = "SSMTPD_" + name.replace("-", "_").upper()
+        assert f"env var: {env_var}]" in block, block
+        assert re.search(default, block), f"--{name}: default {default!r} not in {block!r}"
+    for name in ("require-tls", "require-auth", "received-header"):
+        assert f"--no-{name}" in blocks[name]
+
+
+# --- bad configuration: one line, exit 2 --------------------------------------------------
+
+def valid_args(certs, port=None):
+    _, cert, key = certs
+    return ["--bind", "127.0.0.1", "--port", str(port or free_port()), "--hostname", HOSTNAME,
+            "--auth", AUTH, "--process", RECORD, "--ssl-cert", cert, "--ssl-key", key]
+
+
+def without(args, *options):
+    """args minus each named option and its value."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def assert_refused(result, option: str):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip("\n").splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    line = lines[0]
+    assert "Traceback" not in line and "usage" not in line.lower(), line
+    assert line.startswith("ssmtpd: "), line
+    assert option in line, f"{option!r} not named in {line!r}"
+    assert result.stdout == "", result.stdout
+
+
+@pytest.fixture
+def bad_files(tmp_path, certs):
+    not_exec = tmp_path / "not-executable"
+    not_exec.write_text("#!/bin/sh\nexit 0\n")
+    not_exec.chmod(0o644)
+    not_pem = tmp_path / "not-pem.crt"
+    not_pem.write_text("this is not a certificate\n")
+    ini = tmp_path / "bogus.ini"
+    ini.write_text("[ssmtpd]\nbogus = 1\n")
+    ini_bool = tmp_path / "bool.ini"
+    ini_bool.write_text("[ssmtpd]\nrequire_tls = maybe\n")
+    ini_port = tmp_path / "port.ini"
+    ini_port.write_text("[ssmtpd]\nport = 0\n")
+    return {"not_exec": str(not_exec), "not_pem": str(not_pem), "ini": str(ini),
+            "ini_bool": str(ini_bool), "ini_port": str(ini_port)}
+
+
+BAD_CONFIGS = {
+    # name: (options to drop from a valid command line, arguments to add, env, option named)
+    "port-zero": ((), ["--port", "0"], None, "--port"),
+    "port-too-big": ((), ["--port", "70000"], None, "--port"),
+    "port-not-a-number": ((), ["--port", "abc"], None, "--port"),
+    "port-from-env": (("--port",), [], {"SSMTPD_PORT": "0"}, "--port"),
+    "port-from-ini": (("--port",), ["-c", "{ini_port}"], None, "--port"),
+    "smtps-port-equals-port": ((), ["--smtps-port", "{port}"], None, "--smtps-port"),
+    "ssl-cert-missing-file": ((), ["--ssl-cert", "/nonexistent/cert.pem"], None, "--ssl-cert"),
+    "ssl-cert-without-key": (("--ssl-key",), [], None, "--ssl-key"),
+    "ssl-key-without-cert": (("--ssl-cert",), [], None, "--ssl-cert"),
+    "ssl-cert-not-pem": ((), ["--ssl-cert", "{not_pem}"], None, "--ssl-cert"),
+    "auth-not-executable": ((), ["--auth", "{not_exec}"], None, "--auth"),
+    "auth-nonexistent": ((), ["--auth", "/nonexistent/auth"], None, "--auth"),
+    "auth-missing": (("--auth",), [], None, "--auth"),
+    "auth-empty": ((), ["--auth", ""], None, "--auth"),
+    "auth-unbalanced-quote": ((), ["--auth", "'{not_exec}"], None, "--auth"),
+    "process-missing": (("--process",), [], None, "--process"),
+    "process-not-executable": ((), ["--process", "{not_exec}"], None, "--process"),
+    "unknown-ini-key": ((), ["-c", "{ini}"], None, "bogus"),
+    "unknown-option": ((), ["--bogus-option", "1"], None, "--bogus-option"),
+    "timeout-negative": ((), ["--timeout", "-1"], None, "--timeout"),
+    "timeout-zero": ((), ["--timeout=0"], None, "--timeout"),
+    "max-recipients-zero": ((), ["--max-recipients", "0"], None, "--max-recipients"),
+    "auth-failure-delay-negative": ((), ["--auth-failure-delay=-1"], None,
+                                    "--auth-failure-delay"),
+    "log-level-unknown": ((), ["--log-level", "loud"], None, "--log-level"),
+    "require-tls-env-maybe": ((), [], {"SSMTPD_REQUIRE_TLS": "maybe"}, "REQUIRE_TLS"),
+    "require-tls-ini-maybe": ((), ["-c", "{ini_bool}"], None, "require-tls"),
+    "bind-not-an-ip": ((), ["--bind", "not-an-ip"], None, "--bind"),
+    "config-file-missing": ((), ["-c", "/nonexistent/ssmtpd.ini"], None,
+                            "/nonexistent/ssmtpd.ini"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS.values()), ids=list(BAD_CONFIGS))
+def test_bad_config(tmp_path, certs, bad_files, case):
+    """SPEC §2: a bad value stops start-up with one line naming the option, exit status 2."""
+    drop, add, env, option = case
+    port = free_port()
+    args = without(valid_args(certs, port), *drop) + add
+    args = [a.format(port=port, **bad_files) for a in args]
+    assert_refused(run_ssmtpd(args, tmp_path, env), option)
+
+
+def test_port_in_use(tmp_path, certs):
+    """SPEC §2: a port that cannot be bound stops start-up with one line naming --port, exit 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run_ssmtpd(valid_args(certs, port), tmp_path)
+    assert_refused(result, "--port")
+
+
+def test_smtps_port_in_use(tmp_path, certs):
+    """SPEC §2: the same holds for --smtps-port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run_ssmtpd(valid_args(certs) + ["--smtps-port", str(port)], tmp_path)
+    assert_refused(result, "--smtps-port")
+
+
+# --- programs: required or not, split shell-style, never through a shell -----------------
+
+def test_no_require_auth_runs_without_auth_program(make_server):
+    """SPEC §2: with --no-require-auth no --auth is needed and mail is taken without AUTH."""
+    srv = start(make_server, ["--no-require-auth"], auth=False)
+    raw = srv.raw()
+    try:
+        assert raw.reply()[0] == 220
+        assert raw.cmd("EHLO client.test")[0] == 250
+        raw.starttls(srv.tls_context())
+        assert raw.cmd("EHLO client.test")[0] == 250
+        assert raw.cmd("MAIL FROM:<a@example.org>")[0] == 250
+        assert raw.cmd("RCPT TO:<b@example.org>")[0] == 250
+        assert raw.cmd("DATA")[0] == 354
+        raw.send("Subject: t\r\n\r\nhi\r\n.\r\n")
+        assert raw.reply()[0] == 250
+    finally:
+        raw.close()
+    (run,) = srv.runs()
+    assert run["argv"] == [RECORD, ""]
+    assert run["env"]["SSMTPD_USERNAME"] == ""
+
+
+def test_no_auth_program_refuses_auth(make_server):
+    """SPEC §2: without an auth program AUTH is not offered, and AUTH gets a reply, not a crash."""
+    srv = start(make_server, ["--no-require-auth"], auth=False)
+    raw = srv.raw()
+    try:
+        assert raw.reply()[0] == 220
+        assert raw.cmd("EHLO client.test")[0] == 250
+        raw.starttls(srv.tls_context())
+        code, ehlo = raw.cmd("EHLO client.test")
+        code, lines = raw.cmd(f"AUTH PLAIN {plain_token()}")
+        assert code in (454, 502, 503), lines
+        assert raw.cmd("NOOP")[0] == 250
+    finally:
+        raw.close()
+    # Offering what can only fail would send clients into a retry loop (RFC 4954 §4).
+    assert not any(line[4:].startswith("AUTH") for line in ehlo), ehlo
+
+
+def test_ini_percent_sign_is_literal(make_server):
+    """SPEC §2: an ini value runs to the end of its line; a `%` in it is an ordinary character."""
+    srv = make_server(defaults=False, start=False)
+    ini = write_ini(srv.workdir, f"process = {RECORD} 100% %(x)s\n")
+    srv.argv += ["--bind", "127.0.0.1", "--port", str(srv.port), "--auth", AUTH,
+                 "--ssl-cert", srv.cert, "--ssl-key", srv.key, "-c", ini]
+    srv.start()
+    assert deliver_one(srv)[0] == 250
+    (run,) = srv.runs()
+    assert run["argv"] == [RECORD, "100%", "%(x)s", USER]
+
+
+@pytest.fixture
+def spaced_record(tmp_path):
+    """A copy of the record program in a directory whose name has a space."""
+    directory = tmp_path / "my programs"
+    directory.mkdir()
+    path = directory / "record it"
+    shutil.copy(RECORD, path)
+    return str(path)
+
+
+def deliver_one(srv):
+    raw = srv.raw()
+    try:
+        raw.login(srv.tls_context())
+        assert raw.cmd("MAIL FROM:<a@example.org>")[0] == 250
+        assert raw.cmd("RCPT TO:<b@example.org>")[0] == 250
+        assert raw.cmd("DATA")[0] == 354
+        raw.send("Subject: t\r\n\r\nhi\r\n.\r\n")
+        return raw.reply()
+    finally:
+        raw.close()
+
+
+def test_program_split_shell_style(make_server, spaced_record):
+    """SPEC §2: --process is split shell-style: quotes keep a spaced path and argument whole."""
+    srv = make_server("--process", f"'{spaced_record}' arg1 \"two words\"")
+    assert deliver_one(srv)[0] == 250
+    (run,) = srv.runs()
+    assert run["argv"] == [spaced_record, "arg1", "two words", USER]
+
+
+@pytest.mark.parametrize("where", ["env", "ini"])
+def test_program_split_shell_style_env_and_ini(make_server, spaced_record, where):
+    """SPEC §2: a quoted program value from the env or the ini file is split shell-style too."""
+    value = f"'{spaced_record}'"
+    if where == "env":
+        srv = start(make_server, env={"SSMTPD_PROCESS": value}, process=False)
+    else:
+        srv = start(make_server, ini=f"process = {value}\n", process=False)
+    assert deliver_one(srv)[0] == 250
+    (run,) = srv.runs()
+    assert run["argv"] == [spaced_record, USER]
+
+
+def test_program_never_through_a_shell(make_server, tmp_path):
+    """SPEC §2: shell syntax in a program value is passed as literal arguments, never run."""
+    marker = tmp_path / "pwned"
+    process = f"{RECORD} ; touch {marker} && touch {marker} $(touch {marker})"
+    auth = f"{AUTH} | touch {marker}"
+    srv = make_server("--process", process, "--auth", auth, start=False)
+    try:
+        srv.start()
+    except RuntimeError:
+        # Refusing such a value at start-up is the other acceptable answer.
+        assert srv.proc.wait(timeout=10) == 2
+        assert not marker.exists()
+        return
+    assert deliver_one(srv)[0] == 250
+    (run,) = srv.runs()
+    assert run["argv"] == [RECORD, ";", "touch", str(marker), "&&", "touch", str(marker),
+                           "$(touch", f"{marker})", USER]
+    (auth_run,) = srv.runs("auth")
+    assert auth_run["argv"] == [AUTH, "|", "touch", str(marker)]
+    assert not marker.exists()
+
+
+# --- signals without a certificate -------------------------------------------------------
+
+def test_sighup_without_certificate(make_server):
+    """SPEC §2, §6: without a certificate STARTTLS is self-signed, and SIGHUP keeps running."""
+    srv = make_server(with_tls=False)
+    srv.wait_log("self-signed")
+    for _ in range(2):
+        srv.signal(signal.SIGHUP)
+    srv.wait_log("SIGHUP")
+    assert srv.proc.poll() is None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw = srv.raw()
+    try:
+        assert raw.reply()[0] == 220
+        assert raw.cmd("EHLO client.test")[0] == 250
+        raw.starttls(ctx)
+        der = raw.sock.getpeercert(binary_form=True)
+        assert raw.cmd("EHLO client.test")[0] == 250
+        assert raw.cmd(f"AUTH PLAIN {plain_token(USER, PASSWORD)}")[0] == 235
+    finally:
+        raw.close()
+    from cryptography import x509
+    cert = x509.load_der_x509_certificate(der)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert HOSTNAME in names.get_values_for_type(x509.DNSName)
+    assert srv.proc.poll() is None
