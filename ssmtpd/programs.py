@@ -17,8 +17,10 @@ from gevent import subprocess
 
 # How much of a program's stdout we keep: only its last line matters.
 STDOUT_TAIL = 8192
-# How much stderr one run may put into the log before the rest is dropped.
+# How much stderr one run may put into the log before the rest is dropped;
+# each line is charged for its log prefix too, so blank lines cannot flood it.
 STDERR_LOG_LIMIT = 64 * 1024
+LOG_LINE_OVERHEAD = 100
 # After the program exits, how long leftover readers/writers may take.
 DRAIN_GRACE = 2.0
 
@@ -151,12 +153,14 @@ def _read_stderr(pipe, on_stderr) -> None:
         lines = data.split(b"\n")
         partial = lines.pop()[:STDERR_LOG_LIMIT]
         for raw in lines:
-            logged += len(raw) + 1
+            if not raw.strip():
+                continue
+            logged += len(raw) + LOG_LINE_OVERHEAD
             on_stderr(raw.decode("utf-8", "replace"))
             if logged >= STDERR_LOG_LIMIT:
                 on_stderr("[further stderr output dropped]")
                 break
-    if partial and logged < STDERR_LOG_LIMIT:
+    if partial.strip() and logged < STDERR_LOG_LIMIT:
         on_stderr(partial.decode("utf-8", "replace"))
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ssmtpd import replies
 from ssmtpd.replies import SmtpError
+from ssmtpd.syntax import has_control
 
 MECHANISMS = ("PLAIN", "LOGIN")
 
@@ -54,7 +55,7 @@ def _username(raw: bytes) -> str:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise SmtpError(replies.BAD_CREDENTIALS_SYNTAX) from None
-    if not name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if not name or has_control(name):
         raise SmtpError(replies.BAD_CREDENTIALS_SYNTAX)
     return name
 

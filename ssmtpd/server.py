@@ -6,6 +6,8 @@ client over a limit hears 421 at once instead of waiting in the backlog.
 """
 
 import collections
+import errno
+import resource
 import secrets
 import signal
 import socket
@@ -26,6 +28,56 @@ from ssmtpd.tls import TLSHolder
 BACKLOG = 1024
 # After SIGTERM, how long beyond the longest program run we wait for busy sessions.
 SHUTDOWN_GRACE = 15.0
+
+
+class _Listener(StreamServer):
+    """A StreamServer that rides out descriptor exhaustion quietly.
+
+    gevent logs a traceback for every failed accept(); out of descriptors
+    (EMFILE) is a load condition, not a bug: pause accepting briefly instead.
+    """
+
+    PAUSE = 0.5
+    _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+    def __init__(self, listener, handle, log):
+        super().__init__(listener, handle)
+        self._log = log
+        self._paused = False
+
+    def do_read(self):
+        try:
+            result = super().do_read()
+        except OSError as e:
+            if e.errno not in self._RESOURCE_ERRORS:
+                raise
+            if not self._paused:
+                self._log.warning("accept: %s; pausing new connections", e.strerror)
+            self._paused = True
+            self.stop_accepting()
+            self._timer = self.loop.timer(self.PAUSE)
+            self._timer.start(self._start_accepting_if_started)
+            return None
+        if self._paused and result:
+            self._paused = False
+            self._log.warning("accept: accepting new connections again")
+        return result
+
+
+def raise_descriptor_limit(max_connections: int, log) -> None:
+    """Each client costs up to ~4 descriptors (socket, program pipes, spool)."""
+    want = 4 * max_connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning("open file limit %d is low for --max-connections %d (want %d)",
+                    soft, max_connections, want)
 
 
 def client_ip(address) -> str:
@@ -60,6 +112,7 @@ class Server:
             gevent.signal_handler(signal.SIGTERM, self.begin_shutdown, "SIGTERM"),
             gevent.signal_handler(signal.SIGINT, self.begin_shutdown, "SIGINT"),
             gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.tls.reload))]
+        raise_descriptor_limit(self.settings.max_connections, self.log)
         ports = [("--port", self.settings.port, False)]
         if self.settings.smtps_port:
             ports.append(("--smtps-port", self.settings.smtps_port, True))
@@ -77,7 +130,7 @@ class Server:
             raise
         # Only once every port is bound: a failure must leave nothing listening.
         for listener, implicit in listeners:
-            server = StreamServer(listener, self._handler(implicit))
+            server = _Listener(listener, self._handler(implicit), self.log)
             server.start()
             self._servers.append(server)
             host, port = listener.getsockname()[:2]

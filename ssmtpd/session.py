@@ -226,9 +226,11 @@ class Session:
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         method = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
-        self.log.debug("command %s", clean(verb if verb == "AUTH" else text))
         if method is None:
+            # An unknown line may be a credential sent out of turn: never log it.
+            self.log.debug("unrecognised command (%d octets)", len(raw))
             return replies.NOT_IMPLEMENTED
+        self.log.debug("command %s", "AUTH" if verb == "AUTH" else clean(text))
         for need in method.needs:
             if not need.test(self):
                 return need.reply
@@ -277,10 +279,11 @@ class Session:
                                        do_handshake_on_connect=False)
         try:
             self._wait_for_client(self.settings.timeout, tls_sock.do_handshake)
-        except (ssl.SSLError, OSError) as e:
-            if isinstance(e, socket.timeout):
-                raise
-            raise _Close(f"TLS handshake failed: {clean(str(e))}") from None
+        except BaseException as e:
+            tls_sock.close()  # wrap_socket took over the descriptor
+            if isinstance(e, (ssl.SSLError, OSError)) and not isinstance(e, socket.timeout):
+                raise _Close(f"TLS handshake failed: {clean(str(e))}") from None
+            raise
         self.stream = ClientStream(tls_sock)
         self.tls_version = protocol_of(tls_sock)
         cipher = tls_sock.cipher()

@@ -7,6 +7,7 @@ refused here with a 501, never passed on.
 """
 
 import re
+import unicodedata
 from typing import Dict, Tuple
 
 from ssmtpd import replies
@@ -19,7 +20,8 @@ _PARAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(=[\x21-\x3c\x3e-\x7e]+)?$")
 
 
 def has_control(text: str) -> bool:
-    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+    """C0, DEL and C1 controls (U+0080-U+009F: CSI starts a terminal escape)."""
+    return any(unicodedata.category(c) == "Cc" for c in text)
 
 
 def parse_path(arg: str, keyword: str, bad: Reply) -> Tuple[str, Dict[str, str]]:
