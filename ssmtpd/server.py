@@ -197,6 +197,10 @@ class Server:
         finally:
             for handler in self._signal_handlers:
                 handler.cancel()
+            # Cancelling restores the default action: a second SIGTERM from an
+            # impatient supervisor must not turn our clean exit into 143.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.log.info("stopped")
         return 0
 

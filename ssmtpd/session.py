@@ -225,7 +225,9 @@ class Session:
             return replies.BAD_UTF8
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        method = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+        # ASCII only: str.upper() folds some other letters into ASCII ("quıt").
+        known = verb.isascii() and verb.isalpha()
+        method = getattr(self, "smtp_" + verb, None) if known else None
         if method is None:
             # An unknown line may be a credential sent out of turn: never log it.
             self.log.debug("unrecognised command (%d octets)", len(raw))

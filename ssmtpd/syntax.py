@@ -40,7 +40,7 @@ def parse_path(arg: str, keyword: str, bad: Reply) -> Tuple[str, Dict[str, str]]
     if end < 0:
         raise SmtpError(bad)
     address = rest[1:end]
-    if len(address) + 2 > MAX_PATH or has_control(address):
+    if len(address) + 2 > MAX_PATH or has_control(address) or _unquoted(address, " <"):
         raise SmtpError(bad)
     # A source route (@a,@b:user@c) is obsolete; RFC 5321 §4.1.1.3 says to ignore it.
     if address.startswith("@") and ":" in address:
@@ -48,18 +48,27 @@ def parse_path(arg: str, keyword: str, bad: Reply) -> Tuple[str, Dict[str, str]]
     return address, parse_params(rest[end + 1:])
 
 
-def _closing_bracket(text: str) -> int:
+def _unquoted_chars(text: str):
+    """(index, char) of each character outside a quoted string or escape."""
     quoted = escaped = False
-    for i, c in enumerate(text[1:], 1):
+    for i, c in enumerate(text):
         if escaped:
             escaped = False
         elif c == "\\":
             escaped = True
         elif c == '"':
             quoted = not quoted
-        elif c == ">" and not quoted:
-            return i
-    return -1
+        elif not quoted:
+            yield i, c
+
+
+def _closing_bracket(text: str) -> int:
+    return next((i for i, c in _unquoted_chars(text) if c == ">" and i > 0), -1)
+
+
+def _unquoted(text: str, chars: str) -> bool:
+    """A space or '<' outside quotes means the path was never closed."""
+    return any(c in chars for _, c in _unquoted_chars(text))
 
 
 def parse_params(text: str) -> Dict[str, str]:

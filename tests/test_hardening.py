@@ -773,7 +773,8 @@ def test_shell_metacharacters_reach_programs_verbatim(server, tmp_path):
     user = f"$(touch {m})`touch {m}`;touch {m}|touch {m}&'q'\"d\"ü名"
     helo = f"$(touch {m});`touch {m}`|'x'\"y\"é"
     mail_from = f"\"$(touch {m});|`touch {m}`'\"@exämple.test"
-    rcpts = [f"$(touch {m})|;`touch {m}`'@ü.test", "用户@例子.测试"]
+    # An unquoted space would end the path (501), so these use ${IFS} instead.
+    rcpts = [f"$(touch${{IFS}}{m})|;`touch${{IFS}}{m}`'@ü.test", "用户@例子.测试"]
     raw = server.raw()
     assert raw.reply()[0] == 220
     assert raw.cmd(f"EHLO {helo}")[0] == 250
