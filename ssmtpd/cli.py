@@ -17,7 +17,28 @@ def _fail(message: str) -> int:
     return EXIT_CONFIG
 
 
+def _descriptor_hygiene() -> None:
+    """Programs are started with posix_spawn, which closes nothing itself.
+
+    Descriptors we inherited (a supervisor's, a shell's) must not leak into
+    them, and 0-2 must be open so that no pipe of ours is created as one.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # takes the lowest free number: fd
+    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the listing's own descriptor, already closed
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _descriptor_hygiene()
     try:
         settings = config.parse(argv)
     except config.ConfigError as e:

@@ -27,6 +27,8 @@ def clean(text, limit: int = 200) -> str:
     """Printable form of untrusted text: escapes controls, cuts long input."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "backslashreplace")
+    if len(text) <= limit and text.isprintable():
+        return text
     out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
     return out + ("..." if len(text) > limit else "")
 

@@ -232,7 +232,8 @@ class Session:
             # An unknown line may be a credential sent out of turn: never log it.
             self.log.debug("unrecognised command (%d octets)", len(raw))
             return replies.NOT_IMPLEMENTED
-        self.log.debug("command %s", "AUTH" if verb == "AUTH" else clean(text))
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("command %s", "AUTH" if verb == "AUTH" else clean(text))
         for need in method.needs:
             if not need.test(self):
                 return need.reply
