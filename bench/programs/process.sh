@@ -1,0 +1,3 @@
+#!/bin/sh
+# Benchmark process program: read the whole message, keep nothing.
+cat >/dev/null

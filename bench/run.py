@@ -1,0 +1,569 @@
+#!/usr/bin/env python3
+"""Benchmark runner: ssmtpd against an aiosmtpd server doing the same job.
+
+For every load and every round, each server is started fresh, warmed up and
+measured; the two servers alternate A B, then B A in the next round, so drift
+of the machine (thermal, page cache, other tenants) hits both alike.  Each
+figure is reported as the median over rounds and as the median of the
+per-round paired ratios ssmtpd / aiosmtpd.
+
+    python3 bench/run.py            # full run: 3 rounds, about 4 minutes on 2 cores
+    python3 bench/run.py --quick    # one round of smaller loads, under a minute
+
+Writes the results table to bench/RESULTS.md (see --out) and prints it.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import loadgen  # noqa: E402
+
+AUTH = os.path.join(HERE, "programs", "auth.sh")
+PROCESS = os.path.join(HERE, "programs", "process.sh")
+HOSTNAME = "bench.test"
+MIB = 1024 * 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+START_TIMEOUT = 20.0
+
+
+# --- /proc readings ------------------------------------------------------------------
+
+def proc_cpu(pid: int):
+    """(own, reaped children) CPU seconds of a process: utime+stime, cutime+cstime."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime..cstime are fields 14..17.
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A Vm* line of /proc/PID/status, in octets."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux 4.0+); False where not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class RssSampler:
+    """Polls VmRSS while a load runs: a cross-check on VmHWM, and the fallback
+    where clear_refs is not writable."""
+
+    def __init__(self, pid: int, interval: float = 0.01):
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, proc_status(self.pid, "VmRSS"))
+            except (OSError, KeyError):
+                return
+            self._stop.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak
+
+
+# --- certificate -----------------------------------------------------------------------
+
+def make_cert(directory: str):
+    """A self-signed P-256 certificate for HOSTNAME; returns (cert, key) paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTNAME)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOSTNAME)]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path = os.path.join(directory, "cert.pem")
+    key_path = os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+# --- the servers -----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerUnderTest:
+    """One server process, started fresh for each measurement."""
+
+    def __init__(self, name: str, workdir: str, cert: str, key: str, extra=(),
+                 pythonpath: str = ROOT):
+        self.name = name
+        self.pythonpath = pythonpath
+        self.workdir = workdir
+        self.cert, self.key = cert, key
+        self.extra = list(extra)
+        self.proc: Optional[subprocess.Popen] = None
+        self.port = 0
+        self._log = None
+
+    def argv(self, port: int) -> List[str]:
+        common = ["--bind", "127.0.0.1", "--port", str(port), "--hostname", HOSTNAME,
+                  "--ssl-cert", self.cert, "--ssl-key", self.key,
+                  "--auth", AUTH, "--process", PROCESS, "--log-level", "warning"]
+        if self.name == "ssmtpd":
+            return ([sys.executable, "-m", "ssmtpd"] + common +
+                    ["--auth-failure-delay", "0", "--max-connections", "5000",
+                     "--max-connections-per-ip", "5000"] + self.extra)
+        return [sys.executable, os.path.join(HERE, "aiosmtpd_server.py")] + common + self.extra
+
+    def start(self) -> "ServerUnderTest":
+        self.port = free_port()
+        env = dict(os.environ,
+                   PYTHONPATH=self.pythonpath + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.log_path = os.path.join(self.workdir, f"{self.name}-{self.port}.log")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv(self.port), env=env, cwd=self.workdir,
+                                     stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} "
+                                   f"before listening:\n{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.settimeout(2)
+                    s.recv(512)  # the greeting: the server is really serving
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{self.name} not listening after {START_TIMEOUT}s")
+                time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+# --- the loads -------------------------------------------------------------------------
+
+def warm_up(srv: ServerUnderTest, opts) -> None:
+    if opts.warmup > 0:
+        r = loadgen.run_load("127.0.0.1", srv.port, min(10, opts.warmup), opts.warmup, opts.size,
+                             processes=opts.processes, deadline=min(120, opts.deadline),
+                             timeout=opts.socket_timeout)
+        if r["failures"]:
+            print(f"  warning: warm-up failures on {srv.name}: {r['failures']}", file=sys.stderr)
+
+
+def load_throughput(srv, opts) -> Dict:
+    own0, kids0 = proc_cpu(srv.pid)
+    r = loadgen.run_load("127.0.0.1", srv.port, opts.concurrency, opts.sessions, opts.size,
+                         messages=opts.messages, processes=opts.processes,
+                         deadline=opts.deadline, timeout=opts.socket_timeout)
+    # Let the last program exits be reaped so their CPU shows as children's.
+    time.sleep(0.3)
+    own1, kids1 = proc_cpu(srv.pid)
+    n = max(r["accepted"], 1)
+    r["server_ms_per_msg"] = (own1 - own0) * 1000 / n
+    r["children_ms_per_msg"] = (kids1 - kids0) * 1000 / n
+    r["client_ms_per_msg"] = r["client_cpu"] * 1000 / n
+    return r
+
+
+def load_latency(srv, opts) -> Dict:
+    return loadgen.run_load("127.0.0.1", srv.port, 1, opts.latency_sessions, opts.size,
+                            processes=1, deadline=opts.deadline, timeout=opts.socket_timeout)
+
+
+def load_idle(srv, opts) -> Dict:
+    baseline = proc_status(srv.pid, "VmRSS")
+    hold = loadgen.IdleHold("127.0.0.1", srv.port, opts.idle, processes=opts.processes,
+                            deadline=opts.deadline, timeout=opts.socket_timeout)
+    try:
+        time.sleep(1.0)  # let the server settle after the last handshake
+        rss = proc_status(srv.pid, "VmRSS")
+    finally:
+        hold.release()
+    return {"held": hold.held, "failures": hold.failures, "rss": rss, "baseline": baseline,
+            "rss_delta": rss - baseline}
+
+
+def load_big(srv, opts) -> Dict:
+    baseline = proc_status(srv.pid, "VmRSS")
+    have_hwm = reset_peak(srv.pid)
+    sampler = RssSampler(srv.pid)
+    try:
+        r = loadgen.run_load("127.0.0.1", srv.port, opts.big_count, opts.big_count,
+                             opts.big_size, processes=opts.processes,
+                             deadline=opts.deadline, timeout=opts.socket_timeout * 2)
+    finally:
+        sampled = sampler.stop()
+    peak = max(sampled, proc_status(srv.pid, "VmHWM")) if have_hwm else sampled
+    r.update(baseline=baseline, peak=peak, peak_delta=peak - baseline,
+             peak_source="VmHWM after clear_refs" if have_hwm else "VmRSS sampled every 10 ms")
+    return r
+
+
+LOADS = [("throughput", load_throughput), ("latency", load_latency),
+         ("idle", load_idle), ("big", load_big)]
+
+
+# --- statistics and the table ----------------------------------------------------------
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def paired_ratio(results, load, key):
+    ratios = []
+    for rnd in results:
+        a = rnd.get(("ssmtpd", load), {}).get(key)
+        b = rnd.get(("aiosmtpd", load), {}).get(key)
+        if a is not None and b:
+            ratios.append(a / b)
+    return median(ratios), ratios
+
+
+def fmt(x, unit="", digits=1):
+    if x is None:
+        return "—"
+    return f"{x:.{digits}f}{unit}"
+
+
+def versions() -> Dict[str, str]:
+    out = {"python": platform.python_version(), "openssl": ssl.OPENSSL_VERSION}
+    for mod in ("gevent", "greenlet", "aiosmtpd"):
+        try:
+            from importlib.metadata import version
+            out[mod] = version(mod)
+        except Exception:  # not installed: say so in the table rather than fail
+            out[mod] = "?"
+    try:
+        sys.path.insert(0, ROOT)
+        import ssmtpd
+        out["ssmtpd"] = ssmtpd.__version__
+    except Exception:
+        out["ssmtpd"] = "?"
+    try:
+        out["ssmtpd commit"] = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+            text=True, timeout=10).stdout.strip() or "?"
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "ssmtpd"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if dirty:
+            out["ssmtpd commit"] += " (with uncommitted changes)"
+    except (OSError, subprocess.SubprocessError):
+        out["ssmtpd commit"] = "?"
+    return out
+
+
+def machine() -> str:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return (f"{model}, {os.cpu_count()} CPUs, {mem:.0f} GiB RAM, "
+            f"Linux {platform.release()}")
+
+
+def report(results: List[Dict], opts, started: datetime.datetime, seconds: float) -> str:
+    def med(name, load, key):
+        return median([rnd.get((name, load), {}).get(key) for rnd in results])
+
+    kib = opts.size / 1024
+    rows = []
+
+    def row(load_label, figure, load, key, scale, unit, digits, target, check):
+        a = med("ssmtpd", load, key)
+        b = med("aiosmtpd", load, key)
+        ratio, _ = paired_ratio(results, load, key)
+        a_s = fmt(None if a is None else a * scale, unit, digits)
+        b_s = fmt(None if b is None else b * scale, unit, digits)
+        r_s = fmt(ratio, "×", 2)
+        met = "—" if ratio is None and a is None else ("yes" if check(a, ratio) else "**no**")
+        rows.append(f"| {load_label} | {figure} | {a_s} | {b_s} | {r_s} | {target} | {met} |")
+
+    per = f" × {opts.messages} messages" if opts.messages > 1 else ""
+    row(f"C={opts.concurrency}, {opts.sessions} sessions{per}, {kib:g} KiB", "messages/s",
+        "throughput", "messages_per_s", 1, "", 1, "≥ 2.4×",
+        lambda a, r: r is not None and r >= 2.4)
+    row(f"C=1, {opts.latency_sessions} sessions, {kib:g} KiB", "session p50 latency",
+        "latency", "p50", 1000, " ms", 2, "≤ 0.6×", lambda a, r: r is not None and r <= 0.6)
+    row(f"{opts.idle} idle connections after STARTTLS", "server RSS", "idle", "rss",
+        1 / MIB, " MiB", 1, "≤ 1/3", lambda a, r: r is not None and r <= 1 / 3)
+    row(f"{opts.big_count} messages of {opts.big_size / MIB:g} MiB (C={opts.big_count})",
+        "peak RSS above idle baseline", "big", "peak_delta", 1 / MIB, " MiB", 1,
+        "≤ 16 MiB (absolute)", lambda a, r: a is not None and a <= 16 * MIB)
+    row(f"C={opts.concurrency}", "server CPU ms/message (excluding the programs)",
+        "throughput", "server_ms_per_msg", 1, " ms", 2, "≤ 0.4×",
+        lambda a, r: r is not None and r <= 0.4)
+
+    v = versions()
+    out = [
+        "# Benchmark results",
+        "",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC, {len(results)} round(s), {seconds / 60:.1f} min",
+        f"- machine: {machine()}",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        "- command: `" + " ".join(["python3 bench/run.py"] + opts.argv) + "`",
+        f"- client: {opts.processes} worker processes of gevent greenlets, "
+        f"{'pipelined MAIL/RCPT/DATA' if opts.pipelining else 'one command per round trip'}, "
+        f"{opts.messages} message(s) per session",
+        "",
+        "Medians over the rounds; *ratio* is the median of the per-round paired ratios "
+        "ssmtpd / aiosmtpd (same round, same machine state).",
+        "",
+        "| load | figure | ssmtpd | aiosmtpd | ratio | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ] + rows
+    failed = sorted({name for rnd in results for (name, load), r in
+                     ((k, v) for k, v in rnd.items() if k != "order") if r.get("failures")})
+    if failed:
+        out += ["", f"**Some sessions failed on {', '.join(failed)}: the figures above are "
+                    "not comparable; see the failures column below.**"]
+
+    out += ["", "## CPU per message (C=%d load)" % opts.concurrency, "",
+            "Server own = utime+stime of the server process; programs = cutime+cstime "
+            "(the reaped auth and process programs, including any work a forked child "
+            "does before exec); client = the load generator's processes.", "",
+            "| server | server own ms/msg | programs ms/msg | server + programs | client ms/msg |",
+            "|---|---|---|---|---|"]
+    for name in ("ssmtpd", "aiosmtpd"):
+        own = med(name, "throughput", "server_ms_per_msg")
+        kids = med(name, "throughput", "children_ms_per_msg")
+        client = med(name, "throughput", "client_ms_per_msg")
+        total = None if own is None or kids is None else own + kids
+        out.append(f"| {name} | {fmt(own, '', 2)} | {fmt(kids, '', 2)} | {fmt(total, '', 2)} "
+                   f"| {fmt(client, '', 2)} |")
+
+    out += ["", "## Latency and memory details (medians)", "",
+            "| figure | ssmtpd | aiosmtpd |", "|---|---|---|"]
+    for label, load, key, scale, unit, digits in [
+            (f"C={opts.concurrency} session p50", "throughput", "p50", 1000, " ms", 1),
+            (f"C={opts.concurrency} session p90", "throughput", "p90", 1000, " ms", 1),
+            (f"C={opts.concurrency} session p99", "throughput", "p99", 1000, " ms", 1),
+            ("C=1 session p50", "latency", "p50", 1000, " ms", 2),
+            ("C=1 session p90", "latency", "p90", 1000, " ms", 2),
+            ("C=1 session p99", "latency", "p99", 1000, " ms", 2),
+            ("C=1 messages/s", "latency", "messages_per_s", 1, "", 1),
+            ("RSS before the idle connections", "idle", "baseline", 1 / MIB, " MiB", 1),
+            (f"RSS added by {opts.idle} idle connections", "idle", "rss_delta", 1 / MIB,
+             " MiB", 1),
+            ("RSS before the big messages", "big", "baseline", 1 / MIB, " MiB", 1),
+            ("peak RSS during the big messages", "big", "peak", 1 / MIB, " MiB", 1),
+            ("big messages: seconds for all", "big", "seconds", 1, " s", 2)]:
+        a, b = med("ssmtpd", load, key), med("aiosmtpd", load, key)
+        out.append(f"| {label} | {fmt(None if a is None else a * scale, unit, digits)} "
+                   f"| {fmt(None if b is None else b * scale, unit, digits)} |")
+
+    out += ["", "## Every round", "",
+            "| round | server | msg/s | CPU own ms/msg | programs ms/msg | C=1 p50 ms "
+            "| idle RSS MiB | big peak Δ MiB | failures |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for i, rnd in enumerate(results, 1):
+        for name in rnd["order"]:
+            t = rnd.get((name, "throughput"), {})
+            lat = rnd.get((name, "latency"), {})
+            idle = rnd.get((name, "idle"), {})
+            big = rnd.get((name, "big"), {})
+            fails = {}
+            for load in ("throughput", "latency", "idle", "big"):
+                for k, n in rnd.get((name, load), {}).get("failures", {}).items():
+                    fails[f"{load}: {k}"] = fails.get(f"{load}: {k}", 0) + n
+            out.append(
+                f"| {i} | {name} | {fmt(t.get('messages_per_s'))} "
+                f"| {fmt(t.get('server_ms_per_msg'), '', 2)} "
+                f"| {fmt(t.get('children_ms_per_msg'), '', 2)} "
+                f"| {fmt(None if lat.get('p50') is None else lat['p50'] * 1000, '', 2)} "
+                f"| {fmt(None if idle.get('rss') is None else idle['rss'] / MIB)} "
+                f"| {fmt(None if big.get('peak_delta') is None else big['peak_delta'] / MIB)} "
+                f"| {', '.join(f'{k} ×{n}' for k, n in sorted(fails.items())) or 'none'} |")
+    peak_sources = {rnd[(n, "big")]["peak_source"] for rnd in results for n in rnd["order"]
+                    if (n, "big") in rnd}
+    if peak_sources:
+        out += ["", "Peak RSS measured as: " + "; ".join(sorted(peak_sources)) + "."]
+    return "\n".join(out) + "\n"
+
+
+# --- main ------------------------------------------------------------------------------
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="one round of smaller loads (under a minute)")
+    p.add_argument("--rounds", type=int, help="rounds of A B / B A (default 3, quick 1)")
+    p.add_argument("--concurrency", type=int, default=50)
+    p.add_argument("--sessions", type=int, help="sessions of the throughput load (2000)")
+    p.add_argument("--size", type=int, default=4096, help="message size in octets")
+    p.add_argument("--messages", type=int, default=1, help="messages per session")
+    p.add_argument("--latency-sessions", type=int, help="sessions of the C=1 load (200)")
+    p.add_argument("--idle", type=int, help="idle connections held (1000)")
+    p.add_argument("--big-size", type=int, default=20 * MIB, help="big message size")
+    p.add_argument("--big-count", type=int, default=5, help="big messages, sent at once")
+    p.add_argument("--warmup", type=int, default=50, help="warm-up sessions per server start")
+    p.add_argument("--processes", type=int, default=2, help="load generator processes")
+    p.add_argument("--pipelining", action="store_true",
+                   help="pipeline MAIL/RCPT/DATA in the sessions (RFC 2920)")
+    p.add_argument("--loads", default="throughput,latency,idle,big",
+                   help="comma-separated subset of: throughput,latency,idle,big")
+    p.add_argument("--deadline", type=float, default=240.0,
+                   help="seconds one load may take before it is cut off")
+    p.add_argument("--aiosmtpd-child-watcher", choices=("pidfd", "threaded"), default="pidfd")
+    p.add_argument("--ssmtpd-path", default=ROOT,
+                   help="directory holding the ssmtpd package to measure (to compare a "
+                        "modified copy against this checkout)")
+    p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"),
+                   help="where to write the results table ('-' for nowhere)")
+    opts = p.parse_args(argv)
+    opts.argv = list(argv if argv is not None else sys.argv[1:])
+    # A stalled server must cost a fraction of a load's deadline, not all of it.
+    opts.socket_timeout = max(5.0, min(60.0, opts.deadline / 4))
+    quick = opts.quick
+    if opts.rounds is None:
+        opts.rounds = 1 if quick else 3
+    if opts.sessions is None:
+        opts.sessions = 500 if quick else 2000
+    if opts.latency_sessions is None:
+        opts.latency_sessions = 50 if quick else 200
+    if opts.idle is None:
+        opts.idle = 1000
+    opts.loads = [x.strip() for x in opts.loads.split(",") if x.strip()]
+    unknown = set(opts.loads) - {name for name, _ in LOADS}
+    if unknown:
+        p.error(f"unknown load(s): {', '.join(sorted(unknown))}")
+    return opts
+
+
+def raise_fd_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard == resource.RLIM_INFINITY else max(soft, min(hard, need))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def main(argv=None) -> int:
+    opts = parse(argv)
+    raise_fd_limit(opts.idle * 2 + 1024)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t0 = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="ssmtpd-bench-")
+    results: List[Dict] = []
+    try:
+        cert, key = make_cert(workdir)
+        servers = {
+            "ssmtpd": lambda: ServerUnderTest("ssmtpd", workdir, cert, key,
+                                              pythonpath=opts.ssmtpd_path),
+            "aiosmtpd": lambda: ServerUnderTest(
+                "aiosmtpd", workdir, cert, key,
+                ["--child-watcher", opts.aiosmtpd_child_watcher]),
+        }
+        for i in range(opts.rounds):
+            order = ["ssmtpd", "aiosmtpd"] if i % 2 == 0 else ["aiosmtpd", "ssmtpd"]
+            rnd: Dict = {"order": order}
+            for load_name, load in LOADS:
+                if load_name not in opts.loads:
+                    continue
+                for name in order:
+                    srv = servers[name]().start()
+                    try:
+                        warm_up(srv, opts)
+                        print(f"round {i + 1}/{opts.rounds}: {load_name} on {name} ...",
+                              file=sys.stderr, flush=True)
+                        r = load(srv, opts)
+                    finally:
+                        srv.stop()
+                    if "Traceback" in srv.log_tail(200):
+                        print(f"  warning: traceback in {name}'s log:\n{srv.log_tail()}",
+                              file=sys.stderr)
+                    rnd[(name, load_name)] = r
+                    summary = {k: r[k] for k in ("messages_per_s", "p50", "rss", "peak_delta",
+                                                 "server_ms_per_msg", "children_ms_per_msg",
+                                                 "failures") if k in r}
+                    print(f"  {summary}", file=sys.stderr, flush=True)
+            results.append(rnd)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = report(results, opts, started, time.monotonic() - t0)
+    sys.stdout.write(text)
+    if opts.out != "-":
+        with open(opts.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

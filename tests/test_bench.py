@@ -1,0 +1,76 @@
+"""The benchmark in bench/ still runs end to end (a tool run by hand; this only
+checks that it works, on a load far too small to mean anything)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "bench", "run.py")
+DEADLINE = 120
+
+
+def _run_tiny(out_path: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, RUN, "--rounds", "1", "--concurrency", "2", "--sessions", "20",
+            "--latency-sessions", "5", "--idle", "20", "--big-size", "1048576",
+            "--big-count", "2", "--warmup", "4", "--deadline", "60", "--out", out_path]
+    # Own session: on a timeout the servers and load workers go down with the runner.
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"bench/run.py still running after {DEADLINE}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _table(text: str, header_start: str):
+    """Rows (lists of cells) of the markdown table whose header starts so."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+NUMBER = re.compile(r"^\d+(\.\d+)?( ms| MiB)?$")
+
+
+def test_benchmark_runs_end_to_end_on_a_tiny_load(tmp_path):
+    """bench/README.md: one command measures both servers and writes the results table."""
+    out_path = tmp_path / "RESULTS.md"
+    result = _run_tiny(str(out_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out_path.read_text()
+    assert text == result.stdout
+
+    summary = _table(text, "| load |")
+    figures = [row[1] for row in summary]
+    assert figures == ["messages/s", "session p50 latency", "server RSS",
+                       "peak RSS above idle baseline",
+                       "server CPU ms/message (excluding the programs)"]
+    for row in summary:
+        load, figure, ssmtpd, aiosmtpd, ratio = row[:5]
+        assert NUMBER.match(ssmtpd), (figure, ssmtpd)
+        assert NUMBER.match(aiosmtpd), (figure, aiosmtpd)
+        assert re.match(r"^\d+\.\d+×$", ratio), (figure, ratio)
+        assert row[6] in ("yes", "**no**")
+
+    rounds = _table(text, "| round |")
+    assert sorted(row[1] for row in rounds) == ["aiosmtpd", "ssmtpd"]
+    for row in rounds:
+        assert float(row[2]) > 0, row  # messages/s
+        assert row[-1] == "none", f"{row[1]} had failures: {row[-1]}"
+
+    cpu = _table(text, "| server | server own")
+    assert [row[0] for row in cpu] == ["ssmtpd", "aiosmtpd"]
+    for row in cpu:
+        assert all(re.match(r"^\d+\.\d+$", cell) for cell in row[1:]), row
+    assert "machine:" in text and "versions:" in text and "aiosmtpd 1." in text
