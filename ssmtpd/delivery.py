@@ -99,7 +99,8 @@ class Programs:
         env = dict(self.base_env)
         env.update(SSMTPD_USERNAME=creds.username, SSMTPD_PASSWORD=creds.password,
                    SSMTPD_MECHANISM=mechanism, SSMTPD_CLIENT_ADDR=client_addr)
-        outcome = programs.run(self.auth, env, self.auth_timeout, on_stderr=on_stderr)
+        outcome = programs.run(self.auth, env, self.auth_timeout, on_stderr=on_stderr,
+                               capture_stdout=False)
         return reply_for(outcome, AUTH_EXIT, AUTH_OTHER_EXIT, AUTH_ABNORMAL, False), outcome
 
     def deliver(self, envelope: Envelope, message,

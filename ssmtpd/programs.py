@@ -67,30 +67,30 @@ def _kill_group(pid: int) -> None:
 
 
 def run(argv: Sequence[str], env: Mapping[str, str], timeout: float,
-        stdin=None, on_stderr: Callable[[str], None] = lambda line: None) -> Outcome:
+        stdin=None, on_stderr: Callable[[str], None] = lambda line: None,
+        capture_stdout: bool = True) -> Outcome:
     """Run argv to completion within `timeout` seconds.
 
-    `stdin` is None (empty), an object with a real fileno() (handed to the
-    child as is) or a readable file object (copied through a pipe).
+    `stdin` is None (empty) or a file with a real descriptor, handed to the
+    child as it is.  Without `capture_stdout` the program's stdout is
+    /dev/null and Outcome.last_line stays empty.
     """
     started = time.monotonic()
     hub = gevent.get_hub()
     hub.loop.install_sigchld()
     child_ends = []  # our copies of the child's pipe ends, closed once it has them
     ours = []  # our ends, closed here only if the program never starts
-    feed = None
     try:
         if stdin is None:
             stdin_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             child_ends.append(stdin_fd)
-        elif _has_fileno(stdin):
-            stdin_fd = stdin.fileno()
         else:
-            stdin_fd, feed = os.pipe()
-            child_ends.append(stdin_fd)
-            ours.append(feed)
-        out_r, out_w = os.pipe()
-        ours.append(out_r)
+            stdin_fd = stdin.fileno()
+        if capture_stdout:
+            out_r, out_w = os.pipe()
+            ours.append(out_r)
+        else:
+            out_r, out_w = None, os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         child_ends.append(out_w)
         err_r, err_w = os.pipe()
         ours.append(err_r)
@@ -111,10 +111,9 @@ def run(argv: Sequence[str], env: Mapping[str, str], timeout: float,
             os.close(fd)
 
     tail = bytearray()
-    helpers = [gevent.spawn(_read_tail, out_r, tail),
-               gevent.spawn(_read_stderr, err_r, on_stderr)]
-    if feed is not None:
-        helpers.append(gevent.spawn(_feed, feed, stdin))
+    helpers = [gevent.spawn(_read_stderr, err_r, on_stderr)]
+    if out_r is not None:
+        helpers.append(gevent.spawn(_read_tail, out_r, tail))
 
     timed_out = False
     try:
@@ -162,14 +161,6 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], stdin_fd: int, out_fd: i
                            setsid=True, setsigmask=(), setsigdef=_DEFAULT_SIGNALS)
 
 
-def _has_fileno(f) -> bool:
-    try:
-        f.fileno()
-        return True
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
 def _chunks(fd: int):
     """What the program writes to `fd`, until EOF; closes `fd`."""
     os.set_blocking(fd, False)
@@ -209,19 +200,3 @@ def _read_stderr(fd: int, on_stderr) -> None:
                 break
     if partial.strip() and logged < STDERR_LOG_LIMIT:
         on_stderr(partial.decode("utf-8", "replace"))
-
-
-def _feed(fd: int, source) -> None:
-    os.set_blocking(fd, False)
-    try:
-        while True:
-            chunk = source.read(65536)
-            if not chunk:
-                break
-            view = memoryview(chunk)
-            while view:
-                view = view[gos.nb_write(fd, view):]
-    except OSError:
-        pass  # EPIPE: the program chose not to read it all; its exit code decides
-    finally:
-        os.close(fd)

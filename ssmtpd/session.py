@@ -421,7 +421,12 @@ class Session:
             if result.status == dotreader.BARE_LINE_ENDING:
                 self.log.warning("message refused: bare CR or LF (%d octets)", result.size)
                 return replies.BARE_LINE_ENDING
-            reply, outcome = self.programs.deliver(envelope, spool.reader(),
+            try:
+                message = spool.reader()
+            except OSError as e:
+                self.log.error("message refused: cannot spool it: %s", e.strerror or e)
+                return replies.SPOOL_FAILED
+            reply, outcome = self.programs.deliver(envelope, message,
                                                    self._stderr_logger("process program"))
         finally:
             spool.close()

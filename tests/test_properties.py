@@ -6,6 +6,7 @@ over real sockets.
 
 import base64
 import io
+import os
 import re
 
 import pytest
@@ -199,7 +200,7 @@ def test_endless_line_is_scanned_in_bounded_memory(chunk, filler, dotted):
 @PROPERTY
 @given(st.lists(st.binary(max_size=300), max_size=20), st.integers(min_value=0, max_value=2000))
 def test_spool_keeps_every_octet_and_goes_to_disk_when_big(writes, memory_limit):
-    """SPEC §4: the spool returns the message intact; a big one is a real file to hand over."""
+    """SPEC §4: the spool returns the message intact, always as a real file to hand over."""
     spool = dotreader.Spool(memory_limit=memory_limit)
     try:
         for data in writes:
@@ -207,16 +208,34 @@ def test_spool_keeps_every_octet_and_goes_to_disk_when_big(writes, memory_limit)
         total = b"".join(writes)
         reader = spool.reader()
         assert reader.read() == total
-        if len(total) > memory_limit:
-            assert reader.fileno() >= 0
-        else:
-            with pytest.raises(io.UnsupportedOperation):
-                reader.fileno()
+        assert reader.fileno() >= 0
+        os.lseek(reader.fileno(), 0, os.SEEK_SET)  # what the program reads on fd 0
+        assert os.read(reader.fileno(), len(total) + 1) == total
     finally:
         spool.close()
 
 
 # --- SASL decoding ------------------------------------------------------------------
+
+def test_spool_failure_still_reads_to_the_end(monkeypatch):
+    """SPEC §5 DATA: a spool that cannot grow (disk full) never stops the reader mid-message."""
+    import errno
+    import tempfile
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_space)
+    spool = dotreader.Spool(memory_limit=10)
+    body = b"x" * 100 + b"\r\nMAIL FROM:<smuggled@x>\r\n"
+    stream = ChunkStream(split(body + TERMINATOR + b"NOOP\r\n", [7, 50, 120]))
+    result = dotreader.read_message(stream, UNLIMITED, spool)
+    assert result.status == dotreader.OK
+    assert stream.rest() == b"NOOP\r\n"  # the smuggled line was data, not a command
+    with pytest.raises(OSError):
+        spool.reader()
+    spool.close()
+
 
 def decodes_or_refuses(call, *args):
     """Run `call`; only SmtpError may come out (SPEC §5: every bad input is a reply)."""
