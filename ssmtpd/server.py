@@ -145,10 +145,6 @@ class Server:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return _socket((host, port), family)
 
-    @property
-    def addresses(self):
-        return [s.address for s in self._servers]
-
     # --- per client ----------------------------------------------------------
 
     def _handler(self, implicit_tls: bool):

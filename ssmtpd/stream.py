@@ -88,10 +88,6 @@ class ClientStream:
         self._buf.clear()
         return n
 
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
     # --- writing -----------------------------------------------------------
 
     def write(self, data: bytes) -> None:

@@ -803,7 +803,7 @@ def test_program_value_is_never_given_to_a_shell(make_server, tmp_path):
     raw = login(srv)
     assert send_message(raw)[0] == 250
     (run,) = srv.runs()
-    assert run["argv"][1:] == [";", "touch", str(marker), f"$(touch", f"{marker})", USER]
+    assert run["argv"][1:] == [";", "touch", str(marker), "$(touch", f"{marker})", USER]
     assert not marker.exists()
 
 
