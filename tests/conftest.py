@@ -36,13 +36,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = START_TIMEOUT, proc=None) -> None:
+def wait_for_port(port: int, timeout: float = START_TIMEOUT, proc=None,
+                  host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before listening")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
@@ -127,12 +128,12 @@ class ServerProcess:
         self.env.update(env or {})
         self.proc = None
 
-    def start(self, wait_port=None):
+    def start(self, wait_port=None, wait_host="127.0.0.1"):
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.workdir,
                                      stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT)
-        wait_for_port(wait_port or self.port, proc=self.proc)
+        wait_for_port(wait_port or self.port, proc=self.proc, host=wait_host)
         return self
 
     def signal(self, sig) -> None:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import (HOSTNAME, PROGRAMS, RECORD, USER, ServerProcess, plain_token,
+from conftest import (HOSTNAME, PROGRAMS, RECORD, USER, Raw, ServerProcess, plain_token,
                       wait_until)
 from ssmtpd import replies
 
@@ -573,3 +573,22 @@ def test_rset_clears_the_transaction(server):
     [run] = server.runs()
     assert run["env"]["SSMTPD_MAIL_FROM"] == "new@example.org"
     assert run["env"]["SSMTPD_RCPT_TO"] == "new@example.net"
+
+
+def test_ipv6_client_address_and_received_literal(tmp_path, certs):
+    """SPEC §2 --bind ::1, §4 SSMTPD_CLIENT_ADDR, RFC 5321 §4.4: an IPv6 client is [IPv6:::1]."""
+    srv = ServerProcess(str(tmp_path), certs, ["--bind", "::1"])
+    srv.start(wait_host="::1")
+    try:
+        raw = Raw(socket.create_connection(("::1", srv.port), timeout=10))
+        raw.login(srv.tls_context())
+        code, line = transaction(raw, b"Subject: v6\r\n\r\nhi\r\n")
+        raw.close()
+        assert code == 250, line
+        (run,) = srv.runs()
+        assert run["env"]["SSMTPD_CLIENT_ADDR"] == "::1"
+        header, _ = split_received(stdin_of(run))
+        assert header.startswith(b"Received: from client.test ([IPv6:::1])\r\n"), header
+    finally:
+        assert srv.stop() == 0, srv.log()
+    assert "Traceback" not in srv.log()
