@@ -248,6 +248,24 @@ class Raw:
         code, lines = self.cmd(f"AUTH PLAIN {token}")
         assert code == 235, lines
 
+    def start_data(self, sender="sender@example.org", rcpts=("rcpt@example.org",)) -> None:
+        """MAIL, each RCPT and DATA, each answered as a transaction expects."""
+        code, lines = self.cmd(f"MAIL FROM:<{sender}>")
+        assert code == 250, lines
+        for rcpt in rcpts:
+            code, lines = self.cmd(f"RCPT TO:<{rcpt}>")
+            assert code == 250, lines
+        code, lines = self.cmd("DATA")
+        assert code == 354, lines
+
+    def send_message(self, body=b"Subject: t\r\n\r\nhello\r\n", sender="sender@example.org",
+                     rcpts=("rcpt@example.org",), read_reply=True):
+        """A whole transaction; `body` is sent as is (already stuffed), then the final dot."""
+        self.start_data(sender, rcpts)
+        self.send(body.encode() if isinstance(body, str) else body)
+        self.send(b".\r\n")
+        return self.reply() if read_reply else None
+
     def closed(self, timeout=5.0) -> bool:
         """True when the server closed the connection (EOF) within `timeout`."""
         self.sock.settimeout(timeout)

@@ -60,11 +60,7 @@ def process_alive(pid: int) -> bool:
 
 
 def send_message(raw, body="Subject: t\r\n\r\nhello\r\n"):
-    assert raw.cmd("MAIL FROM:<sender@example.org>")[0] == 250
-    assert raw.cmd("RCPT TO:<rcpt@example.org>")[0] == 250
-    assert raw.cmd("DATA")[0] == 354
-    raw.send(body + ".\r\n")
-    return raw.reply()
+    return raw.send_message(body)
 
 
 # --- successful logins -------------------------------------------------------

@@ -84,13 +84,7 @@ def stuffed(message: bytes) -> bytes:
 
 
 def envelope(raw, sender=SENDER, rcpts=(RCPT,)):
-    code, lines = raw.cmd(f"MAIL FROM:<{sender}>")
-    assert code == 250, lines
-    for rcpt in rcpts:
-        code, lines = raw.cmd(f"RCPT TO:<{rcpt}>")
-        assert code == 250, lines
-    code, lines = raw.cmd("DATA")
-    assert code == 354, lines
+    raw.start_data(sender, rcpts)
 
 
 def transaction(raw, message: bytes, sender=SENDER, rcpts=(RCPT,)):

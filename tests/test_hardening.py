@@ -110,17 +110,12 @@ def raw_from(srv, source: str, timeout=10) -> Raw:
 
 
 def transaction(raw, mail_from="someone@example.test", rcpts=("rcpt@example.test",)):
-    assert raw.cmd(f"MAIL FROM:<{mail_from}>")[0] == 250
-    for rcpt in rcpts:
-        assert raw.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
-    assert raw.cmd("DATA")[0] == 354
+    raw.start_data(mail_from, rcpts)
 
 
 def send_message(raw, mail_from="someone@example.test", body=b"Subject: hi\r\n\r\nhello\r\n",
                  rcpts=("rcpt@example.test",)):
-    transaction(raw, mail_from, rcpts)
-    raw.send(body + b".\r\n")
-    return raw.reply()
+    return raw.send_message(body, mail_from, rcpts)
 
 
 def rst_close(sock) -> None:

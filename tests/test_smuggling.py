@@ -35,9 +35,7 @@ def session(srv):
 
 
 def start_data(raw, sender="real@example.org"):
-    assert raw.cmd(f"MAIL FROM:<{sender}>")[0] == 250
-    assert raw.cmd("RCPT TO:<rcpt@example.net>")[0] == 250
-    assert raw.cmd("DATA")[0] == 354
+    raw.start_data(sender, ("rcpt@example.net",))
 
 
 def nothing_pending(raw, wait=0.1) -> bool:

@@ -30,11 +30,7 @@ def reply_head(reply: replies.Reply) -> str:
 
 def submit(raw: Raw, sender="a@example.org", rcpt="b@example.org", body=MESSAGE):
     """MAIL, RCPT, DATA and the body on an authenticated session; the final reply."""
-    assert raw.cmd(f"MAIL FROM:<{sender}>")[0] == 250
-    assert raw.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
-    assert raw.cmd("DATA")[0] == 354
-    raw.send(body + b".\r\n")
-    return raw.reply()
+    return raw.send_message(body, sender, (rcpt,))
 
 
 def keywords(lines) -> list:
