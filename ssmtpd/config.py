@@ -237,9 +237,11 @@ def build_parser() -> configargparse.ArgParser:
                     "program, each message piped to a process program.",
         auto_env_var_prefix=ENV_PREFIX,
         config_file_parser_class=_IniParser([o.name for o in OPTIONS]),
-        args_for_setting_config_path=["-c", "--config"],
-        config_arg_help_message=f"ini file with an [{INI_SECTION}] section",
     )
+    # Added by hand, not through args_for_setting_config_path, so that a
+    # container can name its config file in the environment too.
+    parser.add_argument("-c", "--config", is_config_file_arg=True, env_var=ENV_PREFIX + "CONFIG",
+                        metavar="FILE", help=f"ini file with an [{INI_SECTION}] section")
     types = {"str": str, "int": int, "float": float}
     for opt in OPTIONS:
         help = opt.help

@@ -132,6 +132,17 @@ def test_long_config_flag(make_server):
     assert probe(srv)[0] == "220 long.test ESMTP ssmtpd"
 
 
+def test_config_file_from_environment(make_server):
+    """SPEC §2 (README): a container can name its ini file in SSMTPD_CONFIG."""
+    srv = make_server(defaults=False, start=False)
+    from_env = write_ini(srv.workdir, "hostname = env-file.test\n")
+    srv.env = dict(srv.env, SSMTPD_CONFIG=from_env)
+    srv.argv += ["--bind", "127.0.0.1", "--port", str(srv.port), "--auth", AUTH,
+                 "--process", RECORD]
+    srv.start()
+    assert probe(srv)[0] == "220 env-file.test ESMTP ssmtpd"
+
+
 @pytest.mark.parametrize("env,cli,ini,offered", [
     ({"SSMTPD_REQUIRE_TLS": "false"}, [], None, True),
     ({"SSMTPD_REQUIRE_TLS": "false"}, ["--require-tls"], None, False),
