@@ -110,7 +110,6 @@ class Spool:
     def __init__(self, memory_limit: int = 512 * 1024):
         self.memory_limit = memory_limit
         self._file = io.BytesIO()
-        self._on_disk = False
         # A full disk or no descriptor left must not stop the DATA reader
         # mid-message (the rest would be read as commands): remember, go on.
         self.error: Optional[OSError] = None
@@ -119,16 +118,19 @@ class Spool:
         if self.error is not None:
             return
         try:
-            if not self._on_disk and self._file.tell() + len(data) > self.memory_limit:
+            if self._in_memory and self._file.tell() + len(data) > self.memory_limit:
                 self._to_file(tempfile.TemporaryFile(prefix="ssmtpd-"))
             self._file.write(data)
         except OSError as e:
             self.error = e
 
+    @property
+    def _in_memory(self) -> bool:
+        return isinstance(self._file, io.BytesIO)
+
     def _to_file(self, new) -> None:
         old = self._file
         self._file = new
-        self._on_disk = True
         new.write(old.getbuffer())
         old.close()
 
@@ -139,7 +141,7 @@ class Spool:
         """
         if self.error is not None:
             raise self.error
-        if not self._on_disk:
+        if self._in_memory:
             self._to_file(_anonymous_file())
         self._file.flush()
         self._file.seek(0)
