@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not settings.require_auth:
         logger.warning("--no-require-auth: anyone who connects may submit mail")
     programs = Programs(settings.auth, settings.process, settings.auth_timeout,
-                        settings.process_timeout, dict(os.environ))
+                        settings.process_timeout, dict(os.environ), settings.max_auth_programs)
     server = Server(settings, tls, programs, logger)
     try:
         server.start()

@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import socket
+import tempfile
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -62,6 +63,25 @@ def _positive(value):
 def _not_negative(value):
     if value < 0:
         raise ValueError("must be 0 or more")
+    return value
+
+
+def _prefix_length(value):
+    if not 0 <= value <= 128:
+        raise ValueError("must be 0-128")
+    return value
+
+
+def _spool_dir(value):
+    """A directory we can create files in (README "Spool space")."""
+    value = value or tempfile.gettempdir()
+    if not os.path.isdir(value):
+        raise ValueError(f"{value} is not a directory")
+    try:
+        with tempfile.TemporaryFile(prefix="ssmtpd-check-", dir=value):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot create files in {value}: {e.strerror}") from None
     return value
 
 
@@ -149,6 +169,18 @@ OPTIONS: Tuple[Option, ...] = (
     Option("auth-failure-delay", 1.0, "seconds before a failed AUTH is answered", "float",
            _not_negative),
     Option("process-timeout", 300.0, "seconds the process program may run", "float", _positive),
+    Option("max-auth-failures-per-ip", 10, "failed AUTHs from one address within "
+           "--auth-failure-window before its AUTHs get 421 unchecked", "int", _positive),
+    Option("auth-failure-window", 600.0, "seconds over which failed AUTHs are counted",
+           "float", _positive),
+    Option("max-auth-programs", 16, "auth programs running at once; more AUTHs wait their "
+           "turn within --auth-timeout", "int", _positive),
+    Option("ipv6-prefix-length", 64, "IPv6 clients are counted per prefix of this length by "
+           "the per-address limits", "int", _prefix_length),
+    Option("busy-timeout", 10.0, "seconds an unauthenticated client may stay silent while more "
+           "than 3/4 of --max-connections are in use", "float", _positive),
+    Option("spool-dir", None, "directory for messages too large to keep in memory "
+           "(default: the system's temporary directory)", check=_spool_dir),
     Option("received-header", True, "prepend a Received: trace header", "bool"),
     Option("log-level", "info", "debug, info, warning or error", check=_log_level),
 )
@@ -177,6 +209,12 @@ class Settings:
     auth_timeout: float
     auth_failure_delay: float
     process_timeout: float
+    max_auth_failures_per_ip: int
+    auth_failure_window: float
+    max_auth_programs: int
+    ipv6_prefix_length: int
+    busy_timeout: float
+    spool_dir: str
     received_header: bool
     log_level: str
 

@@ -1,9 +1,13 @@
 """The two programs' contracts: environment, argv and the exit-code tables (SPEC §3, §4)."""
 
+import dataclasses
 import email.utils
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+
+from gevent.lock import BoundedSemaphore
 
 from ssmtpd import programs, replies
 from ssmtpd.programs import Outcome
@@ -87,20 +91,34 @@ class Programs:
     """Runs the configured auth and process programs with a fixed base environment."""
 
     def __init__(self, auth: Optional[Sequence[str]], process: Sequence[str],
-                 auth_timeout: float, process_timeout: float, base_env: Mapping[str, str]):
+                 auth_timeout: float, process_timeout: float, base_env: Mapping[str, str],
+                 max_auth_programs: int = 16):
         self.auth = tuple(auth) if auth else None
         self.process = tuple(process)
         self.auth_timeout = auth_timeout
         self.process_timeout = process_timeout
         self.base_env = {k: v for k, v in base_env.items() if k not in _OWN_VARIABLES}
+        # An auth program may be expensive by design (scrypt: ~130 ms of CPU
+        # and 16 MiB each); many logins at once must queue, not pile up.
+        self._auth_slots = BoundedSemaphore(max_auth_programs)
 
     def authenticate(self, creds: Credentials, mechanism: str, client_addr: str,
                      on_stderr: Callable[[str], None]) -> Tuple[Reply, Outcome]:
+        """Run the auth program; waiting for a free slot counts against --auth-timeout."""
         env = dict(self.base_env)
         env.update(SSMTPD_USERNAME=creds.username, SSMTPD_PASSWORD=creds.password,
                    SSMTPD_MECHANISM=mechanism, SSMTPD_CLIENT_ADDR=client_addr)
-        outcome = programs.run(self.auth, env, self.auth_timeout, on_stderr=on_stderr,
-                               capture_stdout=False)
+        started = time.monotonic()
+        if not self._auth_slots.acquire(timeout=self.auth_timeout):
+            outcome = Outcome(programs.NO_SLOT, seconds=time.monotonic() - started)
+        else:
+            try:
+                left = self.auth_timeout - (time.monotonic() - started)
+                outcome = programs.run(self.auth, env, left, on_stderr=on_stderr,
+                                       capture_stdout=False)
+            finally:
+                self._auth_slots.release()
+            outcome = dataclasses.replace(outcome, seconds=time.monotonic() - started)
         return reply_for(outcome, AUTH_EXIT, AUTH_OTHER_EXIT, AUTH_ABNORMAL, False), outcome
 
     def deliver(self, envelope: Envelope, message,

@@ -1,8 +1,12 @@
-"""Logging to stderr, one line per event (SPEC §7).
+"""Logging to stderr, one line per event (SPEC §7, README "Logging").
 
-Client-supplied text goes through `clean()` so it can never split a line or
-forge another entry.  Passwords and message bodies are never handed to a
-logger at all; there is no redaction filter to forget.
+Client-supplied values go through `quote()`: inside double quotes, with `"`,
+`\\` and every non-printable character escaped, so a value can neither split
+a line nor pose as another field (a username of `] 198.51.100.23 -: AUTH`
+stays inside its quotes, where an anchored fail2ban pattern never looks).
+`clean()` is for our own and our programs' text.  No line grows past
+MAX_LINE.  Passwords and message bodies are never handed to a logger at all;
+there is no redaction filter to forget.
 """
 
 import logging
@@ -11,10 +15,22 @@ import sys
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
           "warning": logging.WARNING, "error": logging.ERROR}
 
+# A log line's message part, timestamp and level aside.
+MAX_LINE = 1024
+TRUNCATED = " [truncated]"
+
+
+class _Formatter(logging.Formatter):
+    def formatMessage(self, record):
+        line = super().formatMessage(record)
+        if len(line) > MAX_LINE:
+            line = line[:MAX_LINE - len(TRUNCATED)] + TRUNCATED
+        return line
+
 
 def setup(level: str, stream=None) -> logging.Logger:
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter(
+    handler.setFormatter(_Formatter(
         "%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
     root = logging.getLogger("ssmtpd")
     root.handlers[:] = [handler]
@@ -23,8 +39,34 @@ def setup(level: str, stream=None) -> logging.Logger:
     return root
 
 
+def _escape(c: str) -> str:
+    if c == '"' or c == "\\":
+        return "\\" + c
+    if c.isprintable():
+        return c
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 \
+        else f"\\U{code:08x}"
+
+
+def quote(text, limit: int = 200) -> str:
+    """A client's value as one quoted, escaped field of at most ~`limit` characters."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    out = []
+    length = 0
+    for c in text:
+        piece = _escape(c)
+        length += len(piece)
+        if length > limit:
+            out.append("...")
+            break
+        out.append(piece)
+    return '"' + "".join(out) + '"'
+
+
 def clean(text, limit: int = 200) -> str:
-    """Printable form of untrusted text: escapes controls, cuts long input."""
+    """Printable form of our own or a program's text: escapes controls, cuts long input."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "backslashreplace")
     if len(text) <= limit and text.isprintable():
@@ -34,13 +76,20 @@ def clean(text, limit: int = 200) -> str:
 
 
 class SessionLog(logging.LoggerAdapter):
-    """Prefixes every line with the session id, client address and user."""
+    """Prefixes every line with the session id, client address and user.
+
+    The address is the socket's, never the client's word; the user is quoted
+    once it is known, `-` before.
+    """
 
     def __init__(self, logger: logging.Logger, session_id: str, client: str):
         super().__init__(logger, {})
         self.session_id = session_id
         self.client = client
         self.user = "-"
+
+    def set_user(self, name) -> None:
+        self.user = "-" if name is None else quote(name, 64)
 
     def process(self, msg, kwargs):
         return f"[{self.session_id}] {self.client} {self.user}: {msg}", kwargs

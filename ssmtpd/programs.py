@@ -29,6 +29,7 @@ EXITED = "exited"
 SIGNALLED = "signalled"
 TIMED_OUT = "timed-out"
 NOT_STARTED = "not-started"
+NO_SLOT = "no-slot"
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class Outcome:
             return f"killed by signal {self.code}"
         if self.status == TIMED_OUT:
             return "timed out, killed"
+        if self.status == NO_SLOT:
+            return "not run: no free slot within the timeout"
         return f"could not start: {self.error}"
 
 

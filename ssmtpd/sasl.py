@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ssmtpd import replies
 from ssmtpd.replies import SmtpError
-from ssmtpd.syntax import has_control
+from ssmtpd.syntax import has_unsafe_char
 
 MECHANISMS = ("PLAIN", "LOGIN")
 
@@ -25,6 +25,13 @@ class Credentials:
     # Bytes that were not UTF-8 are kept as surrogate escapes, so the auth
     # program's environment receives exactly the octets the client sent.
     password: str = ""
+    authzid: str = ""  # PLAIN only; "" when the client asked for none
+
+    @property
+    def foreign_authzid(self) -> bool:
+        """Asks to act as someone else: we cannot ask the auth program whether
+        authcid may, so the session refuses it (535) like a wrong password."""
+        return bool(self.authzid) and self.authzid != self.username
 
     def __repr__(self) -> str:  # never show the password, not even in a traceback
         return f"Credentials(username={self.username!r}, password=***)"
@@ -49,13 +56,14 @@ def decode_response(line: str) -> bytes:
 
 
 def _username(raw: bytes) -> str:
-    # The name goes into argv, env and logs: refuse what could split a line or
-    # truncate a C string rather than pass it on (hardening, SPEC §3).
+    # The name goes into argv, env and logs: refuse what could split a line,
+    # truncate a C string or read as something else rather than pass it on
+    # (README "Envelope rules").
     try:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise SmtpError(replies.BAD_CREDENTIALS_SYNTAX) from None
-    if not name or has_control(name):
+    if not name or has_unsafe_char(name):
         raise SmtpError(replies.BAD_CREDENTIALS_SYNTAX)
     return name
 
@@ -67,16 +75,13 @@ def _password(raw: bytes) -> str:
 
 
 def plain(message: bytes) -> Credentials:
-    """authzid NUL authcid NUL passwd; an authzid other than authcid is refused."""
+    """authzid NUL authcid NUL passwd (see Credentials.foreign_authzid)."""
     parts = message.split(b"\0")
     if len(parts) != 3:
         raise SmtpError(replies.BAD_CREDENTIALS_SYNTAX)
     authzid, authcid, passwd = parts
     username = _username(authcid)
-    if authzid and authzid != authcid:
-        # We cannot ask the auth program whether authcid may act as authzid.
-        raise SmtpError(replies.BAD_CREDENTIALS)
-    return Credentials(username, _password(passwd))
+    return Credentials(username, _password(passwd), _username(authzid) if authzid else "")
 
 
 def login(username: bytes, password: bytes) -> Credentials:

@@ -1,11 +1,10 @@
-"""Listeners, the session registry, connection limits and signals (SPEC §2, §6).
+"""Listeners, the session registry, connection limits and signals (SPEC §2, §6, §8).
 
 One gevent StreamServer per port spawns a greenlet per client.  gevent's own
 pool would only stop accepting when full; we count sessions ourselves so a
 client over a limit hears 421 at once instead of waiting in the backlog.
 """
 
-import collections
 import errno
 import resource
 import secrets
@@ -21,6 +20,7 @@ from gevent.server import StreamServer
 from ssmtpd import replies
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Programs
+from ssmtpd.limits import TOO_MANY, Limits
 from ssmtpd.log import SessionLog
 from ssmtpd.session import Session
 from ssmtpd.tls import TLSHolder
@@ -28,6 +28,9 @@ from ssmtpd.tls import TLSHolder
 BACKLOG = 1024
 # After SIGTERM, how long beyond the longest program run we wait for busy sessions.
 SHUTDOWN_GRACE = 15.0
+# How often, while the server is nearly full, sessions that already wait for a
+# line are checked against --busy-timeout (new waits get it directly).
+PRESSURE_SWEEP = 0.5
 
 
 class _Listener(StreamServer):
@@ -97,8 +100,9 @@ class Server:
         self.programs = programs
         self.log = logger
         self.sessions = set()
-        self.per_ip = collections.Counter()
+        self.limits = Limits(settings)
         self.stopping = False
+        self._sweeper: Optional[gevent.Greenlet] = None
         self._stopped = Event()
         self._servers: List[StreamServer] = []
         self._signal_handlers = []
@@ -136,6 +140,7 @@ class Server:
             host, port = listener.getsockname()[:2]
             self.log.info("listening on %s port %d (%s)", host, port,
                           "implicit TLS" if implicit else "STARTTLS")
+        self._sweeper = gevent.spawn(self._sweep_strangers)
 
     def _listen(self, port: int) -> socket.socket:
         bind = self.settings.bind
@@ -157,35 +162,43 @@ class Server:
         # reply back waiting for the client's delayed ACK (~40 ms after TLS).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ip = client_ip(address)
+        key = self.limits.key(ip)
         session_id = secrets.token_hex(6)
         log = SessionLog(self.log, session_id, ip)
-        refusal = self._refusal(ip)
+        refusal = self._admit(key)
         if refusal is not None:
             log.warning("refused: %s", refusal.text)
             _refuse(sock, None if implicit_tls else refusal)
             return
         session = Session(sock, (ip,) + tuple(address[1:]), self.settings, self.tls,
-                          self.programs, log, session_id, implicit_tls)
+                          self.programs, self.limits, log, session_id, implicit_tls)
         self.sessions.add(session)
-        self.per_ip[ip] += 1
         try:
             session.run()
         finally:
             self.sessions.discard(session)
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
-                del self.per_ip[ip]
+            self.limits.connections.release(key)
             if self.stopping and not self.sessions:
                 self._stopped.set()
 
-    def _refusal(self, ip: str) -> Optional[replies.Reply]:
+    def _admit(self, key: str) -> Optional[replies.Reply]:
+        """Take a connection slot, or return the refusal."""
         if self.stopping:
             return replies.SHUTTING_DOWN
-        if len(self.sessions) >= self.settings.max_connections:
-            return replies.TOO_MANY_CONNECTIONS
-        if self.per_ip[ip] >= self.settings.max_connections_per_ip:
-            return replies.TOO_MANY_FROM_IP
-        return None
+        reason = self.limits.connections.admit(key)
+        if reason is None:
+            return None
+        return replies.TOO_MANY_CONNECTIONS if reason == TOO_MANY else replies.TOO_MANY_FROM_IP
+
+    def _sweep_strangers(self) -> None:
+        """Postfix's stress mode, for sessions that began waiting before the
+        server filled up (README "Limits and abuse": --busy-timeout)."""
+        busy_timeout = self.settings.busy_timeout
+        while not self.stopping:
+            gevent.sleep(PRESSURE_SWEEP)
+            if self.limits.connections.under_pressure:
+                for session in list(self.sessions):
+                    session.expire_if_stranger(busy_timeout)
 
     # --- run and stop --------------------------------------------------------
 
@@ -208,6 +221,8 @@ class Server:
             return
         self.stopping = True
         self.log.info("%s: shutting down, %d sessions open", why, len(self.sessions))
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
         gevent.spawn(self._drain)
 
     def _drain(self) -> None:

@@ -2,8 +2,8 @@
 
 `Session.run()` owns the policy: it reads one bounded line under the idle
 deadline, finds `smtp_<VERB>`, checks the verb's declared requirements, calls
-it, counts errors and failed logins, and writes the Reply.  Verbs only say
-what a command means.
+it, counts errors, junk commands and failed logins, and writes the Reply.
+Verbs only say what a command means.
 """
 
 import logging
@@ -14,10 +14,11 @@ from typing import Callable, List, Optional, Tuple
 import gevent
 from gevent import ssl
 
-from ssmtpd import dotreader, replies, sasl, syntax
+from ssmtpd import dotreader, replies, sasl, spool, syntax
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Envelope, Programs, received_header
-from ssmtpd.log import SessionLog, clean
+from ssmtpd.limits import Limits
+from ssmtpd.log import SessionLog, clean, quote
 from ssmtpd.replies import Reply, SmtpError
 from ssmtpd.stream import ClientGone, ClientStream, LineTooLong
 from ssmtpd.tls import TLSHolder, protocol_of
@@ -35,6 +36,11 @@ MAX_AUTH_FAILURES = 3
 MAX_ERRORS = 10
 # Replies that mean "the client is talking nonsense"; enough of them ends the session.
 ERROR_CODES = frozenset((500, 501, 502, 503, 504, 555))
+# Commands that do nothing; past MAX_JUNK of them since the last accepted
+# message, each counts as an error (Postfix smtpd_junk_command_limit), so a
+# client that only idles loudly is ended by the error limit.
+JUNK_VERBS = frozenset(("NOOP", "RSET", "VRFY", "HELP"))
+MAX_JUNK = 100
 # A web browser or proxy lured into talking to us (cross-protocol attacks):
 # close without echoing anything back.
 HTTP_VERBS = frozenset((b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE"))
@@ -55,9 +61,10 @@ class _Close(Exception):
 # --- verb requirements, declared once per verb ------------------------------
 
 class Need:
-    def __init__(self, test: Callable[["Session"], bool], reply: Reply):
+    def __init__(self, test: Callable[["Session"], bool], reply: Reply, event: str = ""):
         self.test = test
         self.reply = reply
+        self.event = event  # logged as a warning when the need refuses a command
 
 
 HELO_DONE = Need(lambda s: s.helo is not None, replies.NO_HELO)
@@ -69,6 +76,13 @@ NOT_AUTHENTICATED = Need(lambda s: s.user is None, replies.ALREADY_AUTHENTICATED
 IN_MAIL = Need(lambda s: s.mail_from is not None, replies.NEED_MAIL)
 HAS_RCPT = Need(lambda s: bool(s.rcpt_to), replies.NEED_RCPT)
 NO_TLS_YET = Need(lambda s: not s.tls_version, replies.TLS_ACTIVE)
+# README "Limits and abuse": checked before the auth program would run.
+LOGINS_ALLOWED = Need(lambda s: not s.limits.logins.blocked(s.address_key),
+                      replies.TOO_MANY_FAILED_LOGINS,
+                      "AUTH refused: too many failed logins from this address")
+SPOOL_HAS_ROOM = Need(lambda s: spool.has_room(s.settings.spool_dir,
+                                               2 * s.settings.max_message_size),
+                      replies.INSUFFICIENT_STORAGE, "MAIL refused: spool directory nearly full")
 
 
 def outside_mail(reply: Reply) -> Need:
@@ -85,23 +99,29 @@ def requires(*needs: Need):
 
 class Session:
     def __init__(self, sock, address: Tuple, settings: Settings, tls: TLSHolder,
-                 programs: Programs, log: SessionLog, session_id: str,
+                 programs: Programs, limits: Limits, log: SessionLog, session_id: str,
                  implicit_tls: bool = False):
         self.settings = settings
         self.tls = tls
         self.programs = programs
+        self.limits = limits
         self.log = log
         self.session_id = session_id
         self.client_addr = address[0]
+        self.address_key = limits.key(self.client_addr)
         self.implicit_tls = implicit_tls
         self.stream = ClientStream(sock)
         # Bounds a send to a client that stops reading (sendall would wait forever).
         sock.settimeout(settings.timeout)
         self.tls_version = ""
         self.errors = 0
+        self.junk = 0
         self.auth_failures = 0
         self.stopping = False
         self._waiting = False
+        # When the session began waiting for its next line (None: not waiting
+        # for one); the server's pressure sweep reads it (README "busy timeout").
+        self.waiting_for_line_since: Optional[float] = None
         self._greenlet = None
         self._reset_session()
 
@@ -112,26 +132,36 @@ class Session:
         self.helo: Optional[str] = None
         self.esmtp = False
         self.user: Optional[str] = None
-        self.log.user = "-"
+        self.log.set_user(None)
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
         self.mail_from: Optional[str] = None
         self.rcpt_to: List[str] = []
 
-    # --- shutdown: only a session waiting for input is interrupted ----------
+    # --- ending a session from outside: only while it waits for input ------
 
     def interrupt(self) -> None:
         """Ask the session to end: now if it waits for the client, else after its reply."""
         self.stopping = True
-        gevent.get_hub().loop.run_callback(self._throw_if_waiting)
+        gevent.get_hub().loop.run_callback(self._throw_if, lambda: self._waiting, Shutdown)
 
-    def _throw_if_waiting(self) -> None:
-        # Runs in the hub, so `_waiting` cannot change between test and throw:
-        # a running program is never interrupted (SPEC §6).
+    def expire_if_stranger(self, busy_timeout: float) -> None:
+        """The server is under pressure: end this session if it has not logged
+        in and has waited over `busy_timeout` for its next line (SPEC §8)."""
+        def stranger_waited_too_long():
+            since = self.waiting_for_line_since
+            return self.user is None and since is not None \
+                and time.monotonic() - since >= busy_timeout
+        gevent.get_hub().loop.run_callback(self._throw_if, stranger_waited_too_long,
+                                           IdleTimeout)
+
+    def _throw_if(self, condition: Callable[[], bool], exception) -> None:
+        # Runs in the hub, so the session cannot move between the test and the
+        # throw: one that is running a program is never interrupted (SPEC §6).
         g = self._greenlet
-        if self._waiting and g is not None and not g.dead:
-            g.throw(Shutdown())
+        if g is not None and not g.dead and condition():
+            g.throw(exception())
 
     def _wait_for_client(self, seconds: float, call, *args):
         self._waiting = True
@@ -140,6 +170,18 @@ class Session:
                 return call(*args)
         finally:
             self._waiting = False
+
+    def _wait_for_line(self, call, *args):
+        """Wait for the client's next line or handshake: --timeout, or
+        --busy-timeout for a stranger while the server is nearly full."""
+        timeout = self.settings.timeout
+        if self.user is None and self.limits.connections.under_pressure:
+            timeout = min(timeout, self.settings.busy_timeout)
+        self.waiting_for_line_since = time.monotonic()
+        try:
+            return self._wait_for_client(timeout, call, *args)
+        finally:
+            self.waiting_for_line_since = None
 
     # --- the loop -----------------------------------------------------------
 
@@ -189,40 +231,47 @@ class Session:
 
     def _one_command(self) -> Optional[Reply]:
         try:
-            raw = self._wait_for_client(self.settings.timeout, self.stream.readline, READ_LIMIT)
+            raw = self._wait_for_line(self.stream.readline, READ_LIMIT)
         except LineTooLong:
             return self._counted(replies.LINE_TOO_LONG)
-        reply = self._dispatch(raw)
+        verb, reply = self._dispatch(raw)
         if reply is None:  # STARTTLS answered before its handshake
             return None
         if reply.code == 535:
             self.auth_failures += 1
+            # Counted per address too: a reconnect must not reset it (SPEC §8).
+            self.limits.logins.record(self.address_key)
             # A pause before answering makes password guessing slow (SPEC §5).
             gevent.sleep(self.settings.auth_failure_delay)
             if self.auth_failures >= MAX_AUTH_FAILURES:
                 self._send(reply)
                 return replies.TOO_MANY_AUTH_FAILURES
-        return self._counted(reply)
+        elif verb == "DATA" and reply.code == 250:
+            self.junk = 0
+        elif verb in JUNK_VERBS:
+            self.junk += 1
+        return self._counted(reply, self.junk > MAX_JUNK and verb in JUNK_VERBS)
 
-    def _counted(self, reply: Reply) -> Reply:
-        if reply.code in ERROR_CODES:
+    def _counted(self, reply: Reply, junk: bool = False) -> Reply:
+        if reply.code in ERROR_CODES or junk:
             self.errors += 1
             if self.errors >= MAX_ERRORS:
                 self._send(reply)
                 return replies.TOO_MANY_ERRORS
         return reply
 
-    def _dispatch(self, raw: bytes) -> Optional[Reply]:
+    def _dispatch(self, raw: bytes) -> Tuple[str, Optional[Reply]]:
+        """(the verb if known, else "", and the reply)."""
         line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
         verb_bytes = line.split(b" ", 1)[0].upper()
         if verb_bytes in HTTP_VERBS:
-            raise _Close(f"closed: HTTP request {clean(line, 60)!r}")
+            raise _Close(f"closed: HTTP request {quote(line, 60)}")
         if len(raw) > LINE_LIMITS.get(verb_bytes, COMMAND_LIMIT):
-            return replies.LINE_TOO_LONG
+            return "", replies.LINE_TOO_LONG
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            return replies.BAD_UTF8
+            return "", replies.BAD_UTF8
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         # ASCII only: str.upper() folds some other letters into ASCII ("quıt").
@@ -231,16 +280,18 @@ class Session:
         if method is None:
             # An unknown line may be a credential sent out of turn: never log it.
             self.log.debug("unrecognised command (%d octets)", len(raw))
-            return replies.NOT_IMPLEMENTED
+            return "", replies.NOT_IMPLEMENTED
         if self.log.isEnabledFor(logging.DEBUG):
-            self.log.debug("command %s", "AUTH" if verb == "AUTH" else clean(text))
+            self.log.debug("command %s", "AUTH" if verb == "AUTH" else quote(text))
         for need in method.needs:
             if not need.test(self):
-                return need.reply
+                if need.event:
+                    self.log.warning("%s", need.event)
+                return verb, need.reply
         try:
-            return method(arg)
+            return verb, method(arg)
         except SmtpError as e:
-            return e.reply
+            return verb, e.reply
 
     # --- I/O helpers ---------------------------------------------------------
 
@@ -281,7 +332,7 @@ class Session:
         tls_sock = context.wrap_socket(self.stream.sock, server_side=True,
                                        do_handshake_on_connect=False)
         try:
-            self._wait_for_client(self.settings.timeout, tls_sock.do_handshake)
+            self._wait_for_line(tls_sock.do_handshake)
         except BaseException as e:
             tls_sock.close()  # wrap_socket took over the descriptor
             if isinstance(e, (ssl.SSLError, OSError)) and not isinstance(e, socket.timeout):
@@ -335,7 +386,7 @@ class Session:
         return None
 
     @requires(AUTH_ENABLED, HELO_DONE, outside_mail(replies.AUTH_IN_TRANSACTION),
-              NOT_AUTHENTICATED, TLS_UP)
+              NOT_AUTHENTICATED, TLS_UP, LOGINS_ALLOWED)
     def smtp_AUTH(self, arg: str) -> Reply:
         mechanism, _, initial = arg.strip().partition(" ")
         mechanism = mechanism.upper()
@@ -348,25 +399,33 @@ class Session:
             creds = sasl.login(username, password)
         else:
             return replies.UNKNOWN_MECHANISM
-        reply, outcome = self.programs.authenticate(
-            creds, mechanism, self.client_addr, self._stderr_logger("auth program"))
-        self.log.info("AUTH %s user=%s: %s, %s in %.3fs", mechanism, clean(creds.username),
-                      reply.code, outcome.describe(), outcome.seconds)
+        if creds.foreign_authzid:
+            reply, result = replies.BAD_CREDENTIALS, f"authzid {quote(creds.authzid, 64)} refused"
+        else:
+            reply, outcome = self.programs.authenticate(
+                creds, mechanism, self.client_addr, self._stderr_logger("auth program"))
+            result = f"{outcome.describe()} in {outcome.seconds:.3f}s"
+        # One line per attempt with the address and the quoted name: a failure
+        # is a warning, the line fail2ban reads (conf/fail2ban/).
+        level = logging.INFO if reply.code == 235 else logging.WARNING
+        self.log.log(level, "AUTH %s user=%s: %s, %s", mechanism, quote(creds.username, 128),
+                     reply.code, result)
         if reply.code == 235:
             self.user = creds.username
-            self.log.user = clean(creds.username, 64)
+            self.log.set_user(creds.username)
         return reply
 
     def _challenge(self, prompt: str) -> str:
         """Send a 334 and read one response line (RFC 4954 §4)."""
         self.stream.write(f"334 {prompt}\r\n".encode("ascii"))
         try:
-            raw = self._wait_for_client(self.settings.timeout, self.stream.readline, READ_LIMIT)
+            raw = self._wait_for_line(self.stream.readline, READ_LIMIT)
         except LineTooLong:
             raise SmtpError(replies.LINE_TOO_LONG) from None
         return raw.decode("ascii", "replace").strip()
 
-    @requires(HELO_DONE, TLS_UP, AUTHENTICATED, outside_mail(replies.NESTED_MAIL))
+    @requires(HELO_DONE, TLS_UP, AUTHENTICATED, outside_mail(replies.NESTED_MAIL),
+              SPOOL_HAS_ROOM)
     def smtp_MAIL(self, arg: str) -> Reply:
         address, params = syntax.parse_path(arg, "FROM", replies.BAD_SENDER)
         for name, value in params.items():
@@ -382,12 +441,12 @@ class Session:
                 return replies.UNKNOWN_PARAMETER
         self.mail_from = address
         self.rcpt_to = []
-        self.log.info("MAIL FROM:<%s>", clean(address))
+        self.log.info("MAIL FROM:%s", quote(address))
         return replies.SENDER_OK
 
     @requires(IN_MAIL)
     def smtp_RCPT(self, arg: str) -> Reply:
-        address, params = syntax.parse_path(arg, "TO", replies.BAD_RECIPIENT)
+        address, params = syntax.parse_path(arg, "TO", replies.BAD_RECIPIENT, need_domain=True)
         if not address:
             return replies.BAD_RECIPIENT
         if params:
@@ -408,13 +467,14 @@ class Session:
         self._reset_transaction()
         self._send(replies.START_DATA)
         self.stream.flush()
-        spool = dotreader.Spool()
+        message_spool = spool.Spool(self.settings.spool_dir)
         try:
             if self.settings.received_header:
-                spool.write(received_header(envelope, self.settings.hostname,
-                                            self.session_id, time.time()))
+                message_spool.write(received_header(envelope, self.settings.hostname,
+                                                    self.session_id, time.time()))
             result = self._wait_for_client(self.settings.data_timeout, dotreader.read_message,
-                                           self.stream, self.settings.max_message_size, spool)
+                                           self.stream, self.settings.max_message_size,
+                                           message_spool)
             if result.status == dotreader.TOO_BIG:
                 self.log.info("message refused: %d octets over the limit", result.size)
                 return replies.TOO_BIG
@@ -422,16 +482,16 @@ class Session:
                 self.log.warning("message refused: bare CR or LF (%d octets)", result.size)
                 return replies.BARE_LINE_ENDING
             try:
-                message = spool.reader()
+                message = message_spool.reader()
             except OSError as e:
                 self.log.error("message refused: cannot spool it: %s", e.strerror or e)
                 return replies.SPOOL_FAILED
             reply, outcome = self.programs.deliver(envelope, message,
                                                    self._stderr_logger("process program"))
         finally:
-            spool.close()
-        self.log.info("message from=<%s> rcpts=%d size=%d: %s, process program %s in %.3fs, "
-                      "total %.3fs", clean(envelope.mail_from), len(envelope.rcpt_to),
+            message_spool.close()
+        self.log.info("message from=%s rcpts=%d size=%d: %s, process program %s in %.3fs, "
+                      "total %.3fs", quote(envelope.mail_from), len(envelope.rcpt_to),
                       result.size, reply.code, outcome.describe(), outcome.seconds,
                       time.monotonic() - started)
         return reply

@@ -1,12 +1,29 @@
-"""Buffered, bounded reading from one client socket.
+"""Buffered, bounded, fair reading from one client socket.
 
 Memory per client is bounded: a line never grows past its limit (the rest is
 read and dropped in chunks), and the DATA reader takes raw chunks.
+
+Time is bounded too.  A gevent read that finds data already waiting, and a
+send with room in the socket buffer, return without ever yielding to the
+event loop; a client that keeps its socket full would hold every other client,
+every timer and every signal until it paused.  So a stream that has read for
+TURN seconds without pausing lets one loop iteration pass before it reads on
+(README "Limits and abuse": fairness).
 """
 
 import socket
+import time
+
+import gevent
 
 CHUNK = 65536
+# Long enough that a busy session pays for the yield about once per 5 ms (a
+# few microseconds), short enough that ten busy sessions still answer an
+# interactive client within a tenth of a second.
+TURN = 0.005
+# Any delay above zero is a timer: the loop must poll for I/O, run due timers
+# and signal handlers before it resumes us (sleep(0) may resume us first).
+YIELD = 0.0001
 
 
 class ClientGone(Exception):
@@ -24,8 +41,24 @@ class ClientStream:
         # Replies wait here until we would block on the client, so a pipelined
         # group of commands (RFC 2920) is answered with one send, not one each.
         self._out = bytearray()
+        self._loop = gevent.get_hub().loop
+        self._turn_iteration = -1
+        self._turn_ends = 0.0
 
     # --- reading -----------------------------------------------------------
+
+    def _take_turns(self) -> None:
+        # The loop's iteration count moves only while some greenlet waits, so
+        # a new count means this session let others run since its turn began.
+        now = time.monotonic()
+        iteration = self._loop.iteration
+        if iteration != self._turn_iteration:
+            self._turn_iteration = iteration
+            self._turn_ends = now + TURN
+        elif now >= self._turn_ends:
+            gevent.sleep(YIELD)
+            self._turn_iteration = self._loop.iteration
+            self._turn_ends = time.monotonic() + TURN
 
     def _recv(self) -> bytes:
         self.flush()
@@ -45,6 +78,7 @@ class ClientStream:
         Over the limit, the remainder up to the next LF is discarded as it
         arrives (RFC 5321 §4.5.3.1.4) and LineTooLong is raised.
         """
+        self._take_turns()
         buf = self._buf
         searched = 0
         while True:
@@ -65,6 +99,7 @@ class ClientStream:
 
     def _discard_to_newline(self) -> None:
         while True:
+            self._take_turns()
             data = self._recv()
             end = data.find(b"\n")
             if end >= 0:
@@ -73,6 +108,7 @@ class ClientStream:
 
     def recv_some(self) -> bytes:
         """Buffered bytes if any, else one read from the socket."""
+        self._take_turns()
         if self._buf:
             data = bytes(self._buf)
             self._buf.clear()

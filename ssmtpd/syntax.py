@@ -1,9 +1,16 @@
 """Pure parsing of command arguments: paths, ESMTP parameters, HELO names.
 
 Values that reach the programs' argv and environment or the Received header
-must not carry control characters: a CR/LF could inject a header or split a
-log line, a NUL cannot be passed in argv or env at all.  Such input is
-refused here with a 501, never passed on.
+are refused here with a 501, never passed on, when they could harm a program
+that trusts them (README "Envelope rules"):
+- control characters: a CR/LF could inject a header or split a log line, a
+  NUL cannot be passed in argv or env at all;
+- Unicode line and paragraph separators and format characters (categories
+  Zl, Zp, Cf): Python's splitlines() splits at U+2028, bidi controls make a
+  name read differently from what it is;
+- a local part starting with `-`, quoted or not: a program that passes the
+  address to sendmail(8) or the like would read it as an option
+  (PHPMailer, CVE-2016-10033).
 """
 
 import re
@@ -19,16 +26,24 @@ MAX_PATH = 256
 _PARAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(=[\x21-\x3c\x3e-\x7e]+)?$")
 
 
-def has_control(text: str) -> bool:
-    """C0, DEL and C1 controls (U+0080-U+009F: CSI starts a terminal escape)."""
-    return any(unicodedata.category(c) == "Cc" for c in text)
+# Cc: C0, DEL and C1 controls (U+0080-U+009F: CSI starts a terminal escape).
+_UNSAFE_CATEGORIES = frozenset(("Cc", "Cf", "Zl", "Zp"))
 
 
-def parse_path(arg: str, keyword: str, bad: Reply) -> Tuple[str, Dict[str, str]]:
+def has_unsafe_char(text: str) -> bool:
+    """A control, format, line or paragraph separator character."""
+    if text.isascii():
+        return not all(" " <= c < "\x7f" for c in text)
+    return any(unicodedata.category(c) in _UNSAFE_CATEGORIES for c in text)
+
+
+def parse_path(arg: str, keyword: str, bad: Reply,
+               need_domain: bool = False) -> Tuple[str, Dict[str, str]]:
     """`FROM:<addr> PARAMS` -> (addr, {PARAM: value}).
 
     Accepts a space after the colon (common in the wild) and a quoted local
-    part with spaces or '>' inside (RFC 5321 §4.1.2).
+    part with spaces or '>' inside (RFC 5321 §4.1.2).  With `need_domain`, an
+    address without `@domain` is refused, except postmaster (§4.1.1.3).
     """
     head, colon, rest = arg.partition(":")
     if not colon or head.strip().upper() != keyword:
@@ -40,12 +55,29 @@ def parse_path(arg: str, keyword: str, bad: Reply) -> Tuple[str, Dict[str, str]]
     if end < 0:
         raise SmtpError(bad)
     address = rest[1:end]
-    if len(address) + 2 > MAX_PATH or has_control(address) or _unquoted(address, " <"):
+    if len(address) + 2 > MAX_PATH or has_unsafe_char(address) or _unquoted(address, " <"):
         raise SmtpError(bad)
     # A source route (@a,@b:user@c) is obsolete; RFC 5321 §4.1.1.3 says to ignore it.
     if address.startswith("@") and ":" in address:
         address = address.split(":", 1)[1]
+    if address:
+        local, domain = split_address(address)
+        if local.lstrip('"').startswith("-"):
+            raise SmtpError(bad)
+        if need_domain and not domain and local.lower() != "postmaster":
+            raise SmtpError(bad)
     return address, parse_params(rest[end + 1:])
+
+
+def split_address(address: str) -> Tuple[str, str]:
+    """(local part, domain) at the last `@` outside quotes; domain "" when none."""
+    at = -1
+    for i, c in _unquoted_chars(address):
+        if c == "@":
+            at = i
+    if at < 0:
+        return address, ""
+    return address[:at], address[at + 1:]
 
 
 def _unquoted_chars(text: str):
@@ -85,6 +117,6 @@ def parse_params(text: str) -> Dict[str, str]:
 
 def helo_name(arg: str) -> str:
     name = arg.strip(" ")
-    if not name or has_control(name) or len(name) > 255:
+    if not name or has_unsafe_char(name) or len(name) > 255:
         raise SmtpError(replies.BAD_HELO)
     return name

@@ -383,7 +383,7 @@ def test_program_stderr_goes_to_the_log_with_the_session_id(server):
     lines = log.splitlines()
     first = [ln for ln in lines if "process: first line" in ln]
     second = [ln for ln in lines if "process: second line" in ln]
-    mail = [ln for ln in lines if "MAIL FROM:<stderr@example.org>" in ln]
+    mail = [ln for ln in lines if 'MAIL FROM:"stderr@example.org"' in ln]
     assert len(first) == len(second) == len(mail) == 1, log
     tag = re.search(r"\[(\w+)\]", mail[0]).group(1)
     assert f"[{tag}]" in first[0] and f"[{tag}]" in second[0]

@@ -20,7 +20,7 @@ PASSWORD = "correct horse battery"
 RUN_TIMEOUT = 60
 
 # A commented example in the ini file: "# key = value" at the start of a line.
-EXAMPLE_LINE = re.compile(r"^# ([a-z][a-z_-]*) = (.*)$", re.M)
+EXAMPLE_LINE = re.compile(r"^# ([a-z][a-z0-9_-]*) = (.*)$", re.M)
 ENTRY = re.compile(r"^([^:]+):scrypt\$16384\$8\$1\$([A-Za-z0-9+/]+=*)\$([A-Za-z0-9+/]+=*)$")
 
 
@@ -304,10 +304,11 @@ def test_ini_shows_every_option_once(monkeypatch, certs):
     settings = config.parse(["-c", path])
     assert settings.hostname == examples["hostname"]
     assert settings.smtps_port == int(examples["smtps-port"])
+    assert settings.spool_dir == examples["spool-dir"]
     assert settings.auth == ("conf/auth-users", "--users", "var/users")
     for opt in config.OPTIONS:
         if opt.name in examples and opt.name not in ("hostname", "ssl-cert", "ssl-key",
-                                                     "smtps-port"):
+                                                     "smtps-port", "spool-dir"):
             assert getattr(settings, opt.attr) == opt.default, opt.name
 
 

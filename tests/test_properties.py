@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ssmtpd import dotreader, replies, sasl
+from ssmtpd import spool as spooling
 from ssmtpd.replies import SmtpError
 from ssmtpd.stream import ClientGone
 
@@ -201,7 +202,7 @@ def test_endless_line_is_scanned_in_bounded_memory(chunk, filler, dotted):
 @given(st.lists(st.binary(max_size=300), max_size=20), st.integers(min_value=0, max_value=2000))
 def test_spool_keeps_every_octet_and_goes_to_disk_when_big(writes, memory_limit):
     """SPEC §4: the spool returns the message intact, always as a real file to hand over."""
-    spool = dotreader.Spool(memory_limit=memory_limit)
+    spool = spooling.Spool(memory_limit=memory_limit)
     try:
         for data in writes:
             spool.write(data)
@@ -226,7 +227,7 @@ def test_spool_failure_still_reads_to_the_end(monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(tempfile, "TemporaryFile", no_space)
-    spool = dotreader.Spool(memory_limit=10)
+    spool = spooling.Spool(memory_limit=10)
     body = b"x" * 100 + b"\r\nMAIL FROM:<smuggled@x>\r\n"
     stream = ChunkStream(split(body + TERMINATOR + b"NOOP\r\n", [7, 50, 120]))
     result = dotreader.read_message(stream, UNLIMITED, spool)
@@ -288,8 +289,10 @@ def test_login_never_raises_anything_else(username, password):
     decodes_or_refuses(sasl.login, username, password)
 
 
-# Control characters (category Cc: C0, DEL, C1) are refused in names.
-username = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=40)
+# Control, format and line/paragraph separator characters are refused in names.
+UNSAFE = ("Cc", "Cf", "Zl", "Zp")
+username = st.text(st.characters(blacklist_categories=("Cs",) + UNSAFE), min_size=1,
+                   max_size=40)
 password = st.binary(max_size=60).filter(lambda p: b"\0" not in p)
 
 
@@ -310,12 +313,21 @@ def test_plain_round_trip(user, secret, with_authzid):
 @PROPERTY
 @given(username, username, password)
 def test_plain_foreign_authzid_is_refused(authzid, user, secret):
-    """SPEC §5: a PLAIN authzid that differs from the authcid → 535."""
+    """SPEC §5: a PLAIN authzid that differs from the authcid is marked, for the 535."""
     assume(authzid != user)
     message = authzid.encode() + b"\0" + user.encode() + b"\0" + secret
-    with pytest.raises(SmtpError) as e:
-        sasl.plain(message)
-    assert e.value.reply == replies.BAD_CREDENTIALS
+    creds = sasl.plain(message)
+    assert creds.foreign_authzid and creds.username == user
+
+
+@PROPERTY
+@given(username, username, st.characters(whitelist_categories=UNSAFE), password)
+def test_plain_unsafe_name_is_refused(head, tail, bad, secret):
+    """README "Envelope rules": a name with a control, format or separator character → 501."""
+    for name in (head + bad + tail, bad + tail, head + bad):
+        with pytest.raises(SmtpError) as e:
+            sasl.plain(b"\0" + name.encode("utf-8") + b"\0" + secret)
+        assert e.value.reply == replies.BAD_CREDENTIALS_SYNTAX
 
 
 @PROPERTY

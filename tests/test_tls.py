@@ -537,3 +537,37 @@ def test_no_renegotiation(server, tmp_path):
     assert "no renegotiation" in text, text[-2000:]
     # The NOOP after the refused renegotiation never got an answer.
     assert "250 2.0.0 OK" not in text, text[-2000:]
+
+
+# --- TLS 1.2 cipher suites ----------------------------------------------------------
+
+def s_client_cipher(srv, cipher: str):
+    """openssl s_client over STARTTLS with TLS 1.2 and one cipher suite: the suite the
+    server agreed to, or None when the handshake failed."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is not installed (.ci/run installs it)")
+    result = subprocess.run(
+        [openssl, "s_client", "-starttls", "smtp", "-connect", f"127.0.0.1:{srv.port}",
+         "-CAfile", srv.ca, "-tls1_2", "-cipher", cipher, "-crlf"],
+        input=b"QUIT\n", capture_output=True, timeout=30)
+    out = result.stdout.decode(errors="replace")
+    for line in out.splitlines():
+        if "Cipher is " in line and "(NONE)" not in line:
+            return line.split("Cipher is ", 1)[1].strip()
+    return None
+
+
+@pytest.mark.parametrize("cipher,accepted", [
+    ("ECDHE-ECDSA-AES128-GCM-SHA256", True),
+    ("ECDHE-ECDSA-AES256-GCM-SHA384", True),
+    ("ECDHE-ECDSA-CHACHA20-POLY1305", True),
+    ("ECDHE-ECDSA-AES128-SHA", False),      # CBC
+    ("ECDHE-ECDSA-AES256-SHA384", False),   # CBC
+    ("ECDHE-ECDSA-AES128-SHA256", False),   # CBC
+    ("AES128-GCM-SHA256", False),           # no forward secrecy
+])
+def test_tls_1_2_offers_only_forward_secret_aead_suites(server, cipher, accepted):
+    """SPEC §8: TLS 1.2 suites are ECDHE with AES-GCM or ChaCha20-Poly1305 only."""
+    agreed = s_client_cipher(server, cipher)
+    assert agreed == (cipher if accepted else None)

@@ -1,0 +1,141 @@
+"""Accounting across connections: who holds how many slots, who failed to log in.
+
+A defence that lives inside one connection is one reconnect away from useless
+(README "Limits and abuse"), so these counts are kept per client address for
+the whole server.  An IPv6 client is counted by its prefix: one /64 is usually
+one customer, who holds as many addresses as they like inside it.
+
+Everything here is plain bookkeeping with an injectable clock, no I/O.
+"""
+
+import collections
+import ipaddress
+import time
+from typing import Callable, Deque, Dict, Optional
+
+# Refusal reasons of ConnectionCount.admit (also the metrics' labels).
+TOO_MANY = "max-connections"
+TOO_MANY_FROM_ADDRESS = "max-connections-per-ip"
+
+# Postfix enters its stress mode when the process limit is nearly reached;
+# we do when more than this share of --max-connections is in use.
+PRESSURE_SHARE = 0.75
+
+# Bounds the failed-login table against an attacker with many addresses: past
+# this many addresses the one with the oldest failure is forgotten first.
+MAX_TRACKED_ADDRESSES = 100_000
+
+
+def address_key(ip: str, ipv6_prefix_length: int) -> str:
+    """What per-address limits count by: IPv4 whole, IPv6 by its prefix."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip  # not an IP address (a UNIX socket, say): count it as it is
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    network = ipaddress.IPv6Network((address, ipv6_prefix_length), strict=False)
+    return str(network)
+
+
+class ConnectionCount:
+    """Open sessions, in all and per address key."""
+
+    def __init__(self, max_total: int, max_per_key: int):
+        self.max_total = max_total
+        self.max_per_key = max_per_key
+        self.total = 0
+        self._per_key: Dict[str, int] = collections.Counter()
+
+    def admit(self, key: str) -> Optional[str]:
+        """Take a slot for `key`, or return why not (TOO_MANY, TOO_MANY_FROM_ADDRESS)."""
+        if self.total >= self.max_total:
+            return TOO_MANY
+        if self._per_key[key] >= self.max_per_key:
+            return TOO_MANY_FROM_ADDRESS
+        self.total += 1
+        self._per_key[key] += 1
+        return None
+
+    def release(self, key: str) -> None:
+        self.total -= 1
+        self._per_key[key] -= 1
+        if not self._per_key[key]:
+            del self._per_key[key]
+
+    def of(self, key: str) -> int:
+        return self._per_key.get(key, 0)
+
+    @property
+    def under_pressure(self) -> bool:
+        return self.total > PRESSURE_SHARE * self.max_total
+
+
+class FailedLogins:
+    """Failed AUTHs per address key over a sliding window.
+
+    Only the newest `limit` failure times of a key are kept: that is all that
+    decides whether the key is blocked, so one address cannot grow the table
+    by failing more.
+    """
+
+    def __init__(self, limit: int, window: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = MAX_TRACKED_ADDRESSES):
+        self.limit = limit
+        self.window = window
+        self.max_keys = max_keys
+        self._clock = clock
+        # Ordered by each key's newest failure, oldest first, so expired keys
+        # are found at the front without a scan.
+        self._failures: "collections.OrderedDict[str, Deque[float]]" = collections.OrderedDict()
+
+    def record(self, key: str) -> None:
+        now = self._clock()
+        self._forget_expired(now)
+        times = self._failures.pop(key, None)
+        if times is None:
+            times = collections.deque(maxlen=self.limit)
+            while len(self._failures) >= self.max_keys:
+                self._failures.popitem(last=False)
+        times.append(now)
+        self._failures[key] = times
+
+    def blocked(self, key: str) -> bool:
+        """True while `key` has `limit` failures inside the window."""
+        times = self._failures.get(key)
+        if times is None or len(times) < self.limit:
+            return False
+        return times[0] > self._clock() - self.window
+
+    def count(self, key: str) -> int:
+        """Failures of `key` inside the window (for logs and tests)."""
+        horizon = self._clock() - self.window
+        return sum(1 for t in self._failures.get(key, ()) if t > horizon)
+
+    def _forget_expired(self, now: float) -> None:
+        horizon = now - self.window
+        while self._failures:
+            key, times = next(iter(self._failures.items()))
+            if times[-1] > horizon:
+                return
+            del self._failures[key]
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+
+class Limits:
+    """The server-wide counts one server's sessions consult."""
+
+    def __init__(self, settings):
+        self.ipv6_prefix_length = settings.ipv6_prefix_length
+        self.connections = ConnectionCount(settings.max_connections,
+                                           settings.max_connections_per_ip)
+        self.logins = FailedLogins(settings.max_auth_failures_per_ip,
+                                   settings.auth_failure_window)
+
+    def key(self, ip: str) -> str:
+        return address_key(ip, self.ipv6_prefix_length)

@@ -1,0 +1,124 @@
+"""The per-address accounting in ssmtpd/limits.py, alone (SPEC §8).
+
+Pure bookkeeping with a clock we drive, so the window arithmetic and the IPv6
+grouping are checked exactly; test_abuse.py checks the same rules end to end.
+"""
+
+import ipaddress
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ssmtpd.limits import (TOO_MANY, TOO_MANY_FROM_ADDRESS, ConnectionCount, FailedLogins,
+                           address_key)
+
+PROPERTY = settings(max_examples=300, deadline=None)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+# --- grouping addresses -------------------------------------------------------------
+
+def test_ipv6_addresses_of_one_prefix_share_a_key():
+    """SPEC §8: IPv6 clients count by their --ipv6-prefix-length prefix (default 64)."""
+    a = address_key("2001:db8:1:2::a", 64)
+    assert a == address_key("2001:db8:1:2:ffff:ffff:ffff:ffff", 64) == "2001:db8:1:2::/64"
+    assert a != address_key("2001:db8:1:3::a", 64)
+    assert address_key("2001:db8:1:3::a", 48) == address_key("2001:db8:1:2::a", 48)
+    assert address_key("2001:db8::a", 128) != address_key("2001:db8::b", 128)
+
+
+def test_ipv4_counts_whole_and_mapped_addresses_are_ipv4():
+    """SPEC §8: IPv4 by its whole address, also when a dual-stack socket maps it."""
+    assert address_key("192.0.2.1", 64) == "192.0.2.1"
+    assert address_key("192.0.2.1", 64) != address_key("192.0.2.2", 64)
+    assert address_key("::ffff:192.0.2.1", 64) == "192.0.2.1"
+
+
+@PROPERTY
+@given(st.integers(0, 2**128 - 1), st.integers(0, 2**128 - 1), st.integers(0, 128))
+def test_same_key_exactly_when_same_prefix(a, b, length):
+    """Two IPv6 addresses share a key if and only if their first `length` bits agree."""
+    for address in (a, b):
+        if ipaddress.IPv6Address(address).ipv4_mapped is not None:
+            return  # counted as IPv4, tested above
+    same_prefix = (a >> (128 - length)) == (b >> (128 - length)) if length else True
+    key_a = address_key(str(ipaddress.IPv6Address(a)), length)
+    key_b = address_key(str(ipaddress.IPv6Address(b)), length)
+    assert (key_a == key_b) == same_prefix
+
+
+# --- connections -------------------------------------------------------------------
+
+def test_connection_count_refuses_at_each_limit():
+    count = ConnectionCount(max_total=3, max_per_key=2)
+    assert count.admit("a") is None and count.admit("a") is None
+    assert count.admit("a") == TOO_MANY_FROM_ADDRESS
+    assert count.admit("b") is None
+    assert count.admit("c") == TOO_MANY
+    count.release("a")
+    assert count.admit("c") is None
+    assert count.total == 3 and count.of("a") == 1
+
+
+def test_pressure_is_more_than_three_quarters():
+    """SPEC §8: under pressure while more than 3/4 of --max-connections are in use."""
+    count = ConnectionCount(max_total=8, max_per_key=8)
+    for _ in range(6):
+        count.admit("a")
+    assert not count.under_pressure
+    count.admit("a")
+    assert count.under_pressure
+    count.release("a")
+    assert not count.under_pressure
+
+
+# --- failed logins -----------------------------------------------------------------
+
+def test_blocked_after_limit_failures_inside_the_window():
+    clock = Clock()
+    logins = FailedLogins(limit=3, window=60, clock=clock)
+    for _ in range(2):
+        logins.record("a")
+        clock.now += 10
+    assert not logins.blocked("a")
+    logins.record("a")
+    assert logins.blocked("a") and not logins.blocked("b")
+    # The window moves past the oldest failure: two are left, below the limit.
+    clock.now += 40.5
+    assert not logins.blocked("a")
+    assert logins.count("a") == 2
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 100)), max_size=60),
+       st.integers(1, 5), st.floats(1, 200))
+def test_blocked_matches_a_plain_count(events, limit, window):
+    """blocked(key) is exactly: at least `limit` failures of key within the last `window`."""
+    clock = Clock()
+    logins = FailedLogins(limit=limit, window=window, clock=clock)
+    history = []
+    for key, pause in events:
+        clock.now += pause
+        logins.record(key)
+        history.append((key, clock.now))
+        for k in "abc":
+            recent = sum(1 for hk, t in history if hk == k and t > clock.now - window)
+            assert logins.blocked(k) == (recent >= limit)
+
+
+def test_table_is_bounded_and_forgets_expired_addresses():
+    clock = Clock()
+    logins = FailedLogins(limit=2, window=10, clock=clock, max_keys=100)
+    for i in range(250):
+        logins.record(f"10.0.{i // 256}.{i % 256}")
+    assert len(logins) == 100
+    clock.now += 11
+    logins.record("192.0.2.1")
+    assert len(logins) == 1
