@@ -8,6 +8,7 @@ against a real server.
 """
 
 import base64
+import io
 import json
 import os
 import re
@@ -430,6 +431,28 @@ def test_log_lines_stay_short_and_escaped(server):
     assert '\\U000f0000' in line
     assert re.search(r'MAIL FROM:"(\\U000f0000)+\.\.\."$', line), line
     assert len(line) < 1100
+
+
+def test_no_log_line_exceeds_one_kib():
+    """SPEC §8: whatever an event carries (a program's 1000-character stderr line
+    behind a long prefix, say), the line is cut at 1 KiB, marked, and stays one line."""
+    from ssmtpd import log
+
+    stream = io.StringIO()
+    logger = log.setup("info", stream)
+    session = log.SessionLog(logger, "0123456789ab", "2001:db8::1")
+    session.set_user("u" * 500)
+    session.warning("process program stderr: %s", log.clean("e" * 5000, 1000))
+    session.info("MAIL FROM:%s", log.quote('"\\\n' * 1000))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        message = line.split(" ", 2)[2]  # after the time and the level
+        assert len(message) <= log.MAX_LINE
+    assert lines[0].endswith(" [truncated]")
+    assert '"uuuu' in lines[0]
+    # 25 escaped triples of 8 characters fill the 200 a value may have.
+    assert lines[1].endswith('MAIL FROM:"' + r'\"\\\x0a' * 25 + '..."')
 
 
 # --- IPv6 prefixes, end to end in a network namespace of our own --------------------
