@@ -7,6 +7,7 @@ become ConfigError("--name: why"), which the CLI prints on one line with exit 2.
 
 import argparse
 import configparser
+import ipaddress
 import os
 import shlex
 import shutil
@@ -83,6 +84,19 @@ def _spool_dir(value):
     except OSError as e:
         raise ValueError(f"cannot create files in {value}: {e.strerror}") from None
     return value
+
+
+def _networks(value):
+    """CIDR[,CIDR...] -> a tuple of networks; a bare address is a /32 or /128."""
+    if value in (None, ""):
+        return ()
+    networks = []
+    for part in value.split(","):
+        try:
+            networks.append(ipaddress.ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not an address or CIDR network") from None
+    return tuple(networks)
 
 
 def _readable_file(value):
@@ -181,6 +195,12 @@ OPTIONS: Tuple[Option, ...] = (
            "than 3/4 of --max-connections are in use", "float", _positive),
     Option("spool-dir", None, "directory for messages too large to keep in memory "
            "(default: the system's temporary directory)", check=_spool_dir),
+    Option("workers", 1, "worker processes serving the same ports; above 1, a master "
+           "process supervises them", "int", _positive),
+    Option("proxy-protocol", False, "expect a HAProxy PROXY protocol header (v1 or v2) on "
+           "every connection, from --proxy-trusted addresses only", "bool"),
+    Option("proxy-trusted", None, "comma-separated addresses or CIDR networks allowed to "
+           "send PROXY headers (required with --proxy-protocol)", check=_networks),
     Option("received-header", True, "prepend a Received: trace header", "bool"),
     Option("log-level", "info", "debug, info, warning or error", check=_log_level),
 )
@@ -215,6 +235,9 @@ class Settings:
     ipv6_prefix_length: int
     busy_timeout: float
     spool_dir: str
+    workers: int
+    proxy_protocol: bool
+    proxy_trusted: Tuple[Any, ...]
     received_header: bool
     log_level: str
 
@@ -324,6 +347,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> Settings:
     if bool(values["ssl_cert"]) != bool(values["ssl_key"]):
         missing = "--ssl-key" if values["ssl_cert"] else "--ssl-cert"
         raise ConfigError(f"{missing}: --ssl-cert and --ssl-key go together")
+    if values["proxy_protocol"] and not values["proxy_trusted"]:
+        raise ConfigError("--proxy-trusted: is required with --proxy-protocol")
     if values["smtps_port"] is not None and values["smtps_port"] == values["port"]:
         raise ConfigError("--smtps-port: must differ from --port")
     assert set(values) == {f.name for f in fields(Settings)}

@@ -6,6 +6,7 @@ client over a limit hears 421 at once instead of waiting in the backlog.
 """
 
 import errno
+import ipaddress
 import resource
 import secrets
 import signal
@@ -17,7 +18,7 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from ssmtpd import replies
+from ssmtpd import proxy, replies
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Programs
 from ssmtpd.limits import TOO_MANY, Limits
@@ -28,6 +29,8 @@ from ssmtpd.tls import TLSHolder
 BACKLOG = 1024
 # After SIGTERM, how long beyond the longest program run we wait for busy sessions.
 SHUTDOWN_GRACE = 15.0
+# While a PROXY header is incomplete, how long to wait before looking again.
+PROXY_POLL = 0.01
 # How often, while the server is nearly full, sessions that already wait for a
 # line are checked against --busy-timeout (new waits get it directly).
 PRESSURE_SWEEP = 0.5
@@ -162,15 +165,22 @@ class Server:
         # reply back waiting for the client's delayed ACK (~40 ms after TLS).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ip = client_ip(address)
-        key = self.limits.key(ip)
         session_id = secrets.token_hex(6)
+        if self.settings.proxy_protocol:
+            peer, ip = ip, self._proxied_client(sock, ip, session_id)
+            if ip is None:
+                sock.close()  # without a byte: an untrusted peer learns nothing
+                return
+        key = self.limits.key(ip)
         log = SessionLog(self.log, session_id, ip)
+        if self.settings.proxy_protocol:
+            log.debug("via PROXY from %s", peer)
         refusal = self._admit(key)
         if refusal is not None:
             log.warning("refused: %s", refusal.text)
             _refuse(sock, None if implicit_tls else refusal)
             return
-        session = Session(sock, (ip,) + tuple(address[1:]), self.settings, self.tls,
+        session = Session(sock, (ip,), self.settings, self.tls,
                           self.programs, self.limits, log, session_id, implicit_tls)
         self.sessions.add(session)
         try:
@@ -180,6 +190,23 @@ class Server:
             self.limits.connections.release(key)
             if self.stopping and not self.sessions:
                 self._stopped.set()
+
+    def _proxied_client(self, sock, peer: str, session_id: str) -> Optional[str]:
+        """The client's address from the PROXY header, `peer` itself for a
+        LOCAL/UNKNOWN header, or None: untrusted peer, bad or late header."""
+        log = SessionLog(self.log, session_id, peer)
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+        if not any(address in network for network in self.settings.proxy_trusted):
+            log.warning("closed: not a --proxy-trusted address")
+            return None
+        deadline = time.monotonic() + self.settings.timeout
+        try:
+            header = _read_proxy_header(sock, deadline)
+        except (proxy.ProxyError, OSError, gevent.Timeout) as e:
+            why = str(e) if isinstance(e, proxy.ProxyError) else "no complete header in time"
+            log.warning("closed: PROXY header: %s", why)
+            return None
+        return peer if header.client is None else client_ip(header.client)
 
     def _admit(self, key: str) -> Optional[replies.Reply]:
         """Take a connection slot, or return the refusal."""
@@ -239,6 +266,28 @@ class Server:
             self.log.warning("%d sessions still busy after %.0fs; exiting anyway",
                              len(self.sessions), limit)
         self._stopped.set()
+
+
+def _read_proxy_header(sock, deadline: float) -> proxy.Header:
+    """Take exactly the PROXY header off the socket, nothing after it.
+
+    Peeked, not read: on the implicit-TLS port the bytes that follow are the
+    TLS handshake, which must stay in the socket for the TLS layer.  A header
+    normally arrives in one segment; a partial one is looked at again shortly.
+    """
+    with gevent.Timeout(max(0.0, deadline - time.monotonic())):
+        while True:
+            data = sock.recv(proxy.MAX_HEADER, socket.MSG_PEEK)
+            if not data:
+                raise proxy.ProxyError("connection closed before a complete header")
+            header = proxy.parse(data)
+            if header is not None:
+                break
+            gevent.sleep(PROXY_POLL)
+        left = header.length
+        while left:
+            left -= len(sock.recv(left))
+        return header
 
 
 def _socket(address, family, dualstack: bool = False):

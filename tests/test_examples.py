@@ -305,10 +305,12 @@ def test_ini_shows_every_option_once(monkeypatch, certs):
     assert settings.hostname == examples["hostname"]
     assert settings.smtps_port == int(examples["smtps-port"])
     assert settings.spool_dir == examples["spool-dir"]
+    assert [str(n) for n in settings.proxy_trusted] == [examples["proxy-trusted"]]
     assert settings.auth == ("conf/auth-users", "--users", "var/users")
     for opt in config.OPTIONS:
         if opt.name in examples and opt.name not in ("hostname", "ssl-cert", "ssl-key",
-                                                     "smtps-port", "spool-dir"):
+                                                     "smtps-port", "spool-dir",
+                                                     "proxy-trusted"):
             assert getattr(settings, opt.attr) == opt.default, opt.name
 
 

@@ -1,0 +1,224 @@
+"""The PROXY protocol header parser, alone and against a real server (SPEC §9).
+
+ssmtpd/proxy.py is pure, so it is fed headers built here from HAProxy's
+proxy-protocol.txt layout, every prefix of them, and arbitrary bytes.  The
+server tests send headers by hand; tests/test_haproxy.py puts a real HAProxy
+in front.
+"""
+
+import ipaddress
+import socket
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import HOSTNAME, PASSWORD, USER, Raw, plain_token
+from ssmtpd import proxy
+from ssmtpd.proxy import Header, ProxyError
+
+PROPERTY = settings(max_examples=300, deadline=None)
+
+ipv4 = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
+ipv6 = st.integers(0, 2**128 - 1).map(lambda n: str(ipaddress.IPv6Address(n)))
+port = st.integers(0, 65535)
+tlvs = st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=4).map(
+    lambda items: b"".join(bytes([t]) + struct.pack("!H", len(v)) + v for t, v in items))
+after = st.binary(max_size=64)
+
+
+def v1(family, source, dest, sport, dport) -> bytes:
+    return f"PROXY TCP{family} {source} {dest} {sport} {dport}\r\n".encode()
+
+
+def v2(source, dest, sport, dport, extra=b"", command=0x1) -> bytes:
+    if ":" in source:
+        family, block = 0x21, (socket.inet_pton(socket.AF_INET6, source)
+                               + socket.inet_pton(socket.AF_INET6, dest))
+    else:
+        family, block = 0x11, socket.inet_aton(source) + socket.inet_aton(dest)
+    block += struct.pack("!HH", sport, dport) + extra
+    return proxy.V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack(
+        "!H", len(block)) + block
+
+
+@st.composite
+def headers(draw):
+    """(encoded header, expected client address) of every kind we accept."""
+    kind = draw(st.sampled_from(["v1-4", "v1-6", "v2-4", "v2-6"]))
+    addr = ipv4 if kind.endswith("4") else ipv6
+    source, dest, sport, dport = draw(addr), draw(addr), draw(port), draw(port)
+    if kind.startswith("v1"):
+        return v1(kind[-1], source, dest, sport, dport), (source, sport)
+    return v2(source, dest, sport, dport, draw(tlvs)), (source, sport)
+
+
+@PROPERTY
+@given(headers(), after)
+def test_header_round_trip(encoded, rest):
+    """A valid v1 or v2 header yields its client and exactly its own length,
+    whatever follows it (the SMTP dialogue or a TLS handshake)."""
+    header, client = encoded
+    parsed = proxy.parse(header + rest)
+    assert parsed.client == client
+    assert parsed.length == len(header)
+
+
+@PROPERTY
+@given(headers())
+def test_every_prefix_asks_for_more(encoded):
+    """A header cut anywhere is incomplete, never an error and never a wrong answer."""
+    header, _ = encoded
+    for cut in range(len(header)):
+        assert proxy.parse(header[:cut]) is None
+
+
+@PROPERTY
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_crash(data):
+    """Any bytes: incomplete, a header no longer than the data, or ProxyError."""
+    try:
+        parsed = proxy.parse(data)
+    except ProxyError:
+        return
+    if parsed is not None:
+        assert parsed.length <= min(len(data), proxy.MAX_HEADER)
+
+
+@PROPERTY
+@given(st.binary(min_size=1, max_size=40).filter(lambda b: not b.startswith(b"P")
+                                                  and not b.startswith(b"\r")))
+def test_smtp_or_tls_without_header_is_refused(data):
+    """SPEC §9: a connection that does not start with a header is refused at once."""
+    with pytest.raises(ProxyError):
+        proxy.parse(data)
+
+
+def test_local_and_unknown_keep_the_connection_address():
+    """SPEC §9: v2 LOCAL (health checks) and v1 UNKNOWN keep the proxy's own address."""
+    local = proxy.V2_SIGNATURE + bytes([0x20, 0x00]) + b"\x00\x00"
+    assert proxy.parse(local + b"EHLO") == Header(16, 2, None)
+    local_with_block = v2("192.0.2.1", "192.0.2.2", 1, 2, command=0x0)
+    assert proxy.parse(local_with_block).client is None
+    assert proxy.parse(b"PROXY UNKNOWN\r\n") == Header(15, 1, None)
+    assert proxy.parse(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n").client is None
+
+
+@pytest.mark.parametrize("data", [
+    b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\n",          # LF only
+    b"PROXY TCP4 2001:db8::1 192.0.2.2 1 2\r\n",      # family mismatch
+    b"PROXY TCP6 192.0.2.1 192.0.2.2 1 2\r\n",
+    b"PROXY TCP4 192.0.2.1 192.0.2.2 65536 2\r\n",    # port out of range
+    b"PROXY TCP4 192.0.2.1 192.0.2.2 01 2\r\n",       # leading zero
+    b"PROXY TCP4 192.0.2.1 192.0.2.2 1\r\n",          # a field missing
+    b"PROXY TCP4  192.0.2.1 192.0.2.2 1 2\r\n",       # two spaces
+    b"PROXY UDP4 192.0.2.1 192.0.2.2 1 2\r\n",
+    b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2" + b" " * 100 + b"\r\n",  # over 107
+    b"PROXY " + b"x" * 200,
+    proxy.V2_SIGNATURE + bytes([0x10, 0x11]) + b"\x00\x0c" + b"\x00" * 12,  # version 1
+    proxy.V2_SIGNATURE + bytes([0x22, 0x11]) + b"\x00\x0c" + b"\x00" * 12,  # command 2
+    proxy.V2_SIGNATURE + bytes([0x21, 0x12]) + b"\x00\x0c" + b"\x00" * 12,  # DGRAM
+    proxy.V2_SIGNATURE + bytes([0x21, 0x11]) + b"\x00\x04" + b"\x00" * 4,   # block too short
+    proxy.V2_SIGNATURE + bytes([0x21, 0x11]) + b"\xff\xff",                 # over V2_MAX
+    b"\r\n\r\n\x00\r\nQUIX\n" + bytes(8),
+    b"EHLO client.test\r\n",
+    b"\x16\x03\x01\x02\x00",  # a TLS ClientHello
+])
+def test_malformed_headers_are_refused(data):
+    with pytest.raises(ProxyError):
+        proxy.parse(data)
+
+
+# --- against a real server --------------------------------------------------------
+
+@pytest.fixture
+def proxied(make_server):
+    return make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1/32,::1")
+
+
+def connect(srv, source="127.0.0.1", port=None) -> Raw:
+    return Raw(socket.create_connection(("127.0.0.1", port or srv.port), timeout=10,
+                                        source_address=(source, 0)))
+
+
+@pytest.mark.parametrize("make_header", [
+    lambda: v1(4, "203.0.113.7", "192.0.2.25", 40000, 587),
+    lambda: v2("203.0.113.7", "192.0.2.25", 40000, 587),
+])
+def test_client_address_from_header_reaches_the_program(proxied, make_header):
+    """SPEC §9: the header's address is SSMTPD_CLIENT_ADDR, in Received and in the log."""
+    raw = connect(proxied)
+    raw.send(make_header())
+    raw.login(proxied.tls_context())
+    assert raw.send_message()[0] == 250
+    assert raw.cmd("QUIT")[0] == 221
+    (run,) = proxied.runs()
+    assert run["env"]["SSMTPD_CLIENT_ADDR"] == "203.0.113.7"
+    assert "from client.test ([203.0.113.7])" in run["stdin"]
+    assert " 203.0.113.7 -: connected" in proxied.log()
+
+
+def test_local_header_keeps_the_proxy_address(proxied):
+    """SPEC §9: a v2 LOCAL header (a health check) keeps the proxy's own address."""
+    raw = connect(proxied)
+    raw.send(proxy.V2_SIGNATURE + bytes([0x20, 0x00]) + b"\x00\x00")
+    assert raw.reply()[0] == 220
+    assert raw.cmd("QUIT")[0] == 221
+    assert " 127.0.0.1 -: connected" in proxied.log()
+
+
+@pytest.mark.parametrize("first", [b"EHLO client.test\r\n", b"PROXY TCP4 garbage\r\n", b""])
+def test_missing_or_bad_header_is_closed_without_a_byte(make_server, first):
+    """SPEC §9: from a trusted peer, no header, a bad one, or none within --timeout:
+    closed without a byte."""
+    srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1", "--timeout", "1")
+    raw = connect(srv)
+    raw.send(first)
+    assert raw.closed(timeout=5)
+    assert raw.buf == b""
+
+
+def test_untrusted_peer_is_closed_without_a_byte(proxied):
+    """SPEC §9: a connection from outside --proxy-trusted gets nothing, header or not."""
+    raw = connect(proxied, source="127.0.0.2")
+    raw.send(v2("203.0.113.7", "192.0.2.25", 40000, 587))
+    assert raw.closed(timeout=5)
+    assert raw.buf == b""
+    assert "127.0.0.2 -: closed: not a --proxy-trusted address" in proxied.log()
+
+
+def test_header_precedes_the_tls_handshake_on_the_smtps_port(make_server):
+    """SPEC §9: on --smtps-port the header comes first, then the TLS handshake."""
+    from conftest import free_port
+    smtps = free_port()
+    srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
+                      "--smtps-port", str(smtps))
+    sock = socket.create_connection(("127.0.0.1", smtps), timeout=10)
+    sock.sendall(v1(6, "2001:db8::7", "2001:db8::25", 40000, 465))
+    raw = Raw(srv.tls_context().wrap_socket(sock, server_hostname=HOSTNAME))
+    assert raw.reply()[0] == 220
+    assert raw.cmd("EHLO client.test")[0] == 250
+    assert raw.cmd(f"AUTH PLAIN {plain_token(USER, PASSWORD)}")[0] == 235
+    assert raw.send_message()[0] == 250
+    (run,) = srv.runs()
+    assert run["env"]["SSMTPD_CLIENT_ADDR"] == "2001:db8::7"
+    assert "[IPv6:2001:db8::7]" in run["stdin"]
+
+
+def test_per_address_limit_counts_the_real_clients(make_server):
+    """SPEC §9: --max-connections-per-ip counts the addresses in the headers."""
+    srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
+                      "--max-connections-per-ip", "2")
+    held = []
+    for client in ("198.51.100.1", "198.51.100.1", "198.51.100.2"):
+        raw = connect(srv)
+        raw.send(v2(client, "192.0.2.25", 40000, 587))
+        assert raw.reply()[0] == 220
+        held.append(raw)
+    raw = connect(srv)
+    raw.send(v2("198.51.100.1", "192.0.2.25", 40001, 587))
+    code, lines = raw.reply()
+    assert code == 421 and "from your address" in lines[-1]
+    for raw in held:
+        raw.close()
