@@ -1,10 +1,13 @@
 """Entry point: settings, logging, TLS, server; every start-up error is one line + exit 2."""
 
 import os
+import socket
 import sys
 from typing import Optional, Sequence
 
-from ssmtpd import config, log
+from gevent import socket as gsocket
+
+from ssmtpd import arbiter, config, ledger, log
 from ssmtpd.delivery import Programs
 from ssmtpd.server import ListenError, Server
 from ssmtpd.tls import TLSError, TLSHolder
@@ -39,25 +42,49 @@ def _descriptor_hygiene() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _descriptor_hygiene()
+    worker = arbiter.worker_spec_from_env()
     try:
         settings = config.parse(argv)
     except config.ConfigError as e:
         return _fail(str(e))
     logger = log.setup(settings.log_level)
     try:
-        tls = TLSHolder(settings.hostname, settings.ssl_cert, settings.ssl_key)
+        tls = TLSHolder(settings.hostname, settings.ssl_cert, settings.ssl_key,
+                        worker.self_signed_pem() if worker else None)
     except TLSError as e:
         return _fail(f"--ssl-cert: {e}")
+    if worker is not None:
+        return _serve(settings, logger, tls, worker)
     if tls.self_signed:
         logger.warning("no --ssl-cert/--ssl-key: using a self-signed certificate for %s; "
                        "clients will not be able to verify it", settings.hostname)
     if not settings.require_auth:
         logger.warning("--no-require-auth: anyone who connects may submit mail")
+    if settings.workers > 1:
+        master = arbiter.Arbiter(settings, tls, logger,
+                                 sys.argv[1:] if argv is None else argv)
+        try:
+            return master.run()
+        except ListenError as e:
+            return _fail(str(e))
+    return _serve(settings, logger, tls)
+
+
+def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None) -> int:
+    """One process serving clients: the whole server, or one worker of the master's."""
     programs = Programs(settings.auth, settings.process, settings.auth_timeout,
                         settings.process_timeout, dict(os.environ), settings.max_auth_programs)
-    server = Server(settings, tls, programs, logger)
+    if worker is None:
+        server = Server(settings, tls, programs, logger)
+        listeners = None
+    else:
+        limits = ledger.RemoteLimits(
+            socket.socket(fileno=worker.ledger), settings.ipv6_prefix_length,
+            lambda: server.begin_shutdown("master gone"))
+        server = Server(settings, tls, programs, logger, limits)
+        listeners = [(gsocket.socket(fileno=fd), implicit) for fd, implicit in worker.listeners]
     try:
-        server.start()
+        server.start(listeners)
     except ListenError as e:
         return _fail(str(e))
     return server.serve_forever()

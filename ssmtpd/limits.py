@@ -128,7 +128,11 @@ class FailedLogins:
 
 
 class Limits:
-    """The server-wide counts one server's sessions consult."""
+    """The server-wide counts one process's sessions consult.
+
+    With --workers, each worker holds a ledger.RemoteLimits with the same
+    methods instead, and the master keeps the one Limits (README "Scaling").
+    """
 
     def __init__(self, settings):
         self.ipv6_prefix_length = settings.ipv6_prefix_length
@@ -139,3 +143,19 @@ class Limits:
 
     def key(self, ip: str) -> str:
         return address_key(ip, self.ipv6_prefix_length)
+
+    def admit(self, key: str) -> Optional[str]:
+        return self.connections.admit(key)
+
+    def release(self, key: str) -> None:
+        self.connections.release(key)
+
+    @property
+    def under_pressure(self) -> bool:
+        return self.connections.under_pressure
+
+    def login_blocked(self, key: str) -> bool:
+        return self.logins.blocked(key)
+
+    def login_failed(self, key: str) -> None:
+        self.logins.record(key)

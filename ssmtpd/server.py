@@ -12,7 +12,7 @@ import secrets
 import signal
 import socket
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import gevent
 from gevent.event import Event
@@ -21,7 +21,7 @@ from gevent.server import StreamServer
 from ssmtpd import proxy, replies
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Programs
-from ssmtpd.limits import TOO_MANY, Limits
+from ssmtpd.limits import TOO_MANY, TOO_MANY_FROM_ADDRESS, Limits
 from ssmtpd.log import SessionLog
 from ssmtpd.session import Session
 from ssmtpd.tls import TLSHolder
@@ -96,14 +96,48 @@ class ListenError(Exception):
     """A port could not be bound; str() names the option."""
 
 
+def bind_listeners(settings: Settings) -> List[Tuple[socket.socket, bool]]:
+    """Bind every port: [(listening socket, implicit TLS)], or raise ListenError.
+
+    A failure leaves nothing listening.
+    """
+    ports = [("--port", settings.port, False)]
+    if settings.smtps_port:
+        ports.append(("--smtps-port", settings.smtps_port, True))
+    listeners = []
+    try:
+        for option, port, implicit in ports:
+            try:
+                listeners.append((_listen(settings.bind, port), implicit))
+            except OSError as e:
+                raise ListenError(f"{option}: cannot listen on port {port}: "
+                                  f"{e.strerror or e}") from None
+    except ListenError:
+        for listener, _ in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def _listen(bind: Optional[str], port: int) -> socket.socket:
+    if bind is None and socket.has_dualstack_ipv6():
+        return _socket(("::", port), socket.AF_INET6, dualstack=True)
+    host = bind if bind is not None else "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return _socket((host, port), family)
+
+
 class Server:
-    def __init__(self, settings: Settings, tls: TLSHolder, programs: Programs, logger):
+    """One process's clients: the whole server, or one worker of --workers."""
+
+    def __init__(self, settings: Settings, tls: TLSHolder, programs: Programs, logger,
+                 limits=None):
         self.settings = settings
         self.tls = tls
         self.programs = programs
         self.log = logger
         self.sessions = set()
-        self.limits = Limits(settings)
+        self.limits = limits if limits is not None else Limits(settings)
         self.stopping = False
         self._sweeper: Optional[gevent.Greenlet] = None
         self._stopped = Event()
@@ -112,46 +146,25 @@ class Server:
 
     # --- start ---------------------------------------------------------------
 
-    def start(self) -> None:
-        """Bind and listen, or raise ListenError."""
+    def start(self, listeners=None) -> None:
+        """Bind and listen, or raise ListenError; a worker is given its listeners."""
         # Before the port opens: a supervisor may signal as soon as it can connect.
         self._signal_handlers = [
             gevent.signal_handler(signal.SIGTERM, self.begin_shutdown, "SIGTERM"),
             gevent.signal_handler(signal.SIGINT, self.begin_shutdown, "SIGINT"),
             gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.tls.reload))]
         raise_descriptor_limit(self.settings.max_connections, self.log)
-        ports = [("--port", self.settings.port, False)]
-        if self.settings.smtps_port:
-            ports.append(("--smtps-port", self.settings.smtps_port, True))
-        listeners = []
-        try:
-            for option, port, implicit in ports:
-                try:
-                    listeners.append((self._listen(port), implicit))
-                except OSError as e:
-                    raise ListenError(f"{option}: cannot listen on port {port}: "
-                                      f"{e.strerror or e}") from None
-        except ListenError:
-            for listener, _ in listeners:
-                listener.close()
-            raise
-        # Only once every port is bound: a failure must leave nothing listening.
+        inherited = listeners is not None
+        if not inherited:
+            listeners = bind_listeners(self.settings)
         for listener, implicit in listeners:
             server = _Listener(listener, self._handler(implicit), self.log)
             server.start()
             self._servers.append(server)
             host, port = listener.getsockname()[:2]
-            self.log.info("listening on %s port %d (%s)", host, port,
-                          "implicit TLS" if implicit else "STARTTLS")
+            self.log.info("%s on %s port %d (%s)", "accepting" if inherited else "listening",
+                          host, port, "implicit TLS" if implicit else "STARTTLS")
         self._sweeper = gevent.spawn(self._sweep_strangers)
-
-    def _listen(self, port: int) -> socket.socket:
-        bind = self.settings.bind
-        if bind is None and socket.has_dualstack_ipv6():
-            return _socket(("::", port), socket.AF_INET6, dualstack=True)
-        host = bind if bind is not None else "0.0.0.0"
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return _socket((host, port), family)
 
     # --- per client ----------------------------------------------------------
 
@@ -187,7 +200,7 @@ class Server:
             session.run()
         finally:
             self.sessions.discard(session)
-            self.limits.connections.release(key)
+            self.limits.release(key)
             if self.stopping and not self.sessions:
                 self._stopped.set()
 
@@ -212,10 +225,13 @@ class Server:
         """Take a connection slot, or return the refusal."""
         if self.stopping:
             return replies.SHUTTING_DOWN
-        reason = self.limits.connections.admit(key)
+        reason = self.limits.admit(key)
         if reason is None:
             return None
-        return replies.TOO_MANY_CONNECTIONS if reason == TOO_MANY else replies.TOO_MANY_FROM_IP
+        # Anything else: a worker whose master is gone is about to stop.
+        return {TOO_MANY: replies.TOO_MANY_CONNECTIONS,
+                TOO_MANY_FROM_ADDRESS: replies.TOO_MANY_FROM_IP}.get(reason,
+                                                                    replies.SHUTTING_DOWN)
 
     def _sweep_strangers(self) -> None:
         """Postfix's stress mode, for sessions that began waiting before the
@@ -223,7 +239,7 @@ class Server:
         busy_timeout = self.settings.busy_timeout
         while not self.stopping:
             gevent.sleep(PRESSURE_SWEEP)
-            if self.limits.connections.under_pressure:
+            if self.limits.under_pressure:
                 for session in list(self.sessions):
                     session.expire_if_stranger(busy_timeout)
 

@@ -77,7 +77,7 @@ IN_MAIL = Need(lambda s: s.mail_from is not None, replies.NEED_MAIL)
 HAS_RCPT = Need(lambda s: bool(s.rcpt_to), replies.NEED_RCPT)
 NO_TLS_YET = Need(lambda s: not s.tls_version, replies.TLS_ACTIVE)
 # README "Limits and abuse": checked before the auth program would run.
-LOGINS_ALLOWED = Need(lambda s: not s.limits.logins.blocked(s.address_key),
+LOGINS_ALLOWED = Need(lambda s: not s.limits.login_blocked(s.address_key),
                       replies.TOO_MANY_FAILED_LOGINS,
                       "AUTH refused: too many failed logins from this address")
 SPOOL_HAS_ROOM = Need(lambda s: spool.has_room(s.settings.spool_dir,
@@ -175,7 +175,7 @@ class Session:
         """Wait for the client's next line or handshake: --timeout, or
         --busy-timeout for a stranger while the server is nearly full."""
         timeout = self.settings.timeout
-        if self.user is None and self.limits.connections.under_pressure:
+        if self.user is None and self.limits.under_pressure:
             timeout = min(timeout, self.settings.busy_timeout)
         self.waiting_for_line_since = time.monotonic()
         try:
@@ -240,7 +240,7 @@ class Session:
         if reply.code == 535:
             self.auth_failures += 1
             # Counted per address too: a reconnect must not reset it (SPEC §8).
-            self.limits.logins.record(self.address_key)
+            self.limits.login_failed(self.address_key)
             # A pause before answering makes password guessing slow (SPEC §5).
             gevent.sleep(self.settings.auth_failure_delay)
             if self.auth_failures >= MAX_AUTH_FAILURES:

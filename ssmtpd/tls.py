@@ -4,7 +4,7 @@ import datetime
 import logging
 import os
 import tempfile
-from typing import Optional
+from typing import Optional, Tuple
 
 from gevent import ssl
 
@@ -74,10 +74,14 @@ class TLSHolder:
     disturbs a handshake in progress.
     """
 
-    def __init__(self, hostname: str, cert_file: Optional[str], key_file: Optional[str]):
+    def __init__(self, hostname: str, cert_file: Optional[str], key_file: Optional[str],
+                 self_signed: Optional[Tuple[bytes, bytes]] = None):
         self.hostname = hostname
         self.cert_file = cert_file
         self.key_file = key_file
+        # (certificate, key) PEM when none is configured: made here, or handed
+        # down by the master so that every worker shows the same certificate.
+        self.self_signed_pem = self_signed
         self.context: ssl.SSLContext = self._load()
 
     @property
@@ -87,7 +91,9 @@ class TLSHolder:
     def _load(self) -> ssl.SSLContext:
         if self.cert_file:
             return make_context(self.cert_file, self.key_file)
-        cert_pem, key_pem = self_signed_pem(self.hostname)
+        if self.self_signed_pem is None:
+            self.self_signed_pem = self_signed_pem(self.hostname)
+        cert_pem, key_pem = self.self_signed_pem
         # load_cert_chain only reads files; keep the key file private and brief.
         with tempfile.TemporaryDirectory(prefix="ssmtpd-") as tmp:
             cert_path = os.path.join(tmp, "cert.pem")

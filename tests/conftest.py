@@ -92,6 +92,25 @@ def make_certs(directory: str, names=("localhost", HOSTNAME), serial_cn="ssmtpd 
     return paths
 
 
+def two_certificates(directory: str):
+    """For certificate reload tests: two CAs with a leaf each ("ssmtpd first",
+    "ssmtpd second"), and live cert.pem/key.pem paths holding the first.
+
+    Returns (first, second, cert, key); first and second are (ca, cert, key).
+    """
+    import shutil
+    paths = []
+    for name in ("first", "second", "live"):
+        os.makedirs(os.path.join(directory, name), exist_ok=True)
+        paths.append(os.path.join(directory, name))
+    first = make_certs(paths[0], serial_cn="ssmtpd first")
+    second = make_certs(paths[1], serial_cn="ssmtpd second")
+    cert, key = os.path.join(paths[2], "cert.pem"), os.path.join(paths[2], "key.pem")
+    shutil.copyfile(first[1], cert)
+    shutil.copyfile(first[2], key)
+    return first, second, cert, key
+
+
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory):
     return make_certs(str(tmp_path_factory.mktemp("certs")))
@@ -241,12 +260,16 @@ class Raw:
         self.sock = ctx.wrap_socket(self.sock, server_hostname=HOSTNAME)
         self.buf = b""
 
-    def login(self, ctx, user=USER, password=PASSWORD) -> None:
-        """EHLO, STARTTLS, EHLO, AUTH PLAIN: the usual start of a submission."""
+    def hello(self, ctx) -> None:
+        """Greeting, EHLO, STARTTLS, EHLO: ready for AUTH."""
         assert self.reply()[0] == 220
         assert self.cmd("EHLO client.test")[0] == 250
         self.starttls(ctx)
         assert self.cmd("EHLO client.test")[0] == 250
+
+    def login(self, ctx, user=USER, password=PASSWORD) -> None:
+        """EHLO, STARTTLS, EHLO, AUTH PLAIN: the usual start of a submission."""
+        self.hello(ctx)
         token = plain_token(user, password)
         code, lines = self.cmd(f"AUTH PLAIN {token}")
         assert code == 235, lines

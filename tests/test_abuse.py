@@ -37,10 +37,7 @@ def connect_from(srv, source="127.0.0.1", timeout=10) -> Raw:
 def tls_session(srv, source="127.0.0.1") -> Raw:
     """Greeting, EHLO, STARTTLS, EHLO: ready for AUTH."""
     raw = connect_from(srv, source)
-    assert raw.reply()[0] == 220
-    assert raw.cmd("EHLO client.test")[0] == 250
-    raw.starttls(srv.tls_context())
-    assert raw.cmd("EHLO client.test")[0] == 250
+    raw.hello(srv.tls_context())
     return raw
 
 

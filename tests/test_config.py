@@ -310,6 +310,17 @@ BAD_CONFIGS = {
     "require-tls-env-maybe": ((), [], {"SSMTPD_REQUIRE_TLS": "maybe"}, "REQUIRE_TLS"),
     "require-tls-ini-maybe": ((), ["-c", "{ini_bool}"], None, "require-tls"),
     "bind-not-an-ip": ((), ["--bind", "not-an-ip"], None, "--bind"),
+    "workers-zero": ((), ["--workers", "0"], None, "--workers"),
+    "max-auth-programs-zero": ((), ["--max-auth-programs", "0"], None, "--max-auth-programs"),
+    "auth-failure-window-zero": ((), ["--auth-failure-window", "0"], None,
+                                 "--auth-failure-window"),
+    "ipv6-prefix-length-129": ((), ["--ipv6-prefix-length", "129"], None,
+                               "--ipv6-prefix-length"),
+    "busy-timeout-zero": ((), ["--busy-timeout", "0"], None, "--busy-timeout"),
+    "proxy-protocol-untrusted": ((), ["--proxy-protocol"], None, "--proxy-trusted"),
+    "proxy-trusted-not-a-network": ((), ["--proxy-protocol", "--proxy-trusted", "10.0.0.0/33"],
+                                    None, "--proxy-trusted"),
+    "spool-dir-missing": ((), ["--spool-dir", "/nonexistent/spool"], None, "--spool-dir"),
     "config-file-missing": ((), ["-c", "/nonexistent/ssmtpd.ini"], None,
                             "/nonexistent/ssmtpd.ini"),
 }
@@ -323,6 +334,18 @@ def test_bad_config(tmp_path, certs, bad_files, case):
     args = without(valid_args(certs, port), *drop) + add
     args = [a.format(port=port, **bad_files) for a in args]
     assert_refused(run_ssmtpd(args, tmp_path, env), option)
+
+
+def test_port_in_use_with_workers(tmp_path, certs):
+    """SPEC §9/§2: with --workers the master binds first: a taken port is the same one
+    line and exit 2, and no worker starts."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run_ssmtpd(valid_args(certs, port) + ["--workers", "2"], tmp_path)
+    assert_refused(result, "--port")
+    assert "worker" not in result.stderr
 
 
 def test_port_in_use(tmp_path, certs):

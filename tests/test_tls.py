@@ -17,7 +17,7 @@ import warnings
 import pytest
 
 from conftest import (HOSTNAME, Raw, client_context, free_port, make_certs, plain_token,
-                      wait_for_port, wait_until)
+                      two_certificates, wait_for_port, wait_until)
 from ssmtpd import replies
 
 MESSAGE = b"Subject: tls test\r\n\r\nhello over TLS\r\n"
@@ -321,16 +321,7 @@ def test_self_signed_certificate_when_none_configured(make_server):
 
 def test_sighup_reloads_certificate(make_server, tmp_path):
     """SPEC §6 SIGHUP: new sessions get the new cert, open ones go on, a bad file is ignored."""
-    first = tmp_path / "first"
-    second = tmp_path / "second"
-    live = tmp_path / "live"
-    for d in (first, second, live):
-        d.mkdir()
-    ca_a, cert_a, key_a = make_certs(str(first), serial_cn="ssmtpd first")
-    ca_b, cert_b, key_b = make_certs(str(second), serial_cn="ssmtpd second")
-    cert, key = str(live / "cert.pem"), str(live / "key.pem")
-    shutil.copyfile(cert_a, cert)
-    shutil.copyfile(key_a, key)
+    (ca_a, cert_a, key_a), (ca_b, cert_b, key_b), cert, key = two_certificates(str(tmp_path))
     srv = make_server("--ssl-cert", cert, "--ssl-key", key, with_tls=False)
 
     def session(ca):

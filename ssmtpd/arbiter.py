@@ -1,0 +1,279 @@
+"""The master of --workers N: it binds, starts workers, replaces them, passes signals on.
+
+The master serves no client itself (README "Scaling").  It binds the ports
+(so 587 and 465 need root only here), then starts N workers with
+posix_spawn: each is a fresh `python -m ssmtpd` with the same arguments and
+environment, plus SSMTPD_WORKER naming the descriptors it inherits: the
+listening sockets, which every worker accepts on (the kernel hands each new
+connection to one of them), and its channel to the master's ledger of
+per-address counts (ledger.py).  A fresh interpreter, rather than a fork of
+this one, shares no event loop, greenlet or lock with the master.
+
+Signals are queued by their handlers and acted on in the master's loop:
+SIGTERM/SIGINT are passed to every worker, which drains as a single server
+does, and the master exits 0 once all have; SIGHUP is passed on so each
+worker reloads the certificate.  A worker that dies is replaced; one that
+dies soon after starting is replaced after a growing pause, so a worker that
+cannot start does not spin.
+"""
+
+import collections
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Deque, List, Optional, Tuple
+
+import gevent
+from gevent.event import Event
+
+from ssmtpd import ledger
+from ssmtpd.limits import Limits
+from ssmtpd.server import SHUTDOWN_GRACE, bind_listeners
+
+WORKER_ENV = "SSMTPD_WORKER"
+# A worker that lived shorter than this is taken to have crashed at start.
+MIN_LIFETIME = 10.0
+FIRST_BACKOFF = 1.0
+MAX_BACKOFF = 30.0
+# The master wakes up at least this often to reap and respawn.
+TICK = 0.25
+
+
+@dataclass
+class WorkerSpec:
+    """What one worker inherits, encoded into SSMTPD_WORKER."""
+
+    index: int
+    listeners: List[Tuple[int, bool]]  # (descriptor, implicit TLS)
+    ledger: int
+    tls: Optional[Tuple[int, int]] = None  # (memfd of cert + key PEM, length of the cert)
+
+    def encode(self) -> str:
+        parts = [f"index={self.index}", f"ledger={self.ledger}",
+                 "listen=" + ",".join(f"{fd}:{int(tls)}" for fd, tls in self.listeners)]
+        if self.tls is not None:
+            parts.append(f"tls={self.tls[0]}:{self.tls[1]}")
+        return ";".join(parts)
+
+    @classmethod
+    def decode(cls, text: str) -> "WorkerSpec":
+        fields_ = dict(part.split("=", 1) for part in text.split(";"))
+        listeners = [(int(fd), tls == "1") for fd, tls in
+                     (item.split(":") for item in fields_["listen"].split(","))]
+        tls = None
+        if "tls" in fields_:
+            fd, length = fields_["tls"].split(":")
+            tls = (int(fd), int(length))
+        return cls(int(fields_["index"]), listeners, int(fields_["ledger"]), tls)
+
+    def self_signed_pem(self) -> Optional[Tuple[bytes, bytes]]:
+        """The master's self-signed (certificate, key), read from the inherited memfd."""
+        if self.tls is None:
+            return None
+        fd, cert_length = self.tls
+        blob = b""
+        while True:  # pread: every worker shares the descriptor's offset
+            chunk = os.pread(fd, 65536, len(blob))
+            if not chunk:
+                break
+            blob += chunk
+        os.close(fd)
+        return blob[:cert_length], blob[cert_length:]
+
+
+def worker_spec_from_env() -> Optional[WorkerSpec]:
+    """This process's WorkerSpec if the master started it; removed from the
+    environment so that no program inherits it."""
+    text = os.environ.pop(WORKER_ENV, None)
+    return WorkerSpec.decode(text) if text else None
+
+
+@dataclass
+class _Slot:
+    """One of the N places a worker fills."""
+
+    index: int
+    pid: Optional[int] = None
+    started: float = 0.0
+    backoff: float = 0.0
+    due: float = 0.0  # when to start the next worker here
+
+
+class Arbiter:
+    """Supervises settings.workers workers; `tls` is the master's TLSHolder (it
+    has checked the certificate, or holds the self-signed one to share)."""
+
+    def __init__(self, settings, tls, logger, argv: List[str]):
+        self.settings = settings
+        self.tls = tls
+        self.log = logger
+        self.argv = list(argv)
+        self.stopping = False
+        self.listeners: List[Tuple[object, bool]] = []
+        self.ledger = ledger.Ledger(Limits(settings))
+        self._slots = [_Slot(i + 1) for i in range(settings.workers)]
+        self._signals: Deque[int] = collections.deque()
+        self._wake = Event()
+        self._tls_memfd: Optional[Tuple[int, int]] = None
+
+    def run(self) -> int:
+        """Bind, start the workers and supervise them until SIGTERM/SIGINT; the exit status.
+
+        Raises server.ListenError before any worker starts if a port cannot be bound.
+        """
+        # No SIGCHLD: libev's default loop owns that signal; dead workers are
+        # found by polling waitpid every TICK instead.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            gevent.signal_handler(signum, self._queue, signum)
+        self.listeners = bind_listeners(self.settings)
+        for sock, implicit in self.listeners:
+            host, port = sock.getsockname()[:2]
+            self.log.info("master %d: listening on %s port %d (%s), %d workers", os.getpid(),
+                          host, port, "implicit TLS" if implicit else "STARTTLS",
+                          self.settings.workers)
+        self._tls_memfd = self._share_self_signed()
+        stop_deadline = None
+        while True:
+            self._reap()
+            self._handle_signals()
+            if self.stopping:
+                if not self._live():
+                    break
+                if stop_deadline is None:
+                    stop_deadline = time.monotonic() + self._drain_limit()
+                elif time.monotonic() > stop_deadline:
+                    self._kill_all(signal.SIGKILL, "did not stop in time")
+            else:
+                self._start_due_workers()
+            self._wake.wait(TICK)
+            self._wake.clear()
+        self.log.info("master %d: all workers stopped", os.getpid())
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return 0
+
+    # --- signals, acted on in the loop, never in the handler ---------------------
+
+    def _queue(self, signum) -> None:
+        self._signals.append(signum)
+        self._wake.set()
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.popleft()
+            if signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                self.stopping = True
+                self.log.info("master %d: %s: stopping %d workers", os.getpid(),
+                              signal.Signals(signum).name, len(self._live()))
+                for sock, _ in self.listeners:
+                    sock.close()  # the workers' copies keep serving until they drain
+                self._kill_all(signal.SIGTERM)
+            elif signum == signal.SIGHUP and not self.stopping:
+                self.log.info("master %d: SIGHUP: passed on to %d workers", os.getpid(),
+                              len(self._live()))
+                self._kill_all(signal.SIGHUP)
+
+    def _kill_all(self, signum, why: str = "") -> None:
+        for slot in self._live():
+            if why:
+                self.log.error("worker %d (pid %d) %s; sending %s", slot.index, slot.pid, why,
+                               signal.Signals(signum).name)
+            try:
+                os.kill(slot.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _drain_limit(self) -> float:
+        s = self.settings
+        return s.process_timeout + s.auth_timeout + s.auth_failure_delay + 2 * SHUTDOWN_GRACE
+
+    # --- workers -----------------------------------------------------------------
+
+    def _live(self) -> List[_Slot]:
+        return [slot for slot in self._slots if slot.pid is not None]
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self._slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            self.ledger.detach(pid)
+            slot.pid = None
+            if self.stopping:
+                self.log.info("worker %d (pid %d) stopped: %s", slot.index, pid,
+                              _describe(status))
+                continue
+            lived = time.monotonic() - slot.started
+            slot.backoff = 0.0 if lived >= MIN_LIFETIME else \
+                min(MAX_BACKOFF, max(FIRST_BACKOFF, 2 * slot.backoff))
+            slot.due = time.monotonic() + slot.backoff
+            self.log.error("worker %d (pid %d) %s after %.1fs; starting another in %.0fs",
+                           slot.index, pid, _describe(status), lived, slot.backoff)
+
+    def _start_due_workers(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.pid is None and slot.due <= now:
+                self._spawn(slot)
+
+    def _spawn(self, slot: _Slot) -> None:
+        master_end, worker_end = ledger.channel_pair()
+        spec = WorkerSpec(slot.index, [(sock.fileno(), implicit)
+                                       for sock, implicit in self.listeners],
+                          worker_end.fileno(), self._tls_memfd)
+        inherited = [fd for fd, _ in spec.listeners] + [spec.ledger]
+        if spec.tls is not None:
+            inherited.append(spec.tls[0])
+        env = dict(os.environ)
+        env[WORKER_ENV] = spec.encode()
+        # The worker imports this very package, wherever it was started from.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH")) if p)
+        argv = [sys.executable, "-m", "ssmtpd", *self.argv]
+        # Inheritable only for the instant of the spawn: nothing else of ours
+        # (and no program a worker starts) may keep these descriptors.
+        for fd in inherited:
+            os.set_inheritable(fd, True)
+        try:
+            slot.pid = os.posix_spawn(sys.executable, argv, env)
+        except OSError as e:
+            slot.backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, 2 * slot.backoff))
+            slot.due = time.monotonic() + slot.backoff
+            self.log.error("worker %d: cannot start: %s; trying again in %.0fs", slot.index,
+                           e.strerror or e, slot.backoff)
+            master_end.close()
+            return
+        finally:
+            for fd in inherited:
+                os.set_inheritable(fd, False)
+            worker_end.close()
+        slot.started = time.monotonic()
+        self.ledger.attach(slot.pid, master_end)
+        self.log.info("worker %d (pid %d) started", slot.index, slot.pid)
+
+    def _share_self_signed(self) -> Optional[Tuple[int, int]]:
+        """Without --ssl-cert every worker must show the same self-signed
+        certificate: the master's, in a memfd (the key never touches a disk)."""
+        if self.tls.cert_file:
+            return None
+        cert, key = self.tls.self_signed_pem
+        fd = os.memfd_create("ssmtpd-self-signed", os.MFD_CLOEXEC)
+        blob = cert + key
+        written = 0
+        while written < len(blob):
+            written += os.write(fd, blob[written:])
+        return fd, len(cert)
+
+
+def _describe(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"killed by signal {-code}" if code < 0 else f"exited with status {code}"

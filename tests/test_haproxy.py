@@ -1,0 +1,167 @@
+"""A real HAProxy in front of two ssmtpd instances, speaking PROXY v2 and v1 (SPEC §9).
+
+The HAProxy configuration is the one README "Scaling" shows, with loopback
+ports filled in.  Clients connect to HAProxy from 127.0.0.2 and 127.0.0.3;
+HAProxy connects to ssmtpd from 127.0.0.1, the only --proxy-trusted address.
+"""
+
+import shutil
+import signal
+import socket
+import subprocess
+
+import pytest
+
+from conftest import Raw, free_port, wait_for_port, wait_until
+
+# The README's configuration; {…} are filled in by the test.
+HAPROXY_CFG = """\
+global
+    maxconn 1000
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+
+# Submission: clients connect here; each server gets a PROXY v2 header.
+frontend submission
+    bind {bind}:{port_v2}
+    default_backend ssmtpd
+
+backend ssmtpd
+    balance roundrobin
+    # An SMTP health check (greeting, EHLO, 250) that also sends a PROXY
+    # header: a v2 LOCAL one, so ssmtpd keeps HAProxy's own address for it.
+    option smtpchk EHLO haproxy.test
+    default-server send-proxy-v2 check check-send-proxy inter 1s
+    server a {server_a}
+    server b {server_b}
+
+# The same with PROXY v1 (text), for balancers that only speak that.
+frontend submission_v1
+    bind {bind}:{port_v1}
+    default_backend ssmtpd_v1
+
+backend ssmtpd_v1
+    server a {server_a} send-proxy
+"""
+
+
+@pytest.fixture
+def haproxy_front(make_server, tmp_path):
+    if not shutil.which("haproxy"):
+        pytest.fail("haproxy is not installed (.ci/run installs Debian's haproxy)")
+    common = ("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
+              "--max-connections-per-ip", "1")
+    a, b = make_server(*common), make_server(*common)
+    port_v2, port_v1 = free_port(), free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CFG.format(bind="127.0.0.1", port_v2=port_v2, port_v1=port_v1,
+                                      server_a=f"127.0.0.1:{a.port}",
+                                      server_b=f"127.0.0.1:{b.port}"))
+    check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    log = open(tmp_path / "haproxy.log", "wb")
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port_v2, proc=proc)
+        wait_for_port(port_v1, proc=proc)
+        yield a, b, port_v2, port_v1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def through(port, source) -> Raw:
+    return Raw(socket.create_connection(("127.0.0.1", port), timeout=10,
+                                        source_address=(source, 0)))
+
+
+def submit(srv_tls, port, source, sender):
+    raw = through(port, source)
+    raw.login(srv_tls)
+    code = raw.send_message(sender=sender)[0]
+    raw.cmd("QUIT")
+    raw.close()
+    return code
+
+
+def all_runs(*servers):
+    return {r["env"]["SSMTPD_MAIL_FROM"]: r for srv in servers for r in srv.runs()}
+
+
+def test_messages_through_haproxy_carry_the_client_address(haproxy_front):
+    """SPEC §9: through PROXY v2 and v1, the program sees the client's address, not
+    HAProxy's, in SSMTPD_CLIENT_ADDR and the Received header; both servers serve."""
+    a, b, port_v2, port_v1 = haproxy_front
+    ctx = a.tls_context()
+    for i in range(6):
+        assert submit(ctx, port_v2, "127.0.0.2", f"v2-{i}@example.org") == 250
+    assert submit(ctx, port_v1, "127.0.0.3", "v1@example.org") == 250
+    runs = all_runs(a, b)
+    assert len(runs) == 7
+    for sender, run in runs.items():
+        expected = "127.0.0.3" if sender.startswith("v1") else "127.0.0.2"
+        assert run["env"]["SSMTPD_CLIENT_ADDR"] == expected
+        assert f"([{expected}])" in run["stdin"]
+    assert a.runs() and b.runs(), "round robin should have used both servers"
+
+
+def test_per_address_limit_counts_real_clients_behind_haproxy(haproxy_front):
+    """SPEC §9: --max-connections-per-ip 1 counts the clients in the headers: two
+    servers hold at most two connections of 127.0.0.2, so of three one is refused;
+    127.0.0.3 is still served."""
+    a, b, port_v2, _ = haproxy_front
+    held = []
+    try:
+        codes = []
+        for _ in range(3):
+            raw = through(port_v2, "127.0.0.2")
+            code, lines = raw.reply()
+            codes.append(code)
+            held.append(raw)
+            if code == 421:
+                assert "from your address" in lines[-1]
+        assert codes.count(220) <= 2 and 421 in codes, codes
+        other = through(port_v2, "127.0.0.3")
+        held.append(other)
+        assert other.reply()[0] == 220
+    finally:
+        for raw in held:
+            raw.close()
+
+
+def test_health_checks_do_not_disturb(haproxy_front):
+    """SPEC §9: HAProxy's SMTP health checks (v2 LOCAL) are served as HAProxy's own
+    connections, end cleanly, and leave service and limits alone."""
+    a, b, port_v2, _ = haproxy_front
+    checked = "127.0.0.1 -: disconnected: closed after 221"  # EHLO, 250, QUIT
+    for srv in (a, b):
+        assert wait_until(lambda: srv.log().count(checked) >= 2, timeout=15), srv.log()
+    ctx = a.tls_context()
+    for i in range(4):
+        assert submit(ctx, port_v2, "127.0.0.2", f"hc-{i}@example.org") == 250
+    for srv in (a, b):
+        log = srv.log()
+        assert "Traceback" not in log
+        # Only the test harness's own probe of the port, before HAProxy started.
+        assert log.count("closed: PROXY header") == 1, log
+        assert "refused" not in log
+
+
+def test_direct_connection_from_untrusted_address_gets_nothing(haproxy_front):
+    """SPEC §9: a client that goes around HAProxy is closed without a byte."""
+    a, _, _, _ = haproxy_front
+    raw = Raw(socket.create_connection(("127.0.0.1", a.port), timeout=10,
+                                       source_address=("127.0.0.5", 0)))
+    raw.send(b"EHLO sneaky.test\r\n")
+    assert raw.closed(timeout=5)
+    assert raw.buf == b""

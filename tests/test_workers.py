@@ -1,0 +1,213 @@
+"""--workers N: a master that binds, supervises and passes signals on (SPEC §9).
+
+Every test runs a real master with real worker processes.  Which worker served
+a message is known from the process program's parent pid, which the test
+program records (tests/programs/record): the worker that spawned it.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import threading
+
+import pytest
+
+from conftest import (PASSWORD, USER, Raw, client_context, plain_token, two_certificates,
+                      wait_until)
+
+WORKERS = 3
+
+
+def worker_pids(srv):
+    """pid of every worker the master has started, in order, from its log."""
+    return [int(pid) for pid in re.findall(r"worker \d+ \(pid (\d+)\) started", srv.log())]
+
+
+def live(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.fixture
+def workers(make_server):
+    def start(*args):
+        srv = make_server("--workers", str(WORKERS), *args)
+        assert wait_until(lambda: srv.log().count("accepting on") == WORKERS), srv.log()
+        return srv
+    return start
+
+
+def submit(srv, sender, results, i):
+    try:
+        raw = srv.raw(timeout=60)
+        raw.login(srv.tls_context())
+        results[i] = raw.send_message(sender=sender)[0]
+        raw.cmd("QUIT")
+        raw.close()
+    except Exception as e:  # reported by the assertion on results
+        results[i] = repr(e)
+
+
+def test_sixty_concurrent_sessions_each_delivered_once_by_several_workers(workers):
+    """SPEC §9: 60 sessions at once: 60 runs, one per message, spread over workers."""
+    srv = workers("--max-connections-per-ip", "100")  # all come from 127.0.0.1
+    results = [None] * 60
+    threads = [threading.Thread(target=submit, args=(srv, f"s{i}@example.org", results, i))
+               for i in range(60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [250] * 60
+    runs = srv.runs()
+    assert sorted(r["env"]["SSMTPD_MAIL_FROM"] for r in runs) == sorted(
+        f"s{i}@example.org" for i in range(60))
+    served_by = {r["ppid"] for r in runs}
+    assert served_by <= set(worker_pids(srv))
+    assert len(served_by) > 1, "every message was handled by one worker"
+    assert srv.proc.pid not in served_by  # the master serves no client
+
+
+def test_sigterm_lets_running_programs_finish_then_exit_zero(workers):
+    """SPEC §9/§6: SIGTERM to the master while programs run: every message answered,
+    master exit 0, no worker left behind."""
+    srv = workers()
+    results = [None] * 6
+    threads = [threading.Thread(target=submit, args=(srv, "sleep2@example.org", results, i))
+               for i in range(6)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: len(srv.runs()) == 6, timeout=30)  # all six programs running
+    pids = worker_pids(srv)
+    srv.signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert results == [250] * 6
+    assert srv.proc.wait(timeout=30) == 0
+    assert not [pid for pid in pids if live(pid)]
+    assert "master %d: all workers stopped" % srv.proc.pid in srv.log()
+
+
+def test_killed_worker_is_replaced(workers):
+    """SPEC §9: kill -9 of a worker: the master logs it, starts another, service goes on."""
+    srv = workers()
+    victim = worker_pids(srv)[0]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: len(worker_pids(srv)) == WORKERS + 1, timeout=15), srv.log()
+    assert re.search(rf"ERROR worker 1 \(pid {victim}\) killed by signal 9", srv.log())
+    assert wait_until(lambda: srv.log().count("accepting on") == WORKERS + 1)
+    results = [None] * 6
+    for i in range(6):
+        submit(srv, f"after{i}@example.org", results, i)
+    assert results == [250] * 6
+    assert victim not in {r["ppid"] for r in srv.runs()}
+
+
+def test_crashing_worker_backs_off(workers, tmp_path):
+    """SPEC §9: a worker that dies at once is restarted after a growing pause, not in a spin."""
+    srv = workers()
+    for _ in range(3):
+        pids = worker_pids(srv)
+        os.kill(pids[-1] if len(pids) > WORKERS else pids[1], signal.SIGKILL)
+        count = len(pids)
+        assert wait_until(lambda: len(worker_pids(srv)) > count, timeout=20), srv.log()
+    pauses = [int(p) for p in re.findall(r"starting another in (\d+)s", srv.log())]
+    assert pauses[0] >= 1 and pauses == sorted(pauses) and pauses[-1] > pauses[0], pauses
+
+
+def test_sighup_reaches_every_worker(make_server, tmp_path):
+    """SPEC §9: SIGHUP to the master: every worker serves the new certificate."""
+    _, (ca_b, cert_b, key_b), cert, key = two_certificates(str(tmp_path))
+    srv = make_server("--workers", str(WORKERS), "--ssl-cert", cert, "--ssl-key", key,
+                      with_tls=False)
+    assert wait_until(lambda: srv.log().count("accepting on") == WORKERS)
+    shutil.copyfile(cert_b, cert)
+    shutil.copyfile(key_b, key)
+    srv.signal(signal.SIGHUP)
+    assert wait_until(lambda: srv.log().count("reloaded certificate") == WORKERS), srv.log()
+    # Hold every connection open, so the kernel must spread them over the workers.
+    sessions = []
+    try:
+        for _ in range(4 * WORKERS):
+            raw = srv.raw()
+            raw.login(client_context(ca_b))  # verifies against the second CA only
+            sessions.append(raw)
+            assert raw.sock.getpeercert()["subject"][0][0][1] == "ssmtpd second"
+    finally:
+        for raw in sessions:
+            raw.close()
+
+
+@pytest.mark.parametrize("count", [1, WORKERS])
+def test_connection_limits_hold_for_the_whole_server(make_server, count):
+    """SPEC §9: --max-connections and --max-connections-per-ip refuse at the same
+    count with N workers as with one."""
+    srv = make_server("--workers", str(count), "--max-connections", "6",
+                      "--max-connections-per-ip", "4")
+    assert wait_until(lambda: srv.log().count("accepting on" if count > 1 else "listening on")
+                      == count)
+    held = []
+
+    def connect(source):
+        raw = Raw(socket.create_connection(("127.0.0.1", srv.port), timeout=10,
+                                           source_address=(source, 0)))
+        code, lines = raw.reply()
+        held.append(raw)
+        return code, lines[-1] if lines else ""
+
+    try:
+        assert [connect("127.0.0.1")[0] for _ in range(4)] == [220] * 4
+        code, text = connect("127.0.0.1")
+        assert code == 421 and "from your address" in text
+        assert [connect("127.0.0.2")[0] for _ in range(2)] == [220] * 2
+        code, text = connect("127.0.0.3")
+        assert code == 421 and text.endswith("Too many connections, try again later")
+        # A slot freed anywhere is free for everyone.
+        held[0].close()
+        assert wait_until(lambda: connect("127.0.0.3")[0] == 220, timeout=5)
+    finally:
+        for raw in held:
+            raw.close()
+
+
+def test_failed_logins_count_across_workers(make_server):
+    """SPEC §9/§8: the failed-login count is the server's, whichever worker saw them."""
+    srv = make_server("--workers", str(WORKERS), "--max-auth-failures-per-ip", "6")
+    assert wait_until(lambda: srv.log().count("accepting on") == WORKERS)
+    # One failure per connection: the kernel spreads them over the workers.
+    for _ in range(6):
+        raw = srv.raw()
+        raw.hello(srv.tls_context())
+        assert raw.cmd(f"AUTH PLAIN {plain_token(USER, 'wrong')}")[0] == 535
+        raw.close()
+    raw = srv.raw()
+    raw.hello(srv.tls_context())
+    assert raw.cmd(f"AUTH PLAIN {plain_token(USER, PASSWORD)}")[0] == 421
+    raw.close()
+
+
+def test_workers_stop_when_the_master_dies(workers):
+    """SPEC §9: a worker notices its master is gone and drains and exits."""
+    srv = workers()
+    pids = worker_pids(srv)
+    srv.proc.kill()
+    srv.proc.wait()
+    assert wait_until(lambda: not [pid for pid in pids if live(pid)], timeout=20), srv.log()
+    assert srv.log().count("master gone: shutting down") == WORKERS
+
+
+def test_one_worker_runs_no_master(make_server):
+    """SPEC §9: --workers 1 is one process, exactly as without the option."""
+    srv = make_server("--workers", "1")
+    raw = srv.raw()
+    raw.login(srv.tls_context())
+    assert raw.send_message()[0] == 250
+    (run,) = srv.runs()
+    assert run["ppid"] == srv.proc.pid
+    assert "master" not in srv.log()
