@@ -19,18 +19,20 @@ cannot start does not spin.
 
 import collections
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Deque, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Tuple
 
 import gevent
 from gevent.event import Event
 
-from ssmtpd import ledger
+from ssmtpd import ledger, metrics
 from ssmtpd.limits import Limits
-from ssmtpd.server import SHUTDOWN_GRACE, bind_listeners
+from ssmtpd.server import SHUTDOWN_GRACE, ListenError, bind_listeners, serve_metrics
 
 WORKER_ENV = "SSMTPD_WORKER"
 # A worker that lived shorter than this is taken to have crashed at start.
@@ -118,16 +120,20 @@ class Arbiter:
         self._wake = Event()
         self._tls_memfd: Optional[Tuple[int, int]] = None
 
-    def run(self) -> int:
+    def run(self, on_bound: Callable[[], None]) -> int:
         """Bind, start the workers and supervise them until SIGTERM/SIGINT; the exit status.
 
-        Raises server.ListenError before any worker starts if a port cannot be bound.
+        `on_bound()` runs once the ports are bound, before any worker starts
+        (where root is given up).  Raises server.ListenError, or what
+        on_bound raises, before any worker starts.
         """
         # No SIGCHLD: libev's default loop owns that signal; dead workers are
         # found by polling waitpid every TICK instead.
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             gevent.signal_handler(signum, self._queue, signum)
         self.listeners = bind_listeners(self.settings)
+        metrics_dir = self._serve_metrics()
+        on_bound()
         for sock, implicit in self.listeners:
             host, port = sock.getsockname()[:2]
             self.log.info("master %d: listening on %s port %d (%s), %d workers", os.getpid(),
@@ -150,6 +156,8 @@ class Arbiter:
             self._wake.wait(TICK)
             self._wake.clear()
         self.log.info("master %d: all workers stopped", os.getpid())
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return 0
@@ -206,6 +214,8 @@ class Arbiter:
             if slot is None:
                 continue
             self.ledger.detach(pid)
+            if self.settings.metrics_bind:
+                metrics.worker_died(pid)
             slot.pid = None
             if self.stopping:
                 self.log.info("worker %d (pid %d) stopped: %s", slot.index, pid,
@@ -259,6 +269,22 @@ class Arbiter:
         slot.started = time.monotonic()
         self.ledger.attach(slot.pid, master_end)
         self.log.info("worker %d (pid %d) started", slot.index, slot.pid)
+
+    def _serve_metrics(self) -> Optional[str]:
+        """With --metrics-bind: the directory the workers write their metrics to,
+        named in their environment, and the master serving the sum."""
+        if not self.settings.metrics_bind:
+            return None
+        directory = tempfile.mkdtemp(prefix="ssmtpd-metrics-")
+        os.environ[metrics.MULTIPROC_ENV] = directory
+        try:
+            serve_metrics(self.settings)
+        except ListenError:
+            for sock, _ in self.listeners:
+                sock.close()
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return directory
 
     def _share_self_signed(self) -> Optional[Tuple[int, int]]:
         """Without --ssl-cert every worker must show the same self-signed

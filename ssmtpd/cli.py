@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from gevent import socket as gsocket
 
-from ssmtpd import arbiter, config, ledger, log
+from ssmtpd import arbiter, config, ledger, log, privileges
 from ssmtpd.delivery import Programs
 from ssmtpd.server import ListenError, Server
 from ssmtpd.tls import TLSError, TLSHolder
@@ -53,24 +53,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         worker.self_signed_pem() if worker else None)
     except TLSError as e:
         return _fail(f"--ssl-cert: {e}")
+    if settings.check_config:
+        print("ssmtpd: configuration OK")
+        return 0
     if worker is not None:
         return _serve(settings, logger, tls, worker)
+    bound = lambda: _after_binding(settings, tls, logger)  # noqa: E731
+    if settings.workers > 1:
+        master = arbiter.Arbiter(settings, tls, logger,
+                                 sys.argv[1:] if argv is None else argv)
+        try:
+            return master.run(bound)
+        except (ListenError, config.ConfigError, privileges.PrivilegeError) as e:
+            return _fail(str(e))
+    return _serve(settings, logger, tls, on_bound=bound)
+
+
+def _after_binding(settings, tls, logger) -> None:
+    """Once the ports are bound: give up root, then warn about what deserves it.
+
+    Raises ConfigError or PrivilegeError naming the option.
+    """
+    identity = settings.identity
+    if privileges.drop(identity):
+        config.recheck_as_user(settings)
+        logger.info("running as user %s (uid %d), group %s (gid %d)", identity.user,
+                    identity.uid, identity.group, identity.gid)
+    elif os.geteuid() == 0:
+        logger.warning("running as root without --user: the programs run as root too")
     if tls.self_signed:
         logger.warning("no --ssl-cert/--ssl-key: using a self-signed certificate for %s; "
                        "clients will not be able to verify it", settings.hostname)
     if not settings.require_auth:
         logger.warning("--no-require-auth: anyone who connects may submit mail")
-    if settings.workers > 1:
-        master = arbiter.Arbiter(settings, tls, logger,
-                                 sys.argv[1:] if argv is None else argv)
-        try:
-            return master.run()
-        except ListenError as e:
-            return _fail(str(e))
-    return _serve(settings, logger, tls)
 
 
-def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None) -> int:
+def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
+           on_bound=None) -> int:
     """One process serving clients: the whole server, or one worker of the master's."""
     programs = Programs(settings.auth, settings.process, settings.auth_timeout,
                         settings.process_timeout, dict(os.environ), settings.max_auth_programs)
@@ -84,7 +103,7 @@ def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None) -
         server = Server(settings, tls, programs, logger, limits)
         listeners = [(gsocket.socket(fileno=fd), implicit) for fd, implicit in worker.listeners]
     try:
-        server.start(listeners)
-    except ListenError as e:
+        server.start(listeners, on_bound)
+    except (ListenError, config.ConfigError, privileges.PrivilegeError) as e:
         return _fail(str(e))
     return server.serve_forever()

@@ -1,4 +1,4 @@
-"""The one table of options, and the parser and Settings built from it (SPEC §2).
+"""The one table of options, and the parser and Settings built from it (README "Configuration").
 
 Each Option yields a command-line flag, its SSMTPD_* environment variable, its
 ini key (`-` or `_`), the --help line and a validator.  Validation errors
@@ -7,7 +7,9 @@ become ConfigError("--name: why"), which the CLI prints on one line with exit 2.
 
 import argparse
 import configparser
+import difflib
 import ipaddress
+import math
 import os
 import shlex
 import shutil
@@ -17,6 +19,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import configargparse
+
+from ssmtpd import __version__, privileges
 
 ENV_PREFIX = "SSMTPD_"
 INI_SECTION = "ssmtpd"
@@ -55,14 +59,21 @@ def _optional_port(value):
     return None if value in (None, 0) else _port(value)
 
 
+def _finite(value):
+    # float("nan") and float("inf") parse, and would switch a timeout off.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a number, not {value}")
+    return value
+
+
 def _positive(value):
-    if value <= 0:
+    if _finite(value) <= 0:
         raise ValueError("must be greater than 0")
     return value
 
 
 def _not_negative(value):
-    if value < 0:
+    if _finite(value) < 0:
         raise ValueError("must be 0 or more")
     return value
 
@@ -99,6 +110,21 @@ def _networks(value):
     return tuple(networks)
 
 
+def _holds_key(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"PRIVATE KEY-----" in f.read(1 << 20)
+    except OSError:
+        return False
+
+
+def _metrics_bind(value):
+    if value in (None, ""):
+        return None
+    from ssmtpd.metrics import parse_bind
+    return parse_bind(value)
+
+
 def _readable_file(value):
     if value is None:
         return None
@@ -111,7 +137,7 @@ def _readable_file(value):
 
 
 def _program(value):
-    """Split shell-style (SPEC §2) and check the program can be executed."""
+    """Split shell-style (README "Configuration") and check the program can be executed."""
     if value is None:
         return None
     try:
@@ -124,9 +150,46 @@ def _program(value):
     if os.sep in exe:
         if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
             raise ValueError(f"{exe} is not an executable file")
-    elif shutil.which(exe) is None:
-        raise ValueError(f"{exe} not found in PATH")
+        path = exe
+    else:
+        path = shutil.which(exe)
+        if path is None:
+            raise ValueError(f"{exe} not found in PATH")
+    _check_startable(exe, path)
     return argv
+
+
+def _check_startable(exe: str, path: str) -> None:
+    """Refuse now what exec would refuse at every login or message later.
+
+    The kernel runs a file that starts with an ELF header, or with a `#!` line
+    naming an interpreter that exists; anything else fails with "Exec format
+    error" (a script without `#!`), and a `#!` line saved with Windows line
+    ends names "/bin/sh\r", which does not exist.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError as e:
+        raise ValueError(f"cannot read {exe}: {e.strerror}") from None
+    if head.startswith(b"\x7fELF"):
+        return
+    if not head.startswith(b"#!"):
+        raise ValueError(f"{exe} is neither a binary nor a script with a #! line "
+                         "(a script must start with one, such as #!/bin/sh)")
+    line = head[2:].split(b"\n", 1)[0]
+    if b"\r" in line:
+        raise ValueError(f"{exe}: its #! line ends in a carriage return (saved with Windows "
+                         "line ends?); the interpreter would not be found")
+    words = line.decode("utf-8", "replace").split()
+    if not words:
+        raise ValueError(f"{exe}: its #! line names no interpreter")
+    interpreter = words[0]
+    if not (os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)):
+        raise ValueError(f"{exe}: its #! interpreter {interpreter} is not an executable file")
+    if os.path.basename(interpreter) == "env" and len(words) > 1 \
+            and not words[1].startswith("-") and shutil.which(words[1]) is None:
+        raise ValueError(f"{exe}: its #! line runs {words[1]}, which is not in PATH")
 
 
 def _bind(value):
@@ -201,6 +264,10 @@ OPTIONS: Tuple[Option, ...] = (
            "every connection, from --proxy-trusted addresses only", "bool"),
     Option("proxy-trusted", None, "comma-separated addresses or CIDR networks allowed to "
            "send PROXY headers (required with --proxy-protocol)", check=_networks),
+    Option("metrics-bind", None, "serve Prometheus metrics at http://HOST:PORT/metrics "
+           "([::1]:9100 for IPv6)", check=_metrics_bind),
+    Option("user", None, "after binding the ports, switch to this user for good (needs root)"),
+    Option("group", None, "with --user: this group instead of the user's own"),
     Option("received-header", True, "prepend a Received: trace header", "bool"),
     Option("log-level", "info", "debug, info, warning or error", check=_log_level),
 )
@@ -238,20 +305,34 @@ class Settings:
     workers: int
     proxy_protocol: bool
     proxy_trusted: Tuple[Any, ...]
+    metrics_bind: Optional[Tuple[str, int]]
+    user: Optional[str]
+    group: Optional[str]
     received_header: bool
     log_level: str
+    # Not settings of the server: what the command line asked this run to do.
+    check_config: bool = False
+    identity: Any = None  # privileges.Identity of --user/--group, or None
+
+
+# Values split shell-style later: their quotes must reach shlex.
+_SHELL_STYLE = ("auth", "process")
+_KIND_WORDS = {"int": "a whole number", "float": "a number"}
 
 
 class _IniParser(configargparse.ConfigFileParser):
-    """Reads [ssmtpd] literally: no %-interpolation, no unquoting, no lists.
+    """Reads [ssmtpd] literally: no %-interpolation, no lists.
 
-    A program value is split shell-style later, so quotes must survive to
-    that point; `-` or `_` in keys are both accepted, unknown keys refused.
+    A program value is split shell-style later, so its quotes must survive to
+    that point; any other value may be written in one pair of quotes
+    (`hostname = "mail.example.org"`), which are removed.  `-` or `_` in keys
+    are both accepted; an unknown key is refused with the file's name and the
+    nearest known key; numbers are checked here, where the file is known.
     """
 
-    def __init__(self, known: Sequence[str]):
+    def __init__(self, options: Sequence[Option]):
         super().__init__()
-        self.known = set(known)
+        self.kinds = {o.name: o.kind for o in options}
 
     def get_syntax_description(self):
         return f"An ini file with an [{INI_SECTION}] section; keys are the long option names."
@@ -266,14 +347,37 @@ class _IniParser(configargparse.ConfigFileParser):
         if not ini.has_section(INI_SECTION):
             raise configargparse.ConfigFileParserException(
                 f"--config: no [{INI_SECTION}] section")
+        where = getattr(stream, "name", "the config file")
         items = {}
         for key, value in ini.items(INI_SECTION):
             name = key.replace("_", "-")
-            if name not in self.known:
+            if name.startswith("-"):
                 raise configargparse.ConfigFileParserException(
-                    f"--{name}: unknown key {key!r} in [{INI_SECTION}] of the config file")
-            items[name] = value.strip()
+                    f"--config: key {key!r} in {where}: keys are option names without the "
+                    f"leading dashes ({name.lstrip('-')} = ...)")
+            if name not in self.kinds:
+                near = difflib.get_close_matches(name, self.kinds, n=1, cutoff=0.6)
+                hint = f"; did you mean {near[0]}?" if near else ""
+                raise configargparse.ConfigFileParserException(
+                    f"--config: unknown key {key!r} in [{INI_SECTION}] of {where}{hint}")
+            value = value.strip()
+            if name not in _SHELL_STYLE and len(value) >= 2 and value[0] == value[-1] \
+                    and value[0] in "'\"":
+                value = value[1:-1]
+            kind = self.kinds[name]
+            if kind in _KIND_WORDS and not _parses(value, kind):
+                raise configargparse.ConfigFileParserException(
+                    f"--{name}: {key} = {value!r} in {where} is not {_KIND_WORDS[kind]}")
+            items[name] = value
         return items
+
+
+def _parses(raw: str, kind: str) -> bool:
+    try:
+        {"int": int, "float": float}[kind](raw.strip())
+    except ValueError:
+        return False
+    return True
 
 
 class _Parser(configargparse.ArgParser):
@@ -282,13 +386,37 @@ class _Parser(configargparse.ArgParser):
         raise ConfigError(message.replace("\n", " "))
 
 
-def _bool_env(name):
-    # argparse would take any word; be strict so a typo is an error, not "false".
-    raw = os.environ.get(ENV_PREFIX + name.replace("-", "_").upper())
-    if raw is not None and raw.strip().lower() not in (
-            "1", "0", "true", "false", "yes", "no", "on", "off"):
-        raise ConfigError(f"--{name}: {ENV_PREFIX}{name.replace('-', '_').upper()}={raw!r} "
-                          "is not a boolean (true/false)")
+def _env_name(opt: Option) -> str:
+    return ENV_PREFIX + opt.attr.upper()
+
+
+def _check_environment() -> None:
+    """What argparse would say without naming the variable, said with its name.
+
+    A boolean must be a boolean word (argparse takes any word: a typo would be
+    "false"), a number a number; an SSMTPD_ variable that is one typo away
+    from an option's (SSMTPD_PORTS) is refused rather than silently ignored.
+    Other SSMTPD_ variables are left alone: programs may have their own.
+    """
+    known = {_env_name(opt): opt for opt in OPTIONS}
+    for opt in OPTIONS:
+        raw = os.environ.get(_env_name(opt))
+        if raw is None:
+            continue
+        if opt.kind == "bool" and raw.strip().lower() not in (
+                "1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigError(f"{opt.flag}: {_env_name(opt)}={raw!r} "
+                              "is not a boolean (true/false)")
+        if opt.kind in _KIND_WORDS and not _parses(raw, opt.kind):
+            raise ConfigError(f"{opt.flag}: {_env_name(opt)}={raw!r} "
+                              f"is not {_KIND_WORDS[opt.kind]}")
+    extra = {ENV_PREFIX + "CONFIG", ENV_PREFIX + "CHECK_CONFIG"}
+    for name in os.environ:
+        if name.startswith(ENV_PREFIX) and name not in known and name not in extra:
+            near = difflib.get_close_matches(name, known, n=1, cutoff=0.9)
+            if near:
+                raise ConfigError(f"{known[near[0]].flag}: unknown variable {name}; "
+                                  f"did you mean {near[0]}?")
 
 
 def build_parser() -> configargparse.ArgParser:
@@ -297,12 +425,17 @@ def build_parser() -> configargparse.ArgParser:
         description="SMTP submission server: STARTTLS, AUTH PLAIN/LOGIN checked by an auth "
                     "program, each message piped to a process program.",
         auto_env_var_prefix=ENV_PREFIX,
-        config_file_parser_class=_IniParser([o.name for o in OPTIONS]),
+        config_file_parser_class=_IniParser(OPTIONS),
     )
     # Added by hand, not through args_for_setting_config_path, so that a
     # container can name its config file in the environment too.
     parser.add_argument("-c", "--config", is_config_file_arg=True, env_var=ENV_PREFIX + "CONFIG",
                         metavar="FILE", help=f"ini file with an [{INI_SECTION}] section")
+    parser.add_argument("--version", action="version", version=f"ssmtpd {__version__}")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check every setting, the certificate and both programs as a "
+                             "start would, print 'ssmtpd: configuration OK' and exit; binds "
+                             "nothing")
     types = {"str": str, "int": int, "float": float}
     for opt in OPTIONS:
         help = opt.help
@@ -323,9 +456,7 @@ def build_parser() -> configargparse.ArgParser:
 
 def parse(argv: Optional[Sequence[str]] = None) -> Settings:
     """Parse CLI > env > ini > defaults into Settings, or raise ConfigError."""
-    for opt in OPTIONS:
-        if opt.kind == "bool":
-            _bool_env(opt.name)
+    _check_environment()
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)
@@ -344,12 +475,43 @@ def parse(argv: Optional[Sequence[str]] = None) -> Settings:
         raise ConfigError("--process: is required")
     if values["auth"] is None and values["require_auth"]:
         raise ConfigError("--auth: is required unless --no-require-auth")
+    if values["ssl_cert"] and not values["ssl_key"] and _holds_key(values["ssl_cert"]):
+        values["ssl_key"] = values["ssl_cert"]  # one PEM with the chain and the key
     if bool(values["ssl_cert"]) != bool(values["ssl_key"]):
         missing = "--ssl-key" if values["ssl_cert"] else "--ssl-cert"
-        raise ConfigError(f"{missing}: --ssl-cert and --ssl-key go together")
+        raise ConfigError(f"{missing}: --ssl-cert and --ssl-key go together (or give one "
+                          "PEM file with both the certificate chain and the key as --ssl-cert)")
+    if values["group"] is not None and values["user"] is None:
+        raise ConfigError("--group: needs --user")
+    try:
+        values["identity"] = privileges.resolve(values["user"], values["group"])
+    except ValueError as e:
+        option = "--group" if "group" in str(e) else "--user"
+        raise ConfigError(f"{option}: {e}") from None
+    identity = values["identity"]
+    if identity is not None and os.geteuid() not in (0, identity.uid):
+        raise ConfigError(f"--user: only root can switch to {identity.user}")
+    values["check_config"] = ns.check_config
     if values["proxy_protocol"] and not values["proxy_trusted"]:
         raise ConfigError("--proxy-trusted: is required with --proxy-protocol")
     if values["smtps_port"] is not None and values["smtps_port"] == values["port"]:
         raise ConfigError("--smtps-port: must differ from --port")
     assert set(values) == {f.name for f in fields(Settings)}
     return Settings(**values)
+
+
+def recheck_as_user(settings: Settings) -> None:
+    """After the switch to --user: the checks whose answer depends on who we are.
+
+    Raises ConfigError naming the option; the certificate files only warn,
+    through the returned list, since they are needed again only at SIGHUP.
+    """
+    for opt in OPTIONS:
+        value = getattr(settings, opt.attr)
+        if opt.name not in ("auth", "process", "spool-dir") or value is None:
+            continue
+        raw = shlex.join(value) if opt.name in ("auth", "process") else value
+        try:
+            opt.check(raw)
+        except ValueError as e:
+            raise ConfigError(f"{opt.flag}: {e} (as --user {settings.user})") from None

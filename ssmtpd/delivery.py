@@ -1,4 +1,7 @@
-"""The two programs' contracts: environment, argv and the exit-code tables (SPEC §3, §4)."""
+"""The two programs' contracts: environment, argv and the exit-code tables.
+
+README "The auth program" and "The process program", as data.
+"""
 
 import dataclasses
 import email.utils
@@ -17,13 +20,14 @@ from ssmtpd.sasl import Credentials
 EX_TEMPFAIL = 75
 EX_OSERR = 71
 
-# SPEC §3, as data.  Exit 0 -> 235; tempfail / signal / timeout / no start -> 454;
+# README "The auth program", as data.  Exit 0 -> 235; tempfail / signal / timeout / no start -> 454;
 # any other exit -> 535.
 AUTH_EXIT = {0: replies.AUTH_OK, EX_TEMPFAIL: replies.AUTH_TEMPFAIL}
 AUTH_OTHER_EXIT = replies.BAD_CREDENTIALS
 AUTH_ABNORMAL = replies.AUTH_TEMPFAIL
 
-# SPEC §4, as data.  Exit 0 -> 250; 75, 71 / signal / timeout / no start -> 451;
+# README "The process program", as data.  Exit 0 -> 250; 75, 71 / signal /
+# timeout / no start -> 451;
 # any other exit -> 554.
 PROCESS_EXIT = {0: replies.ACCEPTED, EX_TEMPFAIL: replies.PROCESS_TEMPFAIL,
                 EX_OSERR: replies.PROCESS_TEMPFAIL}
@@ -64,9 +68,19 @@ def reply_for(outcome: Outcome, by_exit: Mapping[int, Reply], other: Reply,
         reply = abnormal
     else:
         reply = by_exit.get(outcome.code, other)
-    if use_text and outcome.last_line:
-        reply = reply.with_text(outcome.last_line)
-    return reply
+    text = reply_text(outcome.last_line) if use_text else ""
+    return reply.with_text(text) if text else reply
+
+
+# A program may print a whole reply ("250 2.0.0 queued as 4711", as the README
+# suggests): the code is always ours, so what it printed of one is dropped,
+# not repeated after ours.
+_PRINTED_CODES = re.compile(r"^(?:\d{3}(?:[ -]|$))?\s*(?:[245]\.\d{1,3}\.\d{1,3}(?: |$))?\s*")
+
+
+def reply_text(line: str) -> str:
+    """The words of a program's last stdout line, without a reply or enhanced code."""
+    return _PRINTED_CODES.sub("", line, count=1).strip()
 
 
 def received_header(env: Envelope, hostname: str, session_id: str, now: float) -> bytes:

@@ -1,4 +1,4 @@
-"""Logging to stderr, one line per event (SPEC §7, README "Logging").
+"""Logging to stderr, one line per event (README "Logging", README "Logging").
 
 Client-supplied values go through `quote()`: inside double quotes, with `"`,
 `\\` and every non-printable character escaped, so a value can neither split
@@ -11,6 +11,7 @@ there is no redaction filter to forget.
 
 import logging
 import sys
+import time
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
           "warning": logging.WARNING, "error": logging.ERROR}
@@ -21,6 +22,10 @@ TRUNCATED = " [truncated]"
 
 
 class _Formatter(logging.Formatter):
+    # UTC with its "Z": a line means the same on every machine, and fail2ban
+    # reads the zone instead of guessing it.
+    converter = time.gmtime
+
     def formatMessage(self, record):
         line = super().formatMessage(record)
         if len(line) > MAX_LINE:
@@ -31,7 +36,7 @@ class _Formatter(logging.Formatter):
 def setup(level: str, stream=None) -> logging.Logger:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_Formatter(
-        "%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+        "%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
     root = logging.getLogger("ssmtpd")
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])

@@ -1,4 +1,6 @@
-"""Running an external program without blocking other clients (SPEC §3, §4).
+"""Running an external program without blocking other clients.
+
+README "The auth program" and "The process program".
 
 `run()` is the only place that spawns, waits, times out and kills.  The child
 gets its own process group, so a timeout or a leftover grandchild is ended by

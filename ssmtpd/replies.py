@@ -1,4 +1,6 @@
-"""Every reply the server sends, named once (SPEC §3-§5).
+"""Every reply the server sends, named once.
+
+README "The auth program", "The process program" and "The dialogue".
 
 Tests import these names too, so a reply text changes in one place.  Enhanced
 status codes follow RFC 2034 / RFC 3463: their class digit equals the reply's.

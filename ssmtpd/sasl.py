@@ -1,6 +1,6 @@
 """Pure decoding of SASL PLAIN (RFC 4616) and LOGIN responses, no I/O.
 
-Every malformed input raises SmtpError with the SPEC reply, so the session
+Every malformed input raises SmtpError with the README's reply, so the session
 never needs to inspect bytes itself.
 """
 

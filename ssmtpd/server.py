@@ -1,4 +1,6 @@
-"""Listeners, the session registry, connection limits and signals (SPEC §2, §6, §8).
+"""Listeners, the session registry, connection limits and signals.
+
+README "Configuration", "Signals" and "Limits and abuse".
 
 One gevent StreamServer per port spawns a greenlet per client.  gevent's own
 pool would only stop accepting when full; we count sessions ourselves so a
@@ -18,7 +20,7 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from ssmtpd import proxy, replies
+from ssmtpd import metrics, proxy, replies
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Programs
 from ssmtpd.limits import TOO_MANY, TOO_MANY_FROM_ADDRESS, Limits
@@ -110,6 +112,10 @@ def bind_listeners(settings: Settings) -> List[Tuple[socket.socket, bool]]:
             try:
                 listeners.append((_listen(settings.bind, port), implicit))
             except OSError as e:
+                if e.errno == errno.EADDRNOTAVAIL and settings.bind:
+                    # The address, not the port, is what this machine does not have.
+                    raise ListenError(f"--bind: cannot listen on {settings.bind}: "
+                                      f"{e.strerror or e}") from None
                 raise ListenError(f"{option}: cannot listen on port {port}: "
                                   f"{e.strerror or e}") from None
     except ListenError:
@@ -138,6 +144,7 @@ class Server:
         self.log = logger
         self.sessions = set()
         self.limits = limits if limits is not None else Limits(settings)
+        self.metrics = metrics.Metrics()
         self.stopping = False
         self._sweeper: Optional[gevent.Greenlet] = None
         self._stopped = Event()
@@ -146,8 +153,11 @@ class Server:
 
     # --- start ---------------------------------------------------------------
 
-    def start(self, listeners=None) -> None:
-        """Bind and listen, or raise ListenError; a worker is given its listeners."""
+    def start(self, listeners=None, on_bound=None) -> None:
+        """Bind and listen, or raise ListenError; a worker is given its listeners.
+
+        `on_bound()` runs between binding and accepting: where root is given up.
+        """
         # Before the port opens: a supervisor may signal as soon as it can connect.
         self._signal_handlers = [
             gevent.signal_handler(signal.SIGTERM, self.begin_shutdown, "SIGTERM"),
@@ -157,6 +167,20 @@ class Server:
         inherited = listeners is not None
         if not inherited:
             listeners = bind_listeners(self.settings)
+            if self.settings.metrics_bind:  # a worker's master serves them
+                try:
+                    serve_metrics(self.settings, self.metrics)
+                except ListenError:
+                    for listener, _ in listeners:
+                        listener.close()
+                    raise
+        if on_bound is not None:
+            try:
+                on_bound()
+            except Exception:
+                for listener, _ in listeners:
+                    listener.close()
+                raise
         for listener, implicit in listeners:
             server = _Listener(listener, self._handler(implicit), self.log)
             server.start()
@@ -182,23 +206,27 @@ class Server:
         if self.settings.proxy_protocol:
             peer, ip = ip, self._proxied_client(sock, ip, session_id)
             if ip is None:
+                self.metrics.connection(metrics.PROXY_REFUSED)
                 sock.close()  # without a byte: an untrusted peer learns nothing
                 return
         key = self.limits.key(ip)
         log = SessionLog(self.log, session_id, ip)
         if self.settings.proxy_protocol:
             log.debug("via PROXY from %s", peer)
-        refusal = self._admit(key)
+        result, refusal = self._admit(key)
+        self.metrics.connection(result)
         if refusal is not None:
             log.warning("refused: %s", refusal.text)
             _refuse(sock, None if implicit_tls else refusal)
             return
-        session = Session(sock, (ip,), self.settings, self.tls,
-                          self.programs, self.limits, log, session_id, implicit_tls)
+        session = Session(sock, (ip,), self.settings, self.tls, self.programs, self.limits,
+                          self.metrics, log, session_id, implicit_tls)
         self.sessions.add(session)
+        self.metrics.session_opened()
         try:
             session.run()
         finally:
+            self.metrics.session_closed()
             self.sessions.discard(session)
             self.limits.release(key)
             if self.stopping and not self.sessions:
@@ -221,17 +249,19 @@ class Server:
             return None
         return peer if header.client is None else client_ip(header.client)
 
-    def _admit(self, key: str) -> Optional[replies.Reply]:
-        """Take a connection slot, or return the refusal."""
+    def _admit(self, key: str) -> Tuple[str, Optional[replies.Reply]]:
+        """Take a connection slot: (metrics result, None), or (why not, the refusal)."""
         if self.stopping:
-            return replies.SHUTTING_DOWN
+            return metrics.SHUTTING_DOWN, replies.SHUTTING_DOWN
         reason = self.limits.admit(key)
         if reason is None:
-            return None
-        # Anything else: a worker whose master is gone is about to stop.
-        return {TOO_MANY: replies.TOO_MANY_CONNECTIONS,
-                TOO_MANY_FROM_ADDRESS: replies.TOO_MANY_FROM_IP}.get(reason,
-                                                                    replies.SHUTTING_DOWN)
+            return metrics.ACCEPTED, None
+        if reason == TOO_MANY:
+            return reason, replies.TOO_MANY_CONNECTIONS
+        if reason == TOO_MANY_FROM_ADDRESS:
+            return reason, replies.TOO_MANY_FROM_IP
+        # A worker whose master is gone is about to stop.
+        return metrics.SHUTTING_DOWN, replies.SHUTTING_DOWN
 
     def _sweep_strangers(self) -> None:
         """Postfix's stress mode, for sessions that began waiting before the
@@ -282,6 +312,16 @@ class Server:
             self.log.warning("%d sessions still busy after %.0fs; exiting anyway",
                              len(self.sessions), limit)
         self._stopped.set()
+
+
+def serve_metrics(settings: Settings, of=None):
+    """Serve /metrics at --metrics-bind (`of` a Metrics, or None in the master)."""
+    try:
+        return metrics.serve(settings.metrics_bind, of)
+    except OSError as e:
+        host, port = settings.metrics_bind
+        raise ListenError(f"--metrics-bind: cannot listen on {host} port {port}: "
+                          f"{e.strerror or e}") from None
 
 
 def _read_proxy_header(sock, deadline: float) -> proxy.Header:

@@ -1,4 +1,4 @@
-"""One client's SMTP dialogue as a state machine (SPEC §5).
+"""One client's SMTP dialogue as a state machine (README "The dialogue").
 
 `Session.run()` owns the policy: it reads one bounded line under the idle
 deadline, finds `smtp_<VERB>`, checks the verb's declared requirements, calls
@@ -14,11 +14,12 @@ from typing import Callable, List, Optional, Tuple
 import gevent
 from gevent import ssl
 
-from ssmtpd import dotreader, replies, sasl, spool, syntax
+from ssmtpd import dotreader, metrics, programs, replies, sasl, spool, syntax
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Envelope, Programs, received_header
 from ssmtpd.limits import Limits
 from ssmtpd.log import SessionLog, clean, quote
+from ssmtpd.metrics import Metrics
 from ssmtpd.replies import Reply, SmtpError
 from ssmtpd.stream import ClientGone, ClientStream, LineTooLong
 from ssmtpd.tls import TLSHolder, protocol_of
@@ -61,10 +62,12 @@ class _Close(Exception):
 # --- verb requirements, declared once per verb ------------------------------
 
 class Need:
-    def __init__(self, test: Callable[["Session"], bool], reply: Reply, event: str = ""):
+    def __init__(self, test: Callable[["Session"], bool], reply: Reply, event: str = "",
+                 record: Optional[Callable[["Session"], None]] = None):
         self.test = test
         self.reply = reply
         self.event = event  # logged as a warning when the need refuses a command
+        self.record = record  # and counted in the metrics so
 
 
 HELO_DONE = Need(lambda s: s.helo is not None, replies.NO_HELO)
@@ -79,7 +82,8 @@ NO_TLS_YET = Need(lambda s: not s.tls_version, replies.TLS_ACTIVE)
 # README "Limits and abuse": checked before the auth program would run.
 LOGINS_ALLOWED = Need(lambda s: not s.limits.login_blocked(s.address_key),
                       replies.TOO_MANY_FAILED_LOGINS,
-                      "AUTH refused: too many failed logins from this address")
+                      "AUTH refused: too many failed logins from this address",
+                      lambda s: s.metrics.auth(metrics.THROTTLED))
 SPOOL_HAS_ROOM = Need(lambda s: spool.has_room(s.settings.spool_dir,
                                                2 * s.settings.max_message_size),
                       replies.INSUFFICIENT_STORAGE, "MAIL refused: spool directory nearly full")
@@ -99,12 +103,13 @@ def requires(*needs: Need):
 
 class Session:
     def __init__(self, sock, address: Tuple, settings: Settings, tls: TLSHolder,
-                 programs: Programs, limits: Limits, log: SessionLog, session_id: str,
-                 implicit_tls: bool = False):
+                 programs: Programs, limits: Limits, metrics: Metrics, log: SessionLog,
+                 session_id: str, implicit_tls: bool = False):
         self.settings = settings
         self.tls = tls
         self.programs = programs
         self.limits = limits
+        self.metrics = metrics
         self.log = log
         self.session_id = session_id
         self.client_addr = address[0]
@@ -148,7 +153,7 @@ class Session:
 
     def expire_if_stranger(self, busy_timeout: float) -> None:
         """The server is under pressure: end this session if it has not logged
-        in and has waited over `busy_timeout` for its next line (SPEC §8)."""
+        in and has waited over `busy_timeout` for its next line (README "Limits and abuse")."""
         def stranger_waited_too_long():
             since = self.waiting_for_line_since
             return self.user is None and since is not None \
@@ -158,7 +163,7 @@ class Session:
 
     def _throw_if(self, condition: Callable[[], bool], exception) -> None:
         # Runs in the hub, so the session cannot move between the test and the
-        # throw: one that is running a program is never interrupted (SPEC §6).
+        # throw: one that is running a program is never interrupted (README "Signals").
         g = self._greenlet
         if g is not None and not g.dead and condition():
             g.throw(exception())
@@ -239,9 +244,9 @@ class Session:
             return None
         if reply.code == 535:
             self.auth_failures += 1
-            # Counted per address too: a reconnect must not reset it (SPEC §8).
+            # Counted per address too: a reconnect must not reset it (README "Limits and abuse").
             self.limits.login_failed(self.address_key)
-            # A pause before answering makes password guessing slow (SPEC §5).
+            # A pause before answering makes password guessing slow (README "The dialogue").
             gevent.sleep(self.settings.auth_failure_delay)
             if self.auth_failures >= MAX_AUTH_FAILURES:
                 self._send(reply)
@@ -287,6 +292,8 @@ class Session:
             if not need.test(self):
                 if need.event:
                     self.log.warning("%s", need.event)
+                if need.record:
+                    need.record(self)
                 return verb, need.reply
         try:
             return verb, method(arg)
@@ -343,9 +350,15 @@ class Session:
         cipher = tls_sock.cipher()
         self.log.info("TLS established: %s %s", self.tls_version, cipher[0] if cipher else "")
 
+    def _log_if_not_started(self, what: str, argv, outcome) -> None:
+        # Every login or message fails the same way until someone looks: say
+        # so at error level, with the path (README "Monitoring").
+        if outcome.status == programs.NOT_STARTED:
+            self.log.error("%s %s could not start: %s", what, argv[0], outcome.error)
+
     def _stderr_logger(self, program: str):
         def log_line(line: str) -> None:
-            self.log.warning("%s stderr: %s", program, clean(line, 1000))
+            self.log.info("%s stderr: %s", program, clean(line, 1000))
         return log_line
 
     # --- verbs ---------------------------------------------------------------
@@ -399,17 +412,21 @@ class Session:
             creds = sasl.login(username, password)
         else:
             return replies.UNKNOWN_MECHANISM
+        ran = None
         if creds.foreign_authzid:
             reply, result = replies.BAD_CREDENTIALS, f"authzid {quote(creds.authzid, 64)} refused"
         else:
             reply, outcome = self.programs.authenticate(
                 creds, mechanism, self.client_addr, self._stderr_logger("auth program"))
+            self._log_if_not_started("auth program", self.programs.auth, outcome)
             result = f"{outcome.describe()} in {outcome.seconds:.3f}s"
+            ran = outcome.seconds if outcome.status != programs.NO_SLOT else None
         # One line per attempt with the address and the quoted name: a failure
         # is a warning, the line fail2ban reads (conf/fail2ban/).
         level = logging.INFO if reply.code == 235 else logging.WARNING
         self.log.log(level, "AUTH %s user=%s: %s, %s", mechanism, quote(creds.username, 128),
                      reply.code, result)
+        self.metrics.auth(metrics.AUTH_RESULTS.get(reply.code, "tempfail"), ran)
         if reply.code == 235:
             self.user = creds.username
             self.log.set_user(creds.username)
@@ -477,23 +494,28 @@ class Session:
                                            message_spool)
             if result.status == dotreader.TOO_BIG:
                 self.log.info("message refused: %d octets over the limit", result.size)
+                self.metrics.message(replies.TOO_BIG.code, result.size)
                 return replies.TOO_BIG
             if result.status == dotreader.BARE_LINE_ENDING:
                 self.log.warning("message refused: bare CR or LF (%d octets)", result.size)
+                self.metrics.message(replies.BARE_LINE_ENDING.code, result.size)
                 return replies.BARE_LINE_ENDING
             try:
                 message = message_spool.reader()
             except OSError as e:
                 self.log.error("message refused: cannot spool it: %s", e.strerror or e)
+                self.metrics.message(replies.SPOOL_FAILED.code, result.size)
                 return replies.SPOOL_FAILED
             reply, outcome = self.programs.deliver(envelope, message,
                                                    self._stderr_logger("process program"))
+            self._log_if_not_started("process program", self.programs.process, outcome)
         finally:
             message_spool.close()
         self.log.info("message from=%s rcpts=%d size=%d: %s, process program %s in %.3fs, "
                       "total %.3fs", quote(envelope.mail_from), len(envelope.rcpt_to),
                       result.size, reply.code, outcome.describe(), outcome.seconds,
                       time.monotonic() - started)
+        self.metrics.message(reply.code, result.size, outcome.seconds)
         return reply
 
     @requires()

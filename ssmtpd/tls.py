@@ -1,4 +1,7 @@
-"""TLS contexts: TLS 1.2+, no renegotiation, reloadable on SIGHUP (SPEC §2, §5, §6)."""
+"""TLS contexts: TLS 1.2+, no renegotiation, reloadable on SIGHUP.
+
+README "Configuration", "The dialogue" and "Signals".
+"""
 
 import datetime
 import logging
@@ -36,8 +39,30 @@ def make_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as e:
-        raise TLSError(f"cannot load certificate {cert_file} / key {key_file}: {e}") from None
+        raise TLSError(f"cannot load certificate {cert_file} / key {key_file}: "
+                       f"{_diagnose(cert_file, key_file) or e}") from None
     return ctx
+
+
+def _diagnose(cert_file: str, key_file: Optional[str]) -> str:
+    """OpenSSL says "PEM lib"; say which file holds what instead, if we can tell."""
+    def holds(path):
+        try:
+            with open(path, "rb") as f:
+                text = f.read(1 << 20)
+        except OSError:
+            return None, None
+        return b"-----BEGIN CERTIFICATE-----" in text, b"PRIVATE KEY-----" in text
+
+    cert_has_cert, cert_has_key = holds(cert_file)
+    key_has_cert, key_has_key = holds(key_file or cert_file)
+    if cert_has_cert is False and cert_has_key and key_has_cert:
+        return "the two files are swapped: --ssl-cert holds a key, --ssl-key a certificate"
+    if cert_has_cert is False:
+        return "the --ssl-cert file holds no PEM certificate"
+    if key_has_key is False:
+        return "the --ssl-key file holds no PEM private key"
+    return "the key does not belong to the certificate" if cert_has_cert and key_has_key else ""
 
 
 def self_signed_pem(hostname: str):
@@ -120,6 +145,6 @@ class TLSHolder:
 
 
 def protocol_of(sock) -> str:
-    """TLS version of a wrapped socket, '' for plain (SSMTPD_TLS, SPEC §4)."""
+    """TLS version of a wrapped socket, '' for plain (SSMTPD_TLS, README "The process program")."""
     version = getattr(sock, "version", None)
     return (version() or "") if version else ""

@@ -1,4 +1,4 @@
-"""Abuse across connections (SPEC §8; README "Limits and abuse").
+"""Abuse across connections (README "Limits and abuse"; README "Limits and abuse").
 
 Junk commands, failed logins counted per address, the bound on concurrent auth
 programs, the busy timeout under pressure, envelope values that would harm a
@@ -57,7 +57,7 @@ JUNK = ["NOOP", "RSET", "VRFY alice", "HELP"]
 
 
 def test_junk_commands_count_as_errors(server):
-    """SPEC §8: past 100 NOOP/RSET/VRFY/HELP, each counts as an error; with 9 errors
+    """README "Limits and abuse": past 100 NOOP/RSET/VRFY/HELP, each counts as an error; with 9 errors
     already, the 101st is answered and then 421 closes the session."""
     raw = server.raw()
     assert raw.reply()[0] == 220
@@ -73,7 +73,7 @@ def test_junk_commands_count_as_errors(server):
 
 
 def test_junk_alone_ends_a_session_at_110(server):
-    """SPEC §8: with no other error, junk commands 101-109 are answered and the 110th
+    """README "Limits and abuse": with no other error, junk commands 101-109 are answered and the 110th
     ends the session (Postfix's smtpd_junk_command_limit, with the error limit of 10)."""
     raw = server.raw()
     assert raw.reply()[0] == 220
@@ -85,7 +85,7 @@ def test_junk_alone_ends_a_session_at_110(server):
 
 
 def test_junk_count_restarts_after_accepted_message(server):
-    """SPEC §8: an accepted message starts the junk count again."""
+    """README "Limits and abuse": an accepted message starts the junk count again."""
     raw = server.raw()
     raw.login(server.tls_context())
     assert {code for code, _ in pipelined(raw, ["NOOP"] * 100)} == {250}
@@ -102,7 +102,7 @@ def auth_runs(srv):
 
 
 def test_failed_logins_are_counted_per_address(make_server):
-    """SPEC §8: ten wrong passwords over four connections from one address; the
+    """README "Limits and abuse": ten wrong passwords over four connections from one address; the
     eleventh AUTH gets 421 without running the auth program; another address is
     unaffected; once the window has passed, the first address may log in again."""
     window = 4.0
@@ -134,7 +134,7 @@ def test_failed_logins_are_counted_per_address(make_server):
 
 
 def test_tempfail_is_not_a_failed_login(make_server):
-    """SPEC §8: a 454 (the auth program's temporary failure) does not count."""
+    """README "Limits and abuse": a 454 (the auth program's temporary failure) does not count."""
     srv = make_server("--max-auth-failures-per-ip", "2")
     for _ in range(3):
         raw = tls_session(srv)
@@ -146,7 +146,7 @@ def test_tempfail_is_not_a_failed_login(make_server):
 
 
 def test_foreign_authzid_is_a_logged_failure(make_server):
-    """SPEC §5/§8: a PLAIN authzid other than the user is a 535 that counts and is logged."""
+    """README "The dialogue", "Limits and abuse": a PLAIN authzid other than the user is a 535 that counts and is logged."""
     srv = make_server("--max-auth-failures-per-ip", "1")
     raw = tls_session(srv)
     code, _ = raw.cmd(f"AUTH PLAIN {plain_token(USER, PASSWORD, authzid='bob')}")
@@ -191,7 +191,7 @@ def most_at_once(runs):
 
 
 def test_third_login_waits_for_a_free_auth_program(make_server):
-    """SPEC §8: with --max-auth-programs 2 and a 1 s auth program, a third AUTH at the
+    """README "Limits and abuse": with --max-auth-programs 2 and a 1 s auth program, a third AUTH at the
     same moment waits for a slot and then succeeds; never more than two run at once."""
     srv = make_server("--max-auth-programs", "2", "--auth", AUTH_SLOW, "--auth-timeout", "10")
     results = concurrent_logins(srv, 3)
@@ -201,7 +201,7 @@ def test_third_login_waits_for_a_free_auth_program(make_server):
 
 
 def test_login_that_cannot_get_a_slot_in_time_is_454(make_server):
-    """SPEC §8: waiting for a slot counts against --auth-timeout; past it, 454."""
+    """README "Limits and abuse": waiting for a slot counts against --auth-timeout; past it, 454."""
     srv = make_server("--max-auth-programs", "1", "--auth", AUTH_SLOW, "--auth-timeout", "1.5",
                       env={"SSMTPD_TEST_AUTH_SECONDS": "1"})
     results = concurrent_logins(srv, 2)
@@ -214,7 +214,7 @@ def test_login_that_cannot_get_a_slot_in_time_is_454(make_server):
 # --- the busy timeout ------------------------------------------------------------------
 
 def test_strangers_are_cut_under_pressure(make_server):
-    """SPEC §8: while more than 3/4 of --max-connections are in use, silent
+    """README "Limits and abuse": while more than 3/4 of --max-connections are in use, silent
     unauthenticated sessions are cut after --busy-timeout, those that began waiting
     before the pressure too; a logged-in session keeps --timeout."""
     srv = make_server("--max-connections", "8", "--busy-timeout", "1", "--timeout", "30")
@@ -266,7 +266,7 @@ BAD_ENVELOPE = [
 
 @pytest.mark.parametrize("command,expected", BAD_ENVELOPE)
 def test_harmful_envelope_value_is_refused(server, command, expected):
-    """SPEC §8: option-like local parts, RCPT without a domain, separators and format
+    """README "Limits and abuse": option-like local parts, RCPT without a domain, separators and format
     characters: 501, the session goes on, and the program never sees the value."""
     raw = server.raw()
     raw.login(server.tls_context())
@@ -292,7 +292,7 @@ def test_harmful_envelope_value_is_refused(server, command, expected):
 
 @pytest.mark.parametrize("name", ["a\u202eb", "\u2028alice", "alice\u200d", "al\u2029ice"])
 def test_harmful_username_is_refused(server, name):
-    """SPEC §8: a username with a separator or format character is 501; the auth program
+    """README "Limits and abuse": a username with a separator or format character is 501; the auth program
     never sees it."""
     raw = tls_session(server)
     code, lines = raw.cmd("AUTH PLAIN " + base64.b64encode(
@@ -324,7 +324,7 @@ def small_fs(tmp_path):
 
 
 def test_spool_without_room_is_452_at_mail(make_server, small_fs):
-    """SPEC §8: with less than twice --max-message-size free in --spool-dir, MAIL gets
+    """README "Limits and abuse": with less than twice --max-message-size free in --spool-dir, MAIL gets
     452 4.3.1; with room again, large messages are spooled there and delivered."""
     srv = make_server("--spool-dir", small_fs, "--max-message-size", str(1024 * 1024))
     raw = srv.raw()
@@ -344,7 +344,7 @@ def test_spool_without_room_is_452_at_mail(make_server, small_fs):
 
 
 def test_spool_check_uses_the_real_free_space(make_server, tmp_path):
-    """SPEC §8 without mounting anything: a --max-message-size of more than half the
+    """README "Limits and abuse" without mounting anything: a --max-message-size of more than half the
     free space of --spool-dir makes every MAIL a 452 4.3.1."""
     st = os.statvfs(str(tmp_path))
     free = st.f_bavail * st.f_frsize
@@ -357,7 +357,7 @@ def test_spool_check_uses_the_real_free_space(make_server, tmp_path):
 
 @pytest.mark.parametrize("value,why", [("/nonexistent/spool", "is not a directory")])
 def test_bad_spool_dir_is_a_start_up_error(tmp_path, certs, value, why):
-    """SPEC §8/§2: a missing --spool-dir stops start-up: one line naming it, exit 2."""
+    """README "Limits and abuse", "Configuration": a missing --spool-dir stops start-up: one line naming it, exit 2."""
     srv = ServerProcess(str(tmp_path), certs, ["--spool-dir", value])
     result = subprocess.run(srv.argv, env=srv.env, capture_output=True, timeout=30)
     assert result.returncode == 2
@@ -365,7 +365,7 @@ def test_bad_spool_dir_is_a_start_up_error(tmp_path, certs, value, why):
 
 
 def test_unwritable_spool_dir_is_a_start_up_error(tmp_path, certs):
-    """SPEC §8/§2: a --spool-dir we cannot create files in (here a read-only
+    """README "Limits and abuse", "Configuration": a --spool-dir we cannot create files in (here a read-only
     filesystem, which stops root too) stops start-up with one line, exit 2."""
     spool = mount_tmpfs(tmp_path / "ro", "size=1m,ro")
     try:
@@ -384,7 +384,7 @@ FORGED = "] 198.51.100.23 -: AUTH PLAIN user=admin"
 
 
 def test_fail2ban_finds_every_real_failure_and_no_forged_address(make_server, tmp_path):
-    """SPEC §8: the shipped filter, run by the real fail2ban-regex over our log, finds the
+    """README "Limits and abuse": the shipped filter, run by the real fail2ban-regex over our log, finds the
     address of every failed login, and never an address forged inside a username."""
     if not shutil.which("fail2ban-regex"):
         pytest.fail("fail2ban-regex is not installed (.ci/run installs Debian's fail2ban)")
@@ -417,7 +417,7 @@ def test_fail2ban_finds_every_real_failure_and_no_forged_address(make_server, tm
 
 
 def test_log_lines_stay_short_and_escaped(server):
-    """SPEC §8: a MAIL FROM of characters that must be escaped stays one quoted field
+    """README "Limits and abuse": a MAIL FROM of characters that must be escaped stays one quoted field
     and the line stays under about 1 KiB."""
     raw = server.raw()
     raw.login(server.tls_context())
@@ -431,7 +431,7 @@ def test_log_lines_stay_short_and_escaped(server):
 
 
 def test_no_log_line_exceeds_one_kib():
-    """SPEC §8: whatever an event carries (a program's 1000-character stderr line
+    """README "Limits and abuse": whatever an event carries (a program's 1000-character stderr line
     behind a long prefix, say), the line is cut at 1 KiB, marked, and stays one line."""
     from ssmtpd import log
 
@@ -491,7 +491,7 @@ def netns():
 
 
 def test_ipv6_addresses_in_one_prefix_share_the_failed_login_count(make_server, netns):
-    """SPEC §8: two IPv6 addresses in one /64 share the failed-login count; an address
+    """README "Limits and abuse": two IPv6 addresses in one /64 share the failed-login count; an address
     in another /64 does not."""
     srv = make_server("--bind", "2001:db8:1:2::1", "--max-auth-failures-per-ip", "2",
                       start=False)

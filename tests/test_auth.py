@@ -1,4 +1,4 @@
-"""AUTH PLAIN and LOGIN, the auth program's contract and the password's secrecy (SPEC §3, §5)."""
+"""AUTH PLAIN and LOGIN, the auth program's contract and the password's secrecy (README "The auth program", "The dialogue")."""
 
 import base64
 import hashlib
@@ -68,7 +68,7 @@ def send_message(raw, body="Subject: t\r\n\r\nhello\r\n"):
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 @pytest.mark.parametrize("initial_response", [True, False], ids=["initial", "no-initial"])
 def test_smtplib_login(server, mechanism, initial_response):
-    """SPEC §5 AUTH, §3: PLAIN and LOGIN, with or without an initial response → 235."""
+    """README "The dialogue" AUTH, §3: PLAIN and LOGIN, with or without an initial response → 235."""
     with server.smtp() as s:
         s.ehlo()
         s.starttls(context=server.tls_context())
@@ -85,7 +85,7 @@ def test_smtplib_login(server, mechanism, initial_response):
 
 
 def test_plain_without_initial_response(server, tls_client):
-    """SPEC §5 AUTH: `AUTH PLAIN` gets an empty 334 prompt (RFC 4954 §4), then the token."""
+    """README "The dialogue" AUTH: `AUTH PLAIN` gets an empty 334 prompt (RFC 4954 §4), then the token."""
     raw = tls_client()
     code, lines = raw.cmd("AUTH PLAIN")
     assert lines == ["334 "]
@@ -95,7 +95,7 @@ def test_plain_without_initial_response(server, tls_client):
 
 
 def test_login_without_initial_response(server, tls_client):
-    """SPEC §5 AUTH: LOGIN asks `Username:` then `Password:` in base64."""
+    """README "The dialogue" AUTH: LOGIN asks `Username:` then `Password:` in base64."""
     raw = tls_client()
     assert raw.cmd("AUTH LOGIN")[1] == [USERNAME_PROMPT]
     assert raw.cmd(b64(USER))[1] == [PASSWORD_PROMPT]
@@ -107,7 +107,7 @@ def test_login_without_initial_response(server, tls_client):
 
 
 def test_login_with_initial_response(server, tls_client):
-    """SPEC §5 AUTH: `AUTH LOGIN <user>` skips the username prompt and asks for the password."""
+    """README "The dialogue" AUTH: `AUTH LOGIN <user>` skips the username prompt and asks for the password."""
     raw = tls_client()
     assert raw.cmd(f"AUTH LOGIN {b64(USER)}")[1] == [PASSWORD_PROMPT]
     assert raw.cmd(b64(PASSWORD))[1] == [OK_LINE]
@@ -115,7 +115,7 @@ def test_login_with_initial_response(server, tls_client):
 
 
 def test_authenticated_session_may_send(server, tls_client):
-    """SPEC §5: after 235 the session may submit, and the process program sees the user."""
+    """README "The dialogue": after 235 the session may submit, and the process program sees the user."""
     raw = tls_client()
     assert raw.cmd(f"AUTH PLAIN {plain_token()}")[1] == [OK_LINE]
     code, lines = send_message(raw)
@@ -129,7 +129,7 @@ def test_authenticated_session_may_send(server, tls_client):
 # --- empty responses, cancel, bad base64 ---------------------------------------
 
 def test_plain_empty_initial_response(server, tls_client):
-    """SPEC §5 AUTH: `AUTH PLAIN =` is an empty response (RFC 4954 §4): malformed, 501 5.5.2."""
+    """README "The dialogue" AUTH: `AUTH PLAIN =` is an empty response (RFC 4954 §4): malformed, 501 5.5.2."""
     raw = tls_client()
     code, lines = raw.cmd("AUTH PLAIN =")
     assert code == 501 and lines[0].startswith("501 5.5.2"), lines
@@ -139,7 +139,7 @@ def test_plain_empty_initial_response(server, tls_client):
 
 
 def test_login_empty_initial_response(server, tls_client):
-    """SPEC §5 AUTH: `AUTH LOGIN =` is an empty username: the password is asked, then 501 5.5.2."""
+    """README "The dialogue" AUTH: `AUTH LOGIN =` is an empty username: the password is asked, then 501 5.5.2."""
     raw = tls_client()
     assert raw.cmd("AUTH LOGIN =")[1] == [PASSWORD_PROMPT]
     code, lines = raw.cmd(b64(PASSWORD))
@@ -148,7 +148,7 @@ def test_login_empty_initial_response(server, tls_client):
 
 
 def test_plain_empty_line_at_prompt(server, tls_client):
-    """SPEC §5 AUTH: an empty line at the PLAIN prompt is an empty response: 501, no run."""
+    """README "The dialogue" AUTH: an empty line at the PLAIN prompt is an empty response: 501, no run."""
     raw = tls_client()
     assert raw.cmd("AUTH PLAIN")[0] == 334
     code, lines = raw.cmd("")
@@ -166,7 +166,7 @@ CANCEL_DIALOGUES = {
 
 @pytest.mark.parametrize("steps", list(CANCEL_DIALOGUES.values()), ids=list(CANCEL_DIALOGUES))
 def test_cancel_at_prompt(server, tls_client, steps):
-    """SPEC §5 AUTH: `*` at any prompt cancels with 501; no program runs; AUTH may be retried."""
+    """README "The dialogue" AUTH: `*` at any prompt cancels with 501; no program runs; AUTH may be retried."""
     raw = tls_client()
     for step in steps:
         assert raw.cmd(step)[0] == 334
@@ -193,7 +193,7 @@ BAD_BASE64 = {
 
 @pytest.mark.parametrize("steps", list(BAD_BASE64.values()), ids=list(BAD_BASE64))
 def test_bad_base64(server, tls_client, steps):
-    """SPEC §5 AUTH: a response that is not strict base64 gets 501 5.5.2 and runs no program."""
+    """README "The dialogue" AUTH: a response that is not strict base64 gets 501 5.5.2 and runs no program."""
     raw = tls_client()
     for step in steps[:-1]:
         assert raw.cmd(step)[0] == 334
@@ -206,7 +206,7 @@ def test_bad_base64(server, tls_client, steps):
 # --- authzid, mechanisms, order ---------------------------------------------------
 
 def test_plain_authzid_equal_to_authcid(server, tls_client):
-    """SPEC §5 AUTH: a PLAIN authzid equal to the authcid is accepted (235)."""
+    """README "The dialogue" AUTH: a PLAIN authzid equal to the authcid is accepted (235)."""
     raw = tls_client()
     assert raw.cmd(f"AUTH PLAIN {plain_token(authzid=USER)}")[1] == [OK_LINE]
     runs = server.runs("auth")
@@ -214,7 +214,7 @@ def test_plain_authzid_equal_to_authcid(server, tls_client):
 
 
 def test_plain_authzid_differs(server, tls_client):
-    """SPEC §5 AUTH: a PLAIN authzid other than the authcid is refused with 535."""
+    """README "The dialogue" AUTH: a PLAIN authzid other than the authcid is refused with 535."""
     raw = tls_client()
     code, lines = raw.cmd(f"AUTH PLAIN {plain_token(authzid='bob')}")
     assert code == 535 and lines[0].startswith("535 5.7.8"), lines
@@ -224,7 +224,7 @@ def test_plain_authzid_differs(server, tls_client):
 
 @pytest.mark.parametrize("command", ["AUTH CRAM-MD5", "AUTH DIGEST-MD5 abcd", "AUTH XOAUTH2 abcd"])
 def test_unknown_mechanism(server, tls_client, command):
-    """SPEC §5 AUTH: only PLAIN and LOGIN exist; another mechanism gets 504 (RFC 4954 §4)."""
+    """README "The dialogue" AUTH: only PLAIN and LOGIN exist; another mechanism gets 504 (RFC 4954 §4)."""
     raw = tls_client()
     code, lines = raw.cmd(command)
     assert code == 504, lines
@@ -232,7 +232,7 @@ def test_unknown_mechanism(server, tls_client, command):
 
 
 def test_second_auth_after_success(server, tls_client):
-    """SPEC §5 AUTH: a second AUTH after success gets 503 5.5.1 and runs no program."""
+    """README "The dialogue" AUTH: a second AUTH after success gets 503 5.5.1 and runs no program."""
     raw = tls_client()
     assert raw.cmd(f"AUTH PLAIN {plain_token()}")[1] == [OK_LINE]
     code, lines = raw.cmd(f"AUTH PLAIN {plain_token('bob')}")
@@ -241,7 +241,7 @@ def test_second_auth_after_success(server, tls_client):
 
 
 def test_auth_before_ehlo(server):
-    """SPEC §5: AUTH before EHLO gets 503 5.5.1."""
+    """README "The dialogue": AUTH before EHLO gets 503 5.5.1."""
     raw = server.raw()
     try:
         assert raw.reply()[0] == 220
@@ -253,7 +253,7 @@ def test_auth_before_ehlo(server):
 
 
 def test_auth_before_tls(server):
-    """SPEC §5: AUTH before TLS is refused (530 5.7.0) and not advertised (RFC 4954 §4)."""
+    """README "The dialogue": AUTH before TLS is refused (530 5.7.0) and not advertised (RFC 4954 §4)."""
     raw = server.raw()
     try:
         assert raw.reply()[0] == 220
@@ -271,7 +271,7 @@ def test_auth_before_tls(server):
 
 
 def test_auth_during_transaction(make_server):
-    """SPEC §5: AUTH during a mail transaction gets 503 5.5.1."""
+    """README "The dialogue": AUTH during a mail transaction gets 503 5.5.1."""
     srv = make_server("--no-require-auth")
     raw = open_tls(srv)
     try:
@@ -283,7 +283,7 @@ def test_auth_during_transaction(make_server):
         raw.close()
 
 
-# --- the exit table (SPEC §3) ---------------------------------------------------
+# --- the exit table (README "The auth program") ---------------------------------------------------
 
 @pytest.mark.parametrize("user,password,expected", [
     (USER, PASSWORD, "235 2.7.0"),
@@ -293,7 +293,7 @@ def test_auth_during_transaction(make_server):
     ("signal", PASSWORD, "454 4.7.0"),
 ])
 def test_exit_table(server, tls_client, user, password, expected):
-    """SPEC §3: exit 0 → 235, 75 or a signal → 454 4.7.0, any other exit → 535 5.7.8."""
+    """README "The auth program": exit 0 → 235, 75 or a signal → 454 4.7.0, any other exit → 535 5.7.8."""
     raw = tls_client()
     code, lines = raw.cmd(f"AUTH PLAIN {plain_token(user, password)}")
     assert len(lines) == 1 and lines[0].startswith(expected + " "), lines
@@ -303,7 +303,7 @@ def test_exit_table(server, tls_client, user, password, expected):
 
 
 def test_tempfail_does_not_log_in(server, tls_client):
-    """SPEC §3: a 454 is no login: MAIL is still refused and AUTH may be retried."""
+    """README "The auth program": a 454 is no login: MAIL is still refused and AUTH may be retried."""
     raw = tls_client()
     assert raw.cmd(f"AUTH PLAIN {plain_token('tempfail', PASSWORD)}")[0] == 454
     assert raw.cmd("MAIL FROM:<a@example.org>")[0] == 530
@@ -311,7 +311,7 @@ def test_tempfail_does_not_log_in(server, tls_client):
 
 
 def test_auth_timeout_kills_program(make_server):
-    """SPEC §3: over --auth-timeout → 454 4.7.0, and the program and its child are gone."""
+    """README "The auth program": over --auth-timeout → 454 4.7.0, and the program and its child are gone."""
     srv = make_server("--auth-timeout", "1", "--auth", AUTH_SLEEP)
     raw = open_tls(srv)
     try:
@@ -332,11 +332,14 @@ def test_auth_timeout_kills_program(make_server):
 
 
 def test_auth_program_cannot_start(make_server, tmp_path):
-    """SPEC §3: an auth program that cannot start → 454 4.7.0, and the session goes on."""
+    """README "The auth program": an auth program that cannot start (it was fine at
+    start-up, then lost its execute bit) → 454 4.7.0, the session goes on, and an ERROR
+    line names it, even at --log-level warning."""
     broken = tmp_path / "broken-auth"
-    broken.write_text("#!/nonexistent/python\nprint('never')\n")
+    broken.write_text("#!/bin/sh\nexit 0\n")
     broken.chmod(0o755)
-    srv = make_server("--auth", str(broken))
+    srv = make_server("--auth", str(broken), "--log-level", "warning")
+    broken.chmod(0o644)
     raw = open_tls(srv)
     try:
         code, lines = raw.cmd(f"AUTH PLAIN {plain_token()}")
@@ -344,13 +347,15 @@ def test_auth_program_cannot_start(make_server, tmp_path):
         assert raw.cmd("NOOP")[0] == 250
     finally:
         raw.close()
+    assert " ERROR [" in srv.log()
+    assert f"auth program {broken} could not start: Permission denied" in srv.log()
 
 
 # --- what the auth program receives -----------------------------------------------
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_auth_program_environment(server, tls_client, mechanism):
-    """SPEC §3: SSMTPD_USERNAME/PASSWORD/MECHANISM/CLIENT_ADDR, no arguments, empty stdin."""
+    """README "The auth program": SSMTPD_USERNAME/PASSWORD/MECHANISM/CLIENT_ADDR, no arguments, empty stdin."""
     raw = tls_client()
     if mechanism == "PLAIN":
         assert raw.cmd(f"AUTH PLAIN {plain_token()}")[1] == [OK_LINE]
@@ -370,7 +375,7 @@ def test_auth_program_environment(server, tls_client, mechanism):
 
 
 def test_password_never_appears(make_server):
-    """SPEC §3, §7: the password is in no log line, no argv, not in the process program's env."""
+    """README "The auth program", "Logging": the password is in no log line, no argv, not in the process program's env."""
     password = "Qx7-unusual-Pa55w0rd-Zk41"
     wrong = "Wm3-other-Pa55w0rd-Yt92"
     body_marker = "body-marker-8c1f5e"
@@ -415,7 +420,7 @@ def test_password_never_appears(make_server):
 # --- failed logins: delay and three strikes ---------------------------------------
 
 def test_three_failures_close(server, tls_client):
-    """SPEC §5: the third failed AUTH is answered 535, then 421 4.7.0, then the server closes."""
+    """README "The dialogue": the third failed AUTH is answered 535, then 421 4.7.0, then the server closes."""
     raw = tls_client()
     assert raw.cmd(f"AUTH PLAIN {plain_token(USER, 'wrong1')}")[1] == [INVALID_LINE]
     assert raw.cmd("AUTH LOGIN")[0] == 334
@@ -430,7 +435,7 @@ def test_three_failures_close(server, tls_client):
 
 
 def test_two_failures_then_success(server, tls_client):
-    """SPEC §5: two failed AUTHs leave the connection open and a good login still works."""
+    """README "The dialogue": two failed AUTHs leave the connection open and a good login still works."""
     raw = tls_client()
     for _ in range(2):
         assert raw.cmd(f"AUTH PLAIN {plain_token(USER, 'wrong')}")[0] == 535
@@ -439,7 +444,7 @@ def test_two_failures_then_success(server, tls_client):
 
 
 def test_failures_counted_per_connection(server, tls_client):
-    """SPEC §5: the three-strikes count belongs to one connection, not to the client address."""
+    """README "The dialogue": the three-strikes count belongs to one connection, not to the client address."""
     first = tls_client()
     for _ in range(2):
         assert first.cmd(f"AUTH PLAIN {plain_token(USER, 'wrong')}")[0] == 535
@@ -451,7 +456,7 @@ def test_failures_counted_per_connection(server, tls_client):
 
 
 def test_failure_delay(make_server):
-    """SPEC §5: with --auth-failure-delay 1 a failed AUTH is answered no sooner than ~1 s."""
+    """README "The dialogue": with --auth-failure-delay 1 a failed AUTH is answered no sooner than ~1 s."""
     srv = make_server("--auth-failure-delay", "1")
     raw = open_tls(srv)
     try:
@@ -481,7 +486,7 @@ def long_plain_line(prefix: str, total: int) -> str:
 
 
 def test_auth_line_of_12288_octets(server, tls_client):
-    """SPEC §5: an AUTH command line of 12288 octets is read whole and judged (535, not 500)."""
+    """README "The dialogue": an AUTH command line of 12288 octets is read whole and judged (535, not 500)."""
     raw = tls_client()
     line = long_plain_line("AUTH PLAIN ", 12288)
     assert raw.cmd(line)[1] == [INVALID_LINE]
@@ -491,7 +496,7 @@ def test_auth_line_of_12288_octets(server, tls_client):
 
 
 def test_auth_response_of_12288_octets(server, tls_client):
-    """SPEC §5: a response line of 12288 octets at the 334 prompt is accepted (535, not 500)."""
+    """README "The dialogue": a response line of 12288 octets at the 334 prompt is accepted (535, not 500)."""
     raw = tls_client()
     assert raw.cmd("AUTH PLAIN")[0] == 334
     assert raw.cmd(long_plain_line("", 12288))[1] == [INVALID_LINE]
@@ -499,7 +504,7 @@ def test_auth_response_of_12288_octets(server, tls_client):
 
 
 def test_auth_line_too_long(server, tls_client):
-    """SPEC §5: an AUTH line over 12288 octets gets 500 5.5.2, runs nothing, session goes on."""
+    """README "The dialogue": an AUTH line over 12288 octets gets 500 5.5.2, runs nothing, session goes on."""
     raw = tls_client()
     code, lines = raw.cmd("AUTH PLAIN " + "A" * 12278)  # 12289 octets before CRLF
     assert lines == ["500 5.5.2 Line too long"]
@@ -512,7 +517,7 @@ def test_auth_line_too_long(server, tls_client):
 
 
 def test_auth_response_too_long(server, tls_client):
-    """SPEC §5: a response over 12288 octets at the 334 prompt gets 500 5.5.2."""
+    """README "The dialogue": a response over 12288 octets at the 334 prompt gets 500 5.5.2."""
     raw = tls_client()
     assert raw.cmd("AUTH LOGIN")[0] == 334
     code, lines = raw.cmd("A" * 20000)
@@ -537,7 +542,7 @@ ODD_NAMES = [
 @pytest.mark.parametrize("name", ODD_NAMES)
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_odd_usernames_verbatim(server, tls_client, name, mechanism):
-    """SPEC §3: shell metacharacters, spaces and Unicode reach SSMTPD_USERNAME unchanged."""
+    """README "The auth program": shell metacharacters, spaces and Unicode reach SSMTPD_USERNAME unchanged."""
     raw = tls_client()
     if mechanism == "PLAIN":
         code, lines = raw.cmd(f"AUTH PLAIN {plain_token(name, PASSWORD)}")
@@ -552,7 +557,7 @@ def test_odd_usernames_verbatim(server, tls_client, name, mechanism):
 
 
 def test_shell_metacharacters_never_run(server, tls_client, tmp_path):
-    """SPEC §2, §3: a username is data, never shell input."""
+    """README "Configuration", "The auth program": a username is data, never shell input."""
     marker = tmp_path / "pwned"
     raw = tls_client()
     name = f"x; touch {marker}; $(touch {marker}) `touch {marker}`"
@@ -576,7 +581,7 @@ BAD_NAMES = {
 
 @pytest.mark.parametrize("name", list(BAD_NAMES.values()), ids=list(BAD_NAMES))
 def test_bad_username_plain(server, tls_client, name):
-    """SPEC §3: a PLAIN username with control characters or invalid UTF-8 gets 501, no run."""
+    """README "The auth program": a PLAIN username with control characters or invalid UTF-8 gets 501, no run."""
     raw = tls_client()
     code, lines = raw.cmd("AUTH PLAIN " + raw_token(b"\0" + name + b"\0" + PASSWORD.encode()))
     assert code == 501, lines
@@ -586,7 +591,7 @@ def test_bad_username_plain(server, tls_client, name):
 @pytest.mark.parametrize("name", [b"al\x00ice", b"ali\nce", b"\xffalice"],
                          ids=["nul", "line-feed", "invalid-utf8"])
 def test_bad_username_login(server, tls_client, name):
-    """SPEC §3: a LOGIN username with NUL, control characters or invalid UTF-8 gets 501."""
+    """README "The auth program": a LOGIN username with NUL, control characters or invalid UTF-8 gets 501."""
     raw = tls_client()
     assert raw.cmd(f"AUTH LOGIN {raw_token(name)}")[0] == 334
     code, lines = raw.cmd(b64(PASSWORD))
@@ -595,7 +600,7 @@ def test_bad_username_login(server, tls_client, name):
 
 
 def test_plain_token_with_wrong_field_count(server, tls_client):
-    """SPEC §5 AUTH: a PLAIN token without exactly two NULs is malformed: 501."""
+    """README "The dialogue" AUTH: a PLAIN token without exactly two NULs is malformed: 501."""
     raw = tls_client()
     for data in (b"alice\0secret", b"\0alice\0secret\0extra", b"alicesecret"):
         code, lines = raw.cmd("AUTH PLAIN " + raw_token(data))
@@ -607,7 +612,7 @@ def test_plain_token_with_wrong_field_count(server, tls_client):
                          [b"pw\xff\xfe\x80", "pässwörd-密码".encode(), b"tab\there"],
                          ids=["latin1-bytes", "utf8", "tab"])
 def test_password_octets_reach_program(server, tls_client, password):
-    """SPEC §3: the password's octets, UTF-8 or not, reach SSMTPD_PASSWORD unchanged."""
+    """README "The auth program": the password's octets, UTF-8 or not, reach SSMTPD_PASSWORD unchanged."""
     raw = tls_client()
     code, lines = raw.cmd("AUTH PLAIN " + raw_token(b"\0alice\0" + password))
     assert lines == [INVALID_LINE]
@@ -619,7 +624,7 @@ def test_password_octets_reach_program(server, tls_client, password):
 
 
 def test_password_octets_reach_program_login(server, tls_client):
-    """SPEC §3: LOGIN passes a non-UTF-8 password unchanged too."""
+    """README "The auth program": LOGIN passes a non-UTF-8 password unchanged too."""
     raw = tls_client()
     assert raw.cmd(f"AUTH LOGIN {b64(USER)}")[0] == 334
     assert raw.cmd(raw_token(b"\xe9t\xe9"))[1] == [INVALID_LINE]
@@ -629,7 +634,7 @@ def test_password_octets_reach_program_login(server, tls_client):
 
 
 def test_password_with_nul_refused(server, tls_client):
-    """SPEC §3: a LOGIN password containing NUL cannot be put in the environment: 501."""
+    """README "The auth program": a LOGIN password containing NUL cannot be put in the environment: 501."""
     raw = tls_client()
     assert raw.cmd(f"AUTH LOGIN {b64(USER)}")[0] == 334
     code, lines = raw.cmd(raw_token(b"sec\0ret"))

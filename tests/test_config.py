@@ -1,4 +1,4 @@
-"""Options from the command line, the environment and the ini file; start-up errors (SPEC §2)."""
+"""Options from the command line, the environment and the ini file; start-up errors (README "Configuration")."""
 
 import os
 import re
@@ -101,7 +101,7 @@ LEVELS = {
 
 @pytest.mark.parametrize("level", list(LEVELS.values()), ids=list(LEVELS))
 def test_precedence(make_server, level):
-    """SPEC §2: CLI > env > ini > default, for a string, an int and a boolean option."""
+    """README "Configuration": CLI > env > ini > default, for a string, an int and a boolean option."""
     ini, env, cli, hostname, size, auth_offered = level
     srv = start(make_server, cli, env=env, ini=ini)
     greeting, keywords = probe(srv)
@@ -115,7 +115,7 @@ def test_precedence(make_server, level):
     "hostname = ini.test\nmax-message-size = 1111\nrequire-tls = no\n",
 ], ids=["underscore-keys", "dash-keys"])
 def test_ini_key_spellings(make_server, ini):
-    """SPEC §2: ini keys are the long option names with `-` or `_`."""
+    """README "Configuration": ini keys are the long option names with `-` or `_`."""
     greeting, keywords = probe(start(make_server, ini=ini))
     assert greeting == "220 ini.test ESMTP ssmtpd"
     assert size_of(keywords) == 1111
@@ -123,7 +123,7 @@ def test_ini_key_spellings(make_server, ini):
 
 
 def test_long_config_flag(make_server):
-    """SPEC §2: the ini file is also given by --config."""
+    """README "Configuration": the ini file is also given by --config."""
     srv = make_server(defaults=False, start=False)
     ini = write_ini(srv.workdir, "hostname = long.test\n")
     srv.argv += ["--bind", "127.0.0.1", "--port", str(srv.port), "--auth", AUTH,
@@ -133,7 +133,7 @@ def test_long_config_flag(make_server):
 
 
 def test_config_file_from_environment(make_server):
-    """SPEC §2 (README): a container can name its ini file in SSMTPD_CONFIG."""
+    """README "Configuration" (README): a container can name its ini file in SSMTPD_CONFIG."""
     srv = make_server(defaults=False, start=False)
     from_env = write_ini(srv.workdir, "hostname = env-file.test\n")
     srv.env = dict(srv.env, SSMTPD_CONFIG=from_env)
@@ -152,13 +152,13 @@ def test_config_file_from_environment(make_server):
 ], ids=["env-false", "cli-true-over-env-false", "cli-false-over-env-true",
         "cli-true-over-ini-false", "env-0-over-ini-true"])
 def test_boolean_sources(make_server, env, cli, ini, offered):
-    """SPEC §2, §5: --require-tls / --no-require-tls from env, CLI and ini, CLI winning."""
+    """README "Configuration", "The dialogue": --require-tls / --no-require-tls from env, CLI and ini, CLI winning."""
     _, keywords = probe(start(make_server, cli, env=env, ini=ini))
     assert auth_before_tls(keywords) is offered
 
 
 def test_int_from_env_limits_recipients(make_server):
-    """SPEC §2: SSMTPD_MAX_RECIPIENTS overrides the ini value: the 3rd RCPT gets 452 4.5.3."""
+    """README "Configuration": SSMTPD_MAX_RECIPIENTS overrides the ini value: the 3rd RCPT gets 452 4.5.3."""
     srv = start(make_server, env={"SSMTPD_MAX_RECIPIENTS": "2"}, ini="max_recipients = 5\n")
     raw = srv.raw()
     try:
@@ -174,7 +174,7 @@ def test_int_from_env_limits_recipients(make_server):
 
 # --- --help ------------------------------------------------------------------------------
 
-# SPEC §2's table: option → what its default must read like in --help.
+# README "Configuration"'s table: option → what its default must read like in --help.
 HELP_DEFAULTS = {
     "hostname": r"\(default: [^)]*FQDN",
     "bind": r"\(default: all interfaces\)",
@@ -216,7 +216,7 @@ def help_blocks(text: str):
 
 
 def test_help(tmp_path):
-    """SPEC §2: --help exits 0 and shows each option with its SSMTPD_ env var and default."""
+    """README "Configuration": --help exits 0 and shows each option with its SSMTPD_ env var and default."""
     result = run_ssmtpd(["--help"], tmp_path, env={"COLUMNS": "100"})
     assert result.returncode == 0, result.stderr
     blocks = help_blocks(result.stdout)
@@ -276,8 +276,25 @@ def bad_files(tmp_path, certs):
     ini_bool.write_text("[ssmtpd]\nrequire_tls = maybe\n")
     ini_port = tmp_path / "port.ini"
     ini_port.write_text("[ssmtpd]\nport = 0\n")
-    return {"not_exec": str(not_exec), "not_pem": str(not_pem), "ini": str(ini),
-            "ini_bool": str(ini_bool), "ini_port": str(ini_port)}
+    files = {"not_exec": str(not_exec), "not_pem": str(not_pem), "ini": str(ini),
+             "ini_bool": str(ini_bool), "ini_port": str(ini_port)}
+    # Programs that exec(2) would refuse at every login or message.
+    for name, text in [("no_shebang", "echo hello\n"), ("cr_shebang", "#!/bin/sh\r\nexit 0\n"),
+                       ("bad_interpreter", "#!/nonexistent/python\nexit 0\n"),
+                       ("env_missing", "#!/usr/bin/env no-such-interpreter\nexit 0\n")]:
+        path = tmp_path / name
+        path.write_text(text)
+        path.chmod(0o755)
+        files[name] = str(path)
+    for name, text in [("ini_typo", "[ssmtpd]\nprot = 25\n"),
+                       ("ini_dashes", "[ssmtpd]\n--port = 25\n"),
+                       ("ini_port_word", "[ssmtpd]\nport = x25\n")]:
+        path = tmp_path / f"{name}.ini"
+        path.write_text(text)
+        files[name] = str(path)
+    _, cert, key = certs
+    files["cert"], files["key"] = cert, key
+    return files
 
 
 BAD_CONFIGS = {
@@ -311,6 +328,32 @@ BAD_CONFIGS = {
     "require-tls-ini-maybe": ((), ["-c", "{ini_bool}"], None, "require-tls"),
     "bind-not-an-ip": ((), ["--bind", "not-an-ip"], None, "--bind"),
     "workers-zero": ((), ["--workers", "0"], None, "--workers"),
+    "process-without-shebang": ((), ["--process", "{no_shebang}"], None,
+                                "is neither a binary nor a script with a #! line"),
+    "auth-shebang-with-cr": ((), ["--auth", "{cr_shebang}"], None,
+                             "its #! line ends in a carriage return"),
+    "process-interpreter-missing": ((), ["--process", "{bad_interpreter}"], None,
+                                    "its #! interpreter /nonexistent/python is not"),
+    "auth-env-interpreter-missing": ((), ["--auth", "{env_missing}"], None,
+                                     "its #! line runs no-such-interpreter, which is not in PATH"),
+    "timeout-nan-env": ((), [], {"SSMTPD_TIMEOUT": "nan"}, "--timeout: must be a number, not nan"),
+    "timeout-inf": ((), ["--timeout", "inf"], None, "--timeout: must be a number, not inf"),
+    "port-word-from-env": (("--port",), [], {"SSMTPD_PORT": "abc"},
+                           "--port: SSMTPD_PORT='abc' is not a whole number"),
+    "env-one-typo-away": ((), [], {"SSMTPD_PORTS": "25"},
+                          "--port: unknown variable SSMTPD_PORTS; did you mean SSMTPD_PORT?"),
+    "ini-key-typo": ((), ["-c", "{ini_typo}"], None, "unknown key 'prot' in [ssmtpd] of"),
+    "ini-key-typo-hint": ((), ["-c", "{ini_typo}"], None, "did you mean port?"),
+    "ini-key-with-dashes": ((), ["-c", "{ini_dashes}"], None,
+                            "keys are option names without the leading dashes (port = ...)"),
+    "ini-port-word": (("--port",), ["-c", "{ini_port_word}"], None,
+                      "--port: port = 'x25' in "),
+    "ssl-cert-and-key-swapped": (("--ssl-cert", "--ssl-key"),
+                                 ["--ssl-cert", "{key}", "--ssl-key", "{cert}"], None,
+                                 "the two files are swapped"),
+    "group-without-user": ((), ["--group", "nogroup"], None, "--group: needs --user"),
+    "user-unknown": ((), ["--user", "no-such-user-here"], None,
+                     "--user: no such user 'no-such-user-here'"),
     "max-auth-programs-zero": ((), ["--max-auth-programs", "0"], None, "--max-auth-programs"),
     "auth-failure-window-zero": ((), ["--auth-failure-window", "0"], None,
                                  "--auth-failure-window"),
@@ -328,7 +371,7 @@ BAD_CONFIGS = {
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS.values()), ids=list(BAD_CONFIGS))
 def test_bad_config(tmp_path, certs, bad_files, case):
-    """SPEC §2: a bad value stops start-up with one line naming the option, exit status 2."""
+    """README "Configuration": a bad value stops start-up with one line naming the option, exit status 2."""
     drop, add, env, option = case
     port = free_port()
     args = without(valid_args(certs, port), *drop) + add
@@ -336,8 +379,66 @@ def test_bad_config(tmp_path, certs, bad_files, case):
     assert_refused(run_ssmtpd(args, tmp_path, env), option)
 
 
+def test_address_not_on_this_machine_names_bind(tmp_path, certs):
+    """README "Configuration": an address the machine does not have blames --bind, not --port."""
+    args = without(valid_args(certs), "--bind") + ["--bind", "192.0.2.1"]
+    result = run_ssmtpd(args, tmp_path)
+    assert_refused(result, "--bind: cannot listen on 192.0.2.1")
+
+
+def test_one_pem_with_certificate_and_key(tmp_path, certs):
+    """README "Configuration": --ssl-cert alone may name one PEM holding the chain and the key."""
+    _, cert, key = certs
+    both = tmp_path / "both.pem"
+    both.write_bytes(open(cert, "rb").read() + open(key, "rb").read())
+    args = without(valid_args(certs), "--ssl-cert", "--ssl-key") + ["--ssl-cert", str(both),
+                                                                    "--check-config"]
+    result = run_ssmtpd(args, tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, "ssmtpd: configuration OK\n", "")
+
+
+def test_quoted_ini_value_loses_its_quotes(tmp_path, monkeypatch):
+    """README "Configuration": `hostname = "mail.example.org"` means mail.example.org; a
+    program value keeps its quotes for the shell-style split."""
+    from ssmtpd import config
+    ini = tmp_path / "q.ini"
+    ini.write_text(f'[ssmtpd]\nhostname = "mail.example.org"\nprocess = "{RECORD}" --x\n'
+                   "require-auth = 'false'\n")
+    for key in list(os.environ):
+        if key.startswith("SSMTPD_"):
+            monkeypatch.delenv(key)
+    settings = config.parse(["-c", str(ini)])
+    assert settings.hostname == "mail.example.org"
+    assert settings.process == (RECORD, "--x")
+    assert settings.require_auth is False
+
+
+def test_version(tmp_path):
+    """README "Configuration": --version prints `ssmtpd X.Y.Z` and exits 0."""
+    from ssmtpd import __version__
+    result = run_ssmtpd(["--version"], tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"ssmtpd {__version__}\n", "")
+
+
+def test_check_config(tmp_path, certs):
+    """README "Configuration": --check-config checks as a start would, binds nothing, and
+    says OK (exit 0) or the usual one line (exit 2)."""
+    with socket.socket() as taken:  # a port in use is not its business: it binds nothing
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run_ssmtpd(valid_args(certs, port) + ["--check-config"], tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, "ssmtpd: configuration OK\n", "")
+    bad = without(valid_args(certs), "--process") + ["--process", "/nonexistent/x",
+                                                     "--check-config"]
+    assert_refused(run_ssmtpd(bad, tmp_path), "--process")
+
+
 def test_port_in_use_with_workers(tmp_path, certs):
-    """SPEC §9/§2: with --workers the master binds first: a taken port is the same one
+    """README "Scaling", "Configuration": with --workers the master binds first: a taken port is the same one
     line and exit 2, and no worker starts."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -349,7 +450,7 @@ def test_port_in_use_with_workers(tmp_path, certs):
 
 
 def test_port_in_use(tmp_path, certs):
-    """SPEC §2: a port that cannot be bound stops start-up with one line naming --port, exit 2."""
+    """README "Configuration": a port that cannot be bound stops start-up with one line naming --port, exit 2."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -359,7 +460,7 @@ def test_port_in_use(tmp_path, certs):
 
 
 def test_smtps_port_in_use(tmp_path, certs):
-    """SPEC §2: the same holds for --smtps-port."""
+    """README "Configuration": the same holds for --smtps-port."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -371,7 +472,7 @@ def test_smtps_port_in_use(tmp_path, certs):
 # --- programs: required or not, split shell-style, never through a shell -----------------
 
 def test_no_require_auth_runs_without_auth_program(make_server):
-    """SPEC §2: with --no-require-auth no --auth is needed and mail is taken without AUTH."""
+    """README "Configuration": with --no-require-auth no --auth is needed and mail is taken without AUTH."""
     srv = start(make_server, ["--no-require-auth"], auth=False)
     raw = srv.raw()
     try:
@@ -392,7 +493,7 @@ def test_no_require_auth_runs_without_auth_program(make_server):
 
 
 def test_no_auth_program_refuses_auth(make_server):
-    """SPEC §2: without an auth program AUTH is not offered, and AUTH gets a reply, not a crash."""
+    """README "Configuration": without an auth program AUTH is not offered, and AUTH gets a reply, not a crash."""
     srv = start(make_server, ["--no-require-auth"], auth=False)
     raw = srv.raw()
     try:
@@ -410,7 +511,7 @@ def test_no_auth_program_refuses_auth(make_server):
 
 
 def test_ini_percent_sign_is_literal(make_server):
-    """SPEC §2: an ini value runs to the end of its line; a `%` in it is an ordinary character."""
+    """README "Configuration": an ini value runs to the end of its line; a `%` in it is an ordinary character."""
     srv = make_server(defaults=False, start=False)
     ini = write_ini(srv.workdir, f"process = {RECORD} 100% %(x)s\n")
     srv.argv += ["--bind", "127.0.0.1", "--port", str(srv.port), "--auth", AUTH,
@@ -445,7 +546,7 @@ def deliver_one(srv):
 
 
 def test_program_split_shell_style(make_server, spaced_record):
-    """SPEC §2: --process is split shell-style: quotes keep a spaced path and argument whole."""
+    """README "Configuration": --process is split shell-style: quotes keep a spaced path and argument whole."""
     srv = make_server("--process", f"'{spaced_record}' arg1 \"two words\"")
     assert deliver_one(srv)[0] == 250
     (run,) = srv.runs()
@@ -454,7 +555,7 @@ def test_program_split_shell_style(make_server, spaced_record):
 
 @pytest.mark.parametrize("where", ["env", "ini"])
 def test_program_split_shell_style_env_and_ini(make_server, spaced_record, where):
-    """SPEC §2: a quoted program value from the env or the ini file is split shell-style too."""
+    """README "Configuration": a quoted program value from the env or the ini file is split shell-style too."""
     value = f"'{spaced_record}'"
     if where == "env":
         srv = start(make_server, env={"SSMTPD_PROCESS": value}, process=False)
@@ -466,7 +567,7 @@ def test_program_split_shell_style_env_and_ini(make_server, spaced_record, where
 
 
 def test_program_never_through_a_shell(make_server, tmp_path):
-    """SPEC §2: shell syntax in a program value is passed as literal arguments, never run."""
+    """README "Configuration": shell syntax in a program value is passed as literal arguments, never run."""
     marker = tmp_path / "pwned"
     process = f"{RECORD} ; touch {marker} && touch {marker} $(touch {marker})"
     auth = f"{AUTH} | touch {marker}"
@@ -490,7 +591,7 @@ def test_program_never_through_a_shell(make_server, tmp_path):
 # --- signals without a certificate -------------------------------------------------------
 
 def test_sighup_without_certificate(make_server):
-    """SPEC §2, §6: without a certificate STARTTLS is self-signed, and SIGHUP keeps running."""
+    """README "Configuration", "Signals": without a certificate STARTTLS is self-signed, and SIGHUP keeps running."""
     srv = make_server(with_tls=False)
     srv.wait_log("self-signed")
     for _ in range(2):

@@ -1,4 +1,4 @@
-"""Message delivery to the process program (SPEC §4) and the DATA rows of SPEC §5.
+"""Message delivery to the process program (README "The process program") and the DATA rows of README "The dialogue".
 
 Everything goes through a real server, real sockets and the real recording
 program: what the program saw is read back from its records.
@@ -151,10 +151,10 @@ def disconnects(srv) -> int:
     return srv.log().count("disconnected")
 
 
-# --- argv, environment and stdin (SPEC §4) ----------------------------------
+# --- argv, environment and stdin (README "The process program") ----------------------------------
 
 def test_argv_and_environment_of_authenticated_tls_session(server):
-    """SPEC §4: argv [program, USERNAME], SSMTPD_* env, recipients in order, one per line."""
+    """README "The process program": argv [program, USERNAME], SSMTPD_* env, recipients in order, one per line."""
     raw = session(server)
     rcpts = ("first@example.net", '"john doe"@example.net', "third@example.com")
     code, line = transaction(raw, b"Subject: env\r\n\r\nhello\r\n", rcpts=rcpts)
@@ -176,7 +176,7 @@ def test_argv_and_environment_of_authenticated_tls_session(server):
 
 
 def test_argv_and_environment_of_plain_anonymous_session(open_srv):
-    """SPEC §4: with no AUTH the user argument and SSMTPD_USERNAME are "", SSMTPD_TLS is empty."""
+    """README "The process program": with no AUTH the user argument and SSMTPD_USERNAME are "", SSMTPD_TLS is empty."""
     raw = session(open_srv, tls=False, auth=False, helo="EHLO plain.client")
     code, line = transaction(raw, b"hello\r\n", sender="", rcpts=("a@example.net",))
     assert code == 250, line
@@ -205,7 +205,7 @@ MESSAGES = {
 
 @pytest.mark.parametrize("name", sorted(MESSAGES))
 def test_stdin_is_exactly_the_data_after_one_received_header(server, name):
-    """SPEC §4: stdin is the unstuffed data with CRLF ends, after exactly one Received header."""
+    """README "The process program": stdin is the unstuffed data with CRLF ends, after exactly one Received header."""
     message = MESSAGES[name]
     raw = session(server)
     code, line = transaction(raw, message, sender="bounce+x=y@example.org",
@@ -225,7 +225,7 @@ def test_stdin_is_exactly_the_data_after_one_received_header(server, name):
     (False, False, "ESMTP"), (False, True, "ESMTPA"), (True, False, "ESMTPS"),
 ])
 def test_received_header_protocol(open_srv, tls, auth, protocol):
-    """SPEC §4 / RFC 5321 §4.4, RFC 3848: `with` says whether TLS and AUTH were used."""
+    """README "The process program" / RFC 5321 §4.4, RFC 3848: `with` says whether TLS and AUTH were used."""
     raw = session(open_srv, tls=tls, auth=auth, helo="EHLO combo.client")
     code, line = transaction(raw, b"Subject: p\r\n\r\nbody\r\n")
     assert code == 250, line
@@ -269,7 +269,7 @@ def test_received_header_cannot_be_forged_through_helo(open_srv):
 
 
 def test_no_received_header(make_server):
-    """SPEC §2 --no-received-header: stdin is exactly the unstuffed data, nothing prepended."""
+    """README "Configuration" --no-received-header: stdin is exactly the unstuffed data, nothing prepended."""
     srv = make_server("--no-received-header")
     raw = session(srv)
     message = MESSAGES["dot lines"]
@@ -281,7 +281,7 @@ def test_no_received_header(make_server):
     assert stdin_of(second) == b""
 
 
-# --- the exit table (SPEC §4) -----------------------------------------------
+# --- the exit table (README "The process program") -----------------------------------------------
 
 @pytest.mark.parametrize("local,reply", [
     ("exit0", replies.ACCEPTED),
@@ -293,7 +293,7 @@ def test_no_received_header(make_server):
     ("exit64", replies.PROCESS_REJECTED),
 ])
 def test_exit_table(server, local, reply):
-    """SPEC §4 table: 0 → 250 2.0.0; 75, 71, signal → 451 4.3.0; other exits → 554 5.3.0."""
+    """README "The process program" table: 0 → 250 2.0.0; 75, 71, signal → 451 4.3.0; other exits → 554 5.3.0."""
     raw = session(server)
     code, line = transaction(raw, b"Subject: t\r\n\r\nbody\r\n", sender=f"{local}@example.org")
     assert line == f"{reply.code} {reply.enhanced} {reply.text}"
@@ -309,7 +309,7 @@ def test_exit_table(server, local, reply):
 
 
 def test_process_timeout_kills_the_program(make_server):
-    """SPEC §4: over --process-timeout → 451 4.3.0 promptly, and the program is gone."""
+    """README "The process program": over --process-timeout → 451 4.3.0 promptly, and the program is gone."""
     srv = make_server("--process-timeout", "1")
     raw = session(srv)
     started = time.monotonic()
@@ -325,11 +325,13 @@ def test_process_timeout_kills_the_program(make_server):
 
 
 def test_program_that_cannot_start(make_server, tmp_path):
-    """SPEC §4: a process program that cannot start → 451 4.3.0, and the session goes on."""
+    """README "The process program": a process program that cannot start (it was fine at
+    start-up, then broke) → 451 4.3.0, the session goes on, and an ERROR line names it."""
     script = tmp_path / "broken"
-    script.write_text("#!/nonexistent/interpreter\nexit 0\n")
+    script.write_text("#!/bin/sh\nexit 0\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    srv = make_server("--process", str(script))
+    srv = make_server("--process", str(script), "--log-level", "warning")
+    script.write_text("exit 0\n")  # no #! line any more: Exec format error
     raw = session(srv)
     code, line = transaction(raw, b"body\r\n")
     assert line.startswith("451 4.3.0"), line
@@ -337,12 +339,14 @@ def test_program_that_cannot_start(make_server, tmp_path):
     code, line = transaction(raw, b"again\r\n")
     assert line.startswith("451 4.3.0"), line
     raw.close()
+    assert "ERROR [" in srv.log()
+    assert f"process program {script} could not start: Exec format error" in srv.log()
 
 
-# --- the reply text (SPEC §4) -----------------------------------------------
+# --- the reply text (README "The process program") -----------------------------------------------
 
 def test_reply_text_from_last_stdout_line(server):
-    """SPEC §4: the program's last non-empty stdout line is the reply text."""
+    """README "The process program": the program's last non-empty stdout line is the reply text."""
     raw = session(server)
     code, line = transaction(raw, b"body\r\n", sender="say@example.org")
     assert line == "250 2.0.0 queued as 4711"
@@ -356,10 +360,17 @@ def test_reply_text_from_last_stdout_line(server):
     ("ok@x", b"last words\r\n   \r\n\t\r\n\r\n", "250 2.0.0 last words"),
     ("ok@x", b"foo\x01bar\x1b[0m\x7f\xc3\xa9baz\x00\x08!\r\n", "250 2.0.0 foobar[0mbaz!"),
     ("ok@x", b"A" * 150 + b"B" * 150 + b"\r\n", "250 2.0.0 " + "A" * 150 + "B" * 50),
+    # A whole reply printed by the program: its codes are not repeated after ours.
+    ("ok@x", b"250 2.0.0 queued as 4711\r\n", "250 2.0.0 queued as 4711"),
+    ("exit1@x", b"550 5.1.1 no such user\r\n", "554 5.3.0 no such user"),
+    ("ok@x", b"2.6.0 stored\r\n", "250 2.0.0 stored"),
+    ("ok@x", b"250\r\n", str(replies.ACCEPTED)),
+    ("ok@x", b"4711 messages queued\r\n", "250 2.0.0 4711 messages queued"),
 ], ids=["last-line", "rejected", "tempfail", "blank-lines-skipped", "non-printable",
-        "cut-at-200"])
+        "cut-at-200", "own-codes", "own-codes-other-code", "own-enhanced-code",
+        "only-a-code", "a-number-is-words"])
 def test_reply_text_is_printable_and_cut(echo_server, sender, tail, expected):
-    """SPEC §4: printable ASCII only, cut at 200 characters; the code stays the server's."""
+    """README "The process program": printable ASCII only, cut at 200 characters; the code stays the server's."""
     raw = session(echo_server)
     code, line = transaction(raw, b"Subject: t\r\n\r\n" + tail, sender=sender)
     assert line == expected
@@ -367,7 +378,7 @@ def test_reply_text_is_printable_and_cut(echo_server, sender, tail, expected):
 
 
 def test_default_reply_text_without_stdout(server):
-    """SPEC §4: without a stdout line the server's default text is used."""
+    """README "The process program": without a stdout line the server's default text is used."""
     raw = session(server)
     assert transaction(raw, b"x\r\n")[1] == str(replies.ACCEPTED)
     assert transaction(raw, b"x\r\n", sender="exit64@x")[1] == str(replies.PROCESS_REJECTED)
@@ -375,7 +386,7 @@ def test_default_reply_text_without_stdout(server):
 
 
 def test_program_stderr_goes_to_the_log_with_the_session_id(server):
-    """SPEC §4, §7: the program's stderr is logged, tagged with the session."""
+    """README "The process program", "Logging": the program's stderr is logged, tagged with the session."""
     raw = session(server)
     assert transaction(raw, b"x\r\n", sender="stderr@example.org")[0] == 250
     raw.close()
@@ -391,10 +402,10 @@ def test_program_stderr_goes_to_the_log_with_the_session_id(server):
     assert "process: second line" not in first[0]
 
 
-# --- the size limit (SPEC §5) -----------------------------------------------
+# --- the size limit (README "The dialogue") -----------------------------------------------
 
 def test_size_parameter_over_the_limit(server):
-    """SPEC §5: SIZE= over the limit at MAIL → 552 5.3.4, no transaction, no program run."""
+    """README "The dialogue": SIZE= over the limit at MAIL → 552 5.3.4, no transaction, no program run."""
     raw = session(server)
     code, lines = raw.cmd(f"MAIL FROM:<{SENDER}> SIZE={DEFAULT_MAX + 1}")
     assert lines == [str(replies.TOO_BIG)]
@@ -408,7 +419,7 @@ def test_size_parameter_over_the_limit(server):
 
 
 def test_message_growing_over_the_limit(make_server):
-    """SPEC §5: a message over --max-message-size → 552 5.3.4 after the final dot, no run,
+    """README "The dialogue": a message over --max-message-size → 552 5.3.4 after the final dot, no run,
     and the session goes on."""
     srv = make_server("--max-message-size", "1000")
     raw = session(srv)
@@ -444,7 +455,7 @@ def test_message_growing_over_the_limit(make_server):
 
 @pytest.mark.parametrize("mib", [3, 5, 20])
 def test_large_message_arrives_intact(server, mib):
-    """SPEC §4: large messages (in memory or spooled to a file) reach the program intact."""
+    """README "The process program": large messages (in memory or spooled to a file) reach the program intact."""
     message = big_message(mib * MIB, seed=mib)
     raw = session(server, timeout=120)
     code, line = transaction(raw, message)
@@ -458,7 +469,7 @@ def test_large_message_arrives_intact(server, mib):
 
 @pytest.mark.parametrize("size", [100, DEFAULT_MAX])
 def test_program_that_does_not_read_stdin(server, size):
-    """SPEC §4: a program that exits without reading its stdin is answered at once."""
+    """README "The process program": a program that exits without reading its stdin is answered at once."""
     message = big_message(size, seed=7) if size > 1000 else b"x" * (size - 2) + b"\r\n"
     raw = session(server, timeout=60)
     envelope(raw, sender="noread@example.org")
@@ -475,11 +486,11 @@ def test_program_that_does_not_read_stdin(server, size):
     raw.close()
 
 
-# --- a client that vanishes mid-DATA (SPEC §5) ---------------------------------
+# --- a client that vanishes mid-DATA (README "The dialogue") ---------------------------------
 
 @pytest.mark.parametrize("how", ["close", "shutdown", "after-fake-end"])
 def test_disconnect_mid_data_runs_nothing(server, how):
-    """SPEC §5: a client that vanishes mid-DATA causes no process run; the server keeps serving."""
+    """README "The dialogue": a client that vanishes mid-DATA causes no process run; the server keeps serving."""
     before = disconnects(server)
     raw = session(server)
     envelope(raw)
@@ -503,7 +514,7 @@ def test_disconnect_mid_data_runs_nothing(server, how):
 # --- pipelining and several transactions (RFC 2920, RFC 5321 §4.1.1.4) --------
 
 def test_pipelined_envelope(server):
-    """SPEC §5 PIPELINING: MAIL, RCPT, RCPT, DATA in one write → four replies in order."""
+    """README "The dialogue" PIPELINING: MAIL, RCPT, RCPT, DATA in one write → four replies in order."""
     raw = session(server)
     raw.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<a@example.net>\r\n"
              "RCPT TO:<b@example.net>\r\nDATA\r\n")
@@ -537,7 +548,7 @@ def test_commands_after_the_final_dot_run_after_the_data_reply(server):
 
 
 def test_one_run_per_message_on_one_connection(server):
-    """SPEC §4: exactly one run per accepted message; no envelope leaks into the next one."""
+    """README "The process program": exactly one run per accepted message; no envelope leaks into the next one."""
     raw = session(server)
     sent = []
     for i in range(4):
@@ -570,7 +581,7 @@ def test_rset_clears_the_transaction(server):
 
 
 def test_ipv6_client_address_and_received_literal(tmp_path, certs):
-    """SPEC §2 --bind ::1, §4 SSMTPD_CLIENT_ADDR, RFC 5321 §4.4: an IPv6 client is [IPv6:::1]."""
+    """README "Configuration" --bind ::1, §4 SSMTPD_CLIENT_ADDR, RFC 5321 §4.4: an IPv6 client is [IPv6:::1]."""
     srv = ServerProcess(str(tmp_path), certs, ["--bind", "::1"])
     srv.start(wait_host="::1")
     try:

@@ -32,7 +32,7 @@ def auth_users(users, *args, stdin=b"", cwd=None):
 
 
 def check(users, user, password) -> int:
-    """Run auth-users the way the server does (SPEC §3): env, no args, empty stdin."""
+    """Run auth-users the way the server does (README "The auth program"): env, no args, empty stdin."""
     env = dict(os.environ, SSMTPD_USERNAME=user, SSMTPD_PASSWORD=password,
                SSMTPD_MECHANISM="PLAIN", SSMTPD_CLIENT_ADDR="127.0.0.1")
     proc = subprocess.run([AUTH_USERS, "--users", users], env=env, stdin=subprocess.DEVNULL,
@@ -66,7 +66,7 @@ def users(tmp_path):
 # --- conf/auth-users ---------------------------------------------------------------
 
 def test_auth_users_add_then_good_password_exits_0(users):
-    """SPEC §3 exit 0 → 235: a password set with `add` checks out."""
+    """README "The auth program" exit 0 → 235: a password set with `add` checks out."""
     proc = add(users, "alice")
     assert proc.stdout == b"added alice\n"
     assert PASSWORD.encode() not in proc.stdout + proc.stderr
@@ -74,7 +74,7 @@ def test_auth_users_add_then_good_password_exits_0(users):
 
 
 def test_auth_users_wrong_password_exits_1(users):
-    """SPEC §3 other exit → 535: a wrong password, even one letter off."""
+    """README "The auth program" other exit → 535: a wrong password, even one letter off."""
     add(users, "alice")
     assert check(users, "alice", PASSWORD + "!") == 1
     assert check(users, "alice", PASSWORD.upper()) == 1
@@ -82,7 +82,7 @@ def test_auth_users_wrong_password_exits_1(users):
 
 
 def test_auth_users_unknown_user_exits_1(users):
-    """SPEC §3 other exit → 535: unknown and malformed names are just wrong."""
+    """README "The auth program" other exit → 535: unknown and malformed names are just wrong."""
     add(users, "alice")
     assert check(users, "bob", PASSWORD) == 1
     assert check(users, "Alice", PASSWORD) == 1
@@ -90,7 +90,7 @@ def test_auth_users_unknown_user_exits_1(users):
 
 
 def test_auth_users_missing_file_exits_75(users):
-    """SPEC §3 exit 75 → 454: an unreadable users file is a temporary failure."""
+    """README "The auth program" exit 75 → 454: an unreadable users file is a temporary failure."""
     env = dict(os.environ, SSMTPD_USERNAME="alice", SSMTPD_PASSWORD=PASSWORD)
     proc = subprocess.run([AUTH_USERS, "--users", users], env=env, stdin=subprocess.DEVNULL,
                           capture_output=True, timeout=RUN_TIMEOUT)
@@ -184,7 +184,7 @@ MESSAGE = (b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test (ssmtpd);\
 
 
 def test_deliver_maildir_writes_exact_message_into_new(tmp_path):
-    """SPEC §4 exit 0 → 250 with the program's words: file in new/, byte for byte."""
+    """README "The process program" exit 0 → 250 with the program's words: file in new/, byte for byte."""
     root = str(tmp_path / "mail")
     proc = deliver(root, "alice", MESSAGE)
     assert proc.returncode == 0, proc.stderr
@@ -208,7 +208,7 @@ def test_deliver_maildir_writes_exact_message_into_new(tmp_path):
 @pytest.mark.parametrize("user", ["", "a/b", "../x", ".", "..", ".hidden", "a\x01b",
                                   "a\nb", "a\x7fb"])
 def test_deliver_maildir_refuses_unsafe_user_with_67(tmp_path, user):
-    """SPEC §4 other exit → 554: EX_NOUSER for a name that is not a safe directory."""
+    """README "The process program" other exit → 554: EX_NOUSER for a name that is not a safe directory."""
     root = str(tmp_path / "mail")
     proc = deliver(root, user, MESSAGE)
     assert proc.returncode == 67
@@ -218,7 +218,7 @@ def test_deliver_maildir_refuses_unsafe_user_with_67(tmp_path, user):
 
 
 def test_deliver_maildir_wrong_arguments_exit_64(tmp_path):
-    """SPEC §4 other exit → 554: EX_USAGE without exactly ROOT and USERNAME."""
+    """README "The process program" other exit → 554: EX_USAGE without exactly ROOT and USERNAME."""
     for argv in ([DELIVER], [DELIVER, str(tmp_path)],
                  [DELIVER, str(tmp_path), "alice", "extra"]):
         proc = subprocess.run(argv, input=b"x", capture_output=True, timeout=RUN_TIMEOUT)
@@ -228,7 +228,7 @@ def test_deliver_maildir_wrong_arguments_exit_64(tmp_path):
 
 
 def test_deliver_maildir_unwritable_root_exits_75(tmp_path):
-    """SPEC §4 exit 75 → 451: an I/O error is temporary, the client keeps the message."""
+    """README "The process program" exit 75 → 451: an I/O error is temporary, the client keeps the message."""
     # A regular file as ROOT: root ignores permissions, but not ENOTDIR.
     root = tmp_path / "mail"
     root.write_bytes(b"not a directory")
@@ -240,7 +240,7 @@ def test_deliver_maildir_unwritable_root_exits_75(tmp_path):
 
 
 def test_deliver_maildir_failed_write_leaves_nothing(tmp_path):
-    """SPEC §4 exit 75 → 451: a write that fails midway (disk full) leaves no file behind."""
+    """README "The process program" exit 75 → 451: a write that fails midway (disk full) leaves no file behind."""
     root = str(tmp_path / "mail")
 
     def small_files():
@@ -264,7 +264,7 @@ def _ini_text():
 
 
 def test_ini_sets_first_run_defaults():
-    """SPEC §2 ini file: [ssmtpd] wires the example programs on 127.0.0.1:8025."""
+    """README "Configuration" ini file: [ssmtpd] wires the example programs on 127.0.0.1:8025."""
     ini = configparser.ConfigParser()
     ini.read_string(_ini_text())
     assert ini.sections() == ["ssmtpd"]
@@ -277,7 +277,7 @@ def test_ini_sets_first_run_defaults():
 
 
 def test_ini_shows_every_option_once(monkeypatch, certs):
-    """SPEC §2 options table: every option is set or shown commented, with valid values."""
+    """README "Configuration" options table: every option is set or shown commented, with valid values."""
     monkeypatch.syspath_prepend(ROOT)
     from ssmtpd import config
 
@@ -340,7 +340,7 @@ def read_delivered(maildir, name) -> bytes:
 
 
 def test_example_programs_behind_server(make_server, certs, tmp_path):
-    """SPEC §3, §4 end to end: auth-users decides AUTH, deliver-maildir files the message."""
+    """README "The auth program", "The process program" end to end: auth-users decides AUTH, deliver-maildir files the message."""
     data = tmp_path / "data"
     text = _ini_text().replace("conf/", CONF + "/").replace("var/", f"{data}/")
     ini = tmp_path / "ssmtpd.ini"
@@ -382,7 +382,7 @@ def test_example_programs_behind_server(make_server, certs, tmp_path):
 
 
 def test_shipped_config_first_run(make_server, tmp_path):
-    """SPEC §2 first run: conf/ssmtpd.ini as shipped, self-signed TLS, mail in var/mail."""
+    """README "Configuration" first run: conf/ssmtpd.ini as shipped, self-signed TLS, mail in var/mail."""
     srv = make_server("-c", "conf/ssmtpd.ini", defaults=False, start=False)
     # The shipped paths are relative to the repository root; give the server
     # a working directory that looks like one, so var/ lands in tmp.

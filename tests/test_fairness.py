@@ -1,4 +1,4 @@
-"""No client holds back the others (SPEC §8 fairness; README "Limits and abuse").
+"""No client holds back the others (README "Limits and abuse" fairness; README "Limits and abuse").
 
 A flooding client runs in its own process (tests/flood.py) and keeps its socket
 full for seconds at a time, while a normal client does a whole STARTTLS + AUTH
@@ -112,7 +112,7 @@ FLOODS = {
 
 @pytest.mark.parametrize("flood", sorted(FLOODS))
 def test_flood_does_not_delay_other_clients(fair_server, flood):
-    """SPEC §8: under a flood, every reply of another client's full session comes
+    """README "Limits and abuse": under a flood, every reply of another client's full session comes
     within REPLY_BOUND of its unloaded time."""
     srv = fair_server
     unloaded = {}
@@ -146,7 +146,7 @@ def test_flood_does_not_delay_other_clients(fair_server, flood):
 
 @pytest.mark.parametrize("flood", ["commands", "data"])
 def test_flood_does_not_delay_timeouts_or_signals(fair_server, flood):
-    """SPEC §8: under a flood, an idle session still times out on time (--timeout 3)
+    """README "Limits and abuse": under a flood, an idle session still times out on time (--timeout 3)
     and SIGTERM is acted on at once."""
     srv = fair_server
     proc = start_flood(srv, *FLOODS[flood])

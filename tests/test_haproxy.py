@@ -1,4 +1,4 @@
-"""A real HAProxy in front of two ssmtpd instances, speaking PROXY v2 and v1 (SPEC §9).
+"""A real HAProxy in front of two ssmtpd instances, speaking PROXY v2 and v1 (README "Scaling").
 
 The HAProxy configuration is the one README "Scaling" shows, with loopback
 ports filled in.  Clients connect to HAProxy from 127.0.0.2 and 127.0.0.3;
@@ -99,7 +99,7 @@ def all_runs(*servers):
 
 
 def test_messages_through_haproxy_carry_the_client_address(haproxy_front):
-    """SPEC §9: through PROXY v2 and v1, the program sees the client's address, not
+    """README "Scaling": through PROXY v2 and v1, the program sees the client's address, not
     HAProxy's, in SSMTPD_CLIENT_ADDR and the Received header; both servers serve."""
     a, b, port_v2, port_v1 = haproxy_front
     ctx = a.tls_context()
@@ -116,7 +116,7 @@ def test_messages_through_haproxy_carry_the_client_address(haproxy_front):
 
 
 def test_per_address_limit_counts_real_clients_behind_haproxy(haproxy_front):
-    """SPEC §9: --max-connections-per-ip 1 counts the clients in the headers: two
+    """README "Scaling": --max-connections-per-ip 1 counts the clients in the headers: two
     servers hold at most two connections of 127.0.0.2, so of three one is refused;
     127.0.0.3 is still served."""
     a, b, port_v2, _ = haproxy_front
@@ -140,7 +140,7 @@ def test_per_address_limit_counts_real_clients_behind_haproxy(haproxy_front):
 
 
 def test_health_checks_do_not_disturb(haproxy_front):
-    """SPEC §9: HAProxy's SMTP health checks (v2 LOCAL) are served as HAProxy's own
+    """README "Scaling": HAProxy's SMTP health checks (v2 LOCAL) are served as HAProxy's own
     connections, end cleanly, and leave service and limits alone."""
     a, b, port_v2, _ = haproxy_front
     checked = "127.0.0.1 -: disconnected: closed after 221"  # EHLO, 250, QUIT
@@ -158,7 +158,7 @@ def test_health_checks_do_not_disturb(haproxy_front):
 
 
 def test_direct_connection_from_untrusted_address_gets_nothing(haproxy_front):
-    """SPEC §9: a client that goes around HAProxy is closed without a byte."""
+    """README "Scaling": a client that goes around HAProxy is closed without a byte."""
     a, _, _, _ = haproxy_front
     raw = Raw(socket.create_connection(("127.0.0.1", a.port), timeout=10,
                                        source_address=("127.0.0.5", 0)))

@@ -1,4 +1,4 @@
-"""Abuse and resource limits, and hostile programs (SPEC §2 limits, §3, §4, §5, §7).
+"""Abuse and resource limits, and hostile programs (README "Configuration" limits, §3, §4, §5, §7).
 
 Every test here plays a client or a program that misbehaves on purpose and then
 checks that the server answers within a bounded time, keeps its memory, file
@@ -26,7 +26,7 @@ HOSTILE = os.path.join(PROGRAMS, "hostile")
 ENV_DUMP = os.path.join(PROGRAMS, "env-dump")
 MB = 1024 * 1024
 # What every line the server logs starts with (log.py's format).
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
 # --- looking at the server process from outside ------------------------------
@@ -233,7 +233,7 @@ def hostile_records(srv):
 # === Abuse and resource limits ===============================================
 
 def test_slow_drip_command_line_and_tls_handshake_cut_off(drip_server):
-    """SPEC §5 idle timeout: a command line or TLS handshake dripped byte by byte ends at --timeout."""
+    """README "The dialogue" idle timeout: a command line or TLS handshake dripped byte by byte ends at --timeout."""
     srv = drip_server
     srv.clear_runs()
     line = srv.raw()
@@ -280,7 +280,7 @@ def test_slow_drip_command_line_and_tls_handshake_cut_off(drip_server):
 
 
 def test_slow_drip_data_cut_off_at_data_timeout(drip_server):
-    """SPEC §5: a DATA phase dripped slower than --data-timeout gets 421 4.4.2 and no program run."""
+    """README "The dialogue": a DATA phase dripped slower than --data-timeout gets 421 4.4.2 and no program run."""
     srv = drip_server
     srv.clear_runs()
     victim = login(srv)
@@ -325,7 +325,7 @@ def _greeted(connect) -> bool:
 
 
 def test_max_connections(make_server):
-    """SPEC §2 --max-connections: one over gets 421 at once and is closed; a freed slot is reused."""
+    """README "Configuration" --max-connections: one over gets 421 at once and is closed; a freed slot is reused."""
     smtps = str(free_port())
     srv = make_server("--max-connections", "5", "--smtps-port", smtps)
     assert wait_until(lambda: sessions_settled(srv), 10)
@@ -358,7 +358,7 @@ def test_max_connections(make_server):
 
 
 def test_max_connections_per_ip(make_server):
-    """SPEC §2 --max-connections-per-ip: counted per client address, 421 at once when over."""
+    """README "Configuration" --max-connections-per-ip: counted per client address, 421 at once when over."""
     srv = make_server("--max-connections-per-ip", "3")
     assert wait_until(lambda: sessions_settled(srv), 10)
     one = [raw_from(srv, "127.0.0.1") for _ in range(3)]
@@ -380,7 +380,7 @@ def test_max_connections_per_ip(make_server):
 
 
 def test_ten_errors_close_the_session(server):
-    """SPEC §5 (README): the 10th protocol error gets its reply, then 421 4.7.0 and close."""
+    """README "The dialogue" (README): the 10th protocol error gets its reply, then 421 4.7.0 and close."""
     raw = server.raw()
     assert raw.reply()[0] == 220
     errors = [("FOO", 502), ("MAIL FROM:<a@example.test>", 503), ("EHLO", 501),
@@ -400,7 +400,7 @@ def test_ten_errors_close_the_session(server):
 @pytest.mark.parametrize("request_line", ["GET / HTTP/1.1", "POST /x HTTP/1.1",
                                           "CONNECT a:25 HTTP/1.1"])
 def test_http_request_closed_without_reply(server, request_line):
-    """SPEC §5 (README): an HTTP request line is closed at once, nothing echoed back."""
+    """README "The dialogue" (README): an HTTP request line is closed at once, nothing echoed back."""
     raw = server.raw()
     assert raw.reply()[0] == 220
     raw.send(f"{request_line}\r\nHost: a\r\nContent-Length: 5\r\n\r\nQUIT\r\n")
@@ -409,7 +409,7 @@ def test_http_request_closed_without_reply(server, request_line):
 
 
 def test_huge_line_without_crlf_bounded(server):
-    """SPEC §5 line limit: a 24 MB line gets 500 5.5.2, the session goes on, memory stays flat."""
+    """README "The dialogue" line limit: a 24 MB line gets 500 5.5.2, the session goes on, memory stays flat."""
     pid = server.proc.pid
     raw = server.raw(timeout=60)
     assert raw.reply()[0] == 220
@@ -430,7 +430,7 @@ def test_huge_line_without_crlf_bounded(server):
 
 
 def test_five_thousand_pipelined_commands(server):
-    """RFC 2920 / SPEC §5 PIPELINING: 5000 EHLOs in one write get 5000 replies, no deadlock.
+    """RFC 2920 / README "The dialogue" PIPELINING: 5000 EHLOs in one write get 5000 replies, no deadlock.
 
     EHLO rather than NOOP: past 100 NOOPs the junk-command limit ends the
     session (test_abuse.py), and each EHLO reply is larger than its command,
@@ -457,7 +457,7 @@ def test_five_thousand_pipelined_commands(server):
 
 
 def test_auth_line_of_twelve_kilobytes(server):
-    """SPEC §5 / RFC 4954 §4: an AUTH line up to 12288 octets is handled, not refused as too long."""
+    """README "The dialogue" / RFC 4954 §4: an AUTH line up to 12288 octets is handled, not refused as too long."""
     user = "u" * 9196
     line = f"AUTH PLAIN {plain_token(user)}"
     assert 12000 < len(line) + 2 <= 12288
@@ -488,7 +488,7 @@ def test_auth_line_of_twelve_kilobytes(server):
 
 
 def test_hundred_megabytes_over_the_limit(make_server):
-    """SPEC §5 size limit: 100 MB over --max-message-size 1 MiB gets 552 5.3.4 after the dot, no run."""
+    """README "The dialogue" size limit: 100 MB over --max-message-size 1 MiB gets 552 5.3.4 after the dot, no run."""
     srv = make_server("--max-message-size", "1048576")
     pid = srv.proc.pid
     raw = login(srv, timeout=120)
@@ -511,7 +511,7 @@ def test_hundred_megabytes_over_the_limit(make_server):
 
 
 def test_line_without_lf_in_data_is_spooled_not_buffered(hostile):
-    """SPEC §4 spooling: a 16 MiB body line without LF reaches the program whole; memory stays flat."""
+    """README "The process program" spooling: a 16 MiB body line without LF reaches the program whole; memory stays flat."""
     pid = hostile.proc.pid
     raw = login(hostile, timeout=60)
     transaction(raw, "plain@example.test")
@@ -585,7 +585,7 @@ ABUSES = [_connect_and_close, _random_bytes, _half_open_tls, _rst_mid_data, _gar
 
 
 def test_two_hundred_abusive_sessions_leave_no_trace(make_server):
-    """SPEC §5/§7: after 200 hostile sessions the server serves, with fds, memory and children back."""
+    """README "The dialogue", "Logging": after 200 hostile sessions the server serves, with fds, memory and children back."""
     srv = make_server("--auth", shutil.which("true"), "--timeout", "10")
     pid = srv.proc.pid
     rng = random.Random(20240501)
@@ -615,7 +615,7 @@ def test_two_hundred_abusive_sessions_leave_no_trace(make_server):
 
 
 def test_descriptor_exhaustion_is_survived_quietly(make_server):
-    """SPEC §4/§7: out of descriptors: 451 for a program that cannot start, no traceback, then service resumes."""
+    """README "The process program", "Logging": out of descriptors: 451 for a program that cannot start, no traceback, then service resumes."""
     srv = make_server("--max-connections-per-ip", "100")
     pid = srv.proc.pid
     sender = login(srv)
@@ -643,7 +643,7 @@ def test_descriptor_exhaustion_is_survived_quietly(make_server):
 
 
 def test_client_that_never_reads_is_cut_off(drip_server):
-    """SPEC §5 --timeout: a client that pipelines without reading replies cannot pin a session."""
+    """README "The dialogue" --timeout: a client that pipelines without reading replies cannot pin a session."""
     srv = drip_server
     raw = srv.raw(timeout=30)
     assert raw.reply()[0] == 220
@@ -698,7 +698,7 @@ def test_slow_program_does_not_stall_other_clients(server):
     (400 * 1024, "noread3", 554),
 ])
 def test_program_that_does_not_read_its_message(hostile, size, local, code):
-    """SPEC §4 exit table: a program exiting without reading stdin is judged by its exit code alone."""
+    """README "The process program" exit table: a program exiting without reading stdin is judged by its exit code alone."""
     raw = login(hostile, timeout=60)
     body = b"Subject: unread\r\n\r\n" + (b"u" * 98 + b"\r\n") * (size // 100)
     got, lines, seconds = _timed_message(raw, f"{local}@example.test", body)
@@ -710,7 +710,7 @@ def test_program_that_does_not_read_its_message(hostile, size, local, code):
 
 @pytest.mark.parametrize("local", ["flood", "blankflood"])
 def test_stderr_flood_is_capped_in_the_log(hostile, local):
-    """SPEC §4/§7: 10 MB of stderr before reading: 250, the message whole, the log grows by < 256 KiB."""
+    """README "The process program", "Logging": 10 MB of stderr before reading: 250, the message whole, the log grows by < 256 KiB."""
     raw = login(hostile)
     body = b"Subject: flood\r\n\r\n" + b"m" * 98 + b"\r\n" + (b"f" * 98 + b"\r\n") * 3000
     before = os.path.getsize(hostile.log_path)
@@ -725,7 +725,7 @@ def test_stderr_flood_is_capped_in_the_log(hostile, local):
 
 
 def test_grandchild_holding_pipes_is_ended_with_the_run(hostile):
-    """SPEC §4 (README): the exit code decides at once, and nothing of the run outlives the reply."""
+    """README "The process program" (README): the exit code decides at once, and nothing of the run outlives the reply."""
     raw = login(hostile)
     code, lines, seconds = _timed_message(raw, "grandchild@example.test", b"Subject: g\r\n\r\nx\r\n")
     assert code == 250, lines
@@ -737,7 +737,7 @@ def test_grandchild_holding_pipes_is_ended_with_the_run(hostile):
 
 
 def test_grandchild_leaving_the_session_does_not_stall_the_reply(hostile):
-    """SPEC §4: a setsid grandchild keeping stdout open cannot hold the reply past a short grace."""
+    """README "The process program": a setsid grandchild keeping stdout open cannot hold the reply past a short grace."""
     raw = login(hostile)
     rec = None
     try:
@@ -753,7 +753,7 @@ def test_grandchild_leaving_the_session_does_not_stall_the_reply(hostile):
 
 
 def test_program_ignoring_sigterm_is_killed_at_the_timeout(hostile):
-    """SPEC §4: over --process-timeout (2 s) gets 451 4.3.0, and the program and its child are gone."""
+    """README "The process program": over --process-timeout (2 s) gets 451 4.3.0, and the program and its child are gone."""
     raw = login(hostile)
     code, lines, seconds = _timed_message(raw, "ignoreterm@example.test", b"Subject: t\r\n\r\nx\r\n")
     assert code == 451 and lines[0].startswith("451 4.3.0 "), lines
@@ -766,7 +766,7 @@ def test_program_ignoring_sigterm_is_killed_at_the_timeout(hostile):
 # --- what clients say reaches the programs verbatim, never a shell -------------
 
 def test_shell_metacharacters_reach_programs_verbatim(server, tmp_path):
-    """SPEC §2/§3/§4: no shell: user, HELO, MAIL FROM and RCPT TO arrive byte for byte."""
+    """README "Configuration", "The auth program", "The process program": no shell: user, HELO, MAIL FROM and RCPT TO arrive byte for byte."""
     marker = tmp_path / "pwned"
     m = str(marker)
     user = f"$(touch {m})`touch {m}`;touch {m}|touch {m}&'q'\"d\"ü名"
@@ -796,7 +796,7 @@ def test_shell_metacharacters_reach_programs_verbatim(server, tmp_path):
 
 
 def test_program_value_is_never_given_to_a_shell(make_server, tmp_path):
-    """SPEC §2: --process is split shell-style and run directly, so `;` and `$()` are plain words."""
+    """README "Configuration": --process is split shell-style and run directly, so `;` and `$()` are plain words."""
     marker = tmp_path / "pwned-argv"
     srv = make_server("--process", f"{RECORD} ; touch {marker} $(touch {marker})")
     raw = login(srv)
@@ -807,7 +807,7 @@ def test_program_value_is_never_given_to_a_shell(make_server, tmp_path):
 
 
 def test_control_bytes_and_bad_utf8_refused(debug_server):
-    """SPEC §5/§7: CR, NUL and invalid UTF-8 in commands get 501/500, never a traceback or a split log."""
+    """README "The dialogue", "Logging": CR, NUL and invalid UTF-8 in commands get 501/500, never a traceback or a split log."""
     srv = debug_server
     raw = srv.raw()
     assert raw.reply()[0] == 220
@@ -873,7 +873,7 @@ def test_c1_control_characters_in_username_refused(debug_server):
 # --- the password, on every path ----------------------------------------------
 
 def test_password_never_leaks_on_failure_paths(debug_server):
-    """SPEC §3/§7: at debug level no failure path puts the password in a log line, argv or env."""
+    """README "The auth program", "Logging": at debug level no failure path puts the password in a log line, argv or env."""
     srv = debug_server
     since = len(srv.log())
     tag = os.urandom(4).hex()
@@ -950,7 +950,7 @@ def test_password_never_leaks_on_failure_paths(debug_server):
 
 
 def test_password_sent_out_of_turn_is_not_logged(debug_server):
-    """SPEC §7: a password line the server did not ask for (AUTH refused) is not logged at debug."""
+    """README "Logging": a password line the server did not ask for (AUTH refused) is not logged at debug."""
     srv = debug_server
     since = len(srv.log())
     password = f"Pw-stray-{os.urandom(4).hex()}"

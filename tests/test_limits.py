@@ -1,4 +1,4 @@
-"""The per-address accounting in ssmtpd/limits.py, alone (SPEC §8).
+"""The per-address accounting in ssmtpd/limits.py, alone (README "Limits and abuse").
 
 Pure bookkeeping with a clock we drive, so the window arithmetic and the IPv6
 grouping are checked exactly; test_abuse.py checks the same rules end to end.
@@ -26,7 +26,7 @@ class Clock:
 # --- grouping addresses -------------------------------------------------------------
 
 def test_ipv6_addresses_of_one_prefix_share_a_key():
-    """SPEC §8: IPv6 clients count by their --ipv6-prefix-length prefix (default 64)."""
+    """README "Limits and abuse": IPv6 clients count by their --ipv6-prefix-length prefix (default 64)."""
     a = address_key("2001:db8:1:2::a", 64)
     assert a == address_key("2001:db8:1:2:ffff:ffff:ffff:ffff", 64) == "2001:db8:1:2::/64"
     assert a != address_key("2001:db8:1:3::a", 64)
@@ -35,7 +35,7 @@ def test_ipv6_addresses_of_one_prefix_share_a_key():
 
 
 def test_ipv4_counts_whole_and_mapped_addresses_are_ipv4():
-    """SPEC §8: IPv4 by its whole address, also when a dual-stack socket maps it."""
+    """README "Limits and abuse": IPv4 by its whole address, also when a dual-stack socket maps it."""
     assert address_key("192.0.2.1", 64) == "192.0.2.1"
     assert address_key("192.0.2.1", 64) != address_key("192.0.2.2", 64)
     assert address_key("::ffff:192.0.2.1", 64) == "192.0.2.1"
@@ -68,7 +68,7 @@ def test_connection_count_refuses_at_each_limit():
 
 
 def test_pressure_is_more_than_three_quarters():
-    """SPEC §8: under pressure while more than 3/4 of --max-connections are in use."""
+    """README "Limits and abuse": under pressure while more than 3/4 of --max-connections are in use."""
     count = ConnectionCount(max_total=8, max_per_key=8)
     for _ in range(6):
         count.admit("a")

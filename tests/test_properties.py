@@ -1,4 +1,4 @@
-"""Property tests of the pure modules: the DATA reader (SPEC §5) and SASL decoding (SPEC §5 AUTH).
+"""Property tests of the pure modules: the DATA reader (README "The dialogue") and SASL decoding (README "The dialogue" AUTH).
 
 These run in-process on generated input; the server tests pin the same rules
 over real sockets.
@@ -104,7 +104,7 @@ cuts = st.lists(st.integers(min_value=1, max_value=400), max_size=12)
 @PROPERTY
 @given(message, st.binary(max_size=40), cuts)
 def test_stuffed_message_round_trips(msg, after, cut_points):
-    """SPEC §4/§5: a dot-stuffed CRLF message comes out exactly; what follows is left unread."""
+    """README "The process program", "The dialogue": a dot-stuffed CRLF message comes out exactly; what follows is left unread."""
     wire = stuff(msg) + after
     result, spooled, rest = read(split(wire, cut_points))
     assert result.status == dotreader.OK
@@ -116,7 +116,7 @@ def test_stuffed_message_round_trips(msg, after, cut_points):
 @PROPERTY
 @given(raw_bytes, st.binary(max_size=20), cuts)
 def test_chunk_boundaries_never_matter(stream, after, cut_points):
-    """SPEC §5: how the client's bytes are split into reads never changes the outcome."""
+    """README "The dialogue": how the client's bytes are split into reads never changes the outcome."""
     wire = stream + TERMINATOR + after
     whole = read([wire])
     pieces = read(split(wire, cut_points))
@@ -129,7 +129,7 @@ def test_chunk_boundaries_never_matter(stream, after, cut_points):
 @PROPERTY
 @given(raw_bytes, st.binary(max_size=20), cuts)
 def test_ends_only_at_the_first_crlf_dot_crlf(stream, after, cut_points):
-    """SPEC §5: DATA ends at the first CRLF.CRLF and nowhere else; a bare CR or LF before it
+    """README "The dialogue": DATA ends at the first CRLF.CRLF and nowhere else; a bare CR or LF before it
     makes the message bare-line-ending, otherwise it is the unstuffed content."""
     wire = stream + TERMINATOR + after
     content, expected_rest, bare = reference(wire)
@@ -146,7 +146,7 @@ def test_ends_only_at_the_first_crlf_dot_crlf(stream, after, cut_points):
 @PROPERTY
 @given(raw_bytes, cuts)
 def test_no_terminator_means_client_gone(stream, cut_points):
-    """SPEC §5: without CRLF.CRLF the DATA phase never ends; a vanished client is ClientGone."""
+    """README "The dialogue": without CRLF.CRLF the DATA phase never ends; a vanished client is ClientGone."""
     assume(TERMINATOR not in b"\r\n" + stream and stream)
     with pytest.raises(ClientGone):
         read(split(stream, cut_points))
@@ -155,7 +155,7 @@ def test_no_terminator_means_client_gone(stream, cut_points):
 @PROPERTY
 @given(message, st.integers(min_value=0, max_value=200), st.binary(max_size=20), cuts)
 def test_size_limit(msg, limit, after, cut_points):
-    """SPEC §5: over the limit → too-big after reading to the real end; nothing past the
+    """README "The dialogue": over the limit → too-big after reading to the real end; nothing past the
     limit is kept; the next command is still in place."""
     result, spooled, rest = read(split(stuff(msg) + after, cut_points), limit)
     assert rest == after
@@ -173,7 +173,7 @@ def test_size_limit(msg, limit, after, cut_points):
 @given(st.integers(min_value=1000, max_value=300000), st.sampled_from([b"a", b"\r", b"\xff"]),
        st.booleans())
 def test_endless_line_is_scanned_in_bounded_memory(chunk, filler, dotted):
-    """SPEC §5 / stream bounds: a 1 MB line without LF is not buffered whole (MAX_PENDING)."""
+    """README "The dialogue" / stream bounds: a 1 MB line without LF is not buffered whole (MAX_PENDING)."""
     line = filler * (1024 * 1024)
     wire = (b".." if dotted else b"") + line + TERMINATOR + b"NOOP\r\n"
     expected = (b"." if dotted else b"") + line + b"\r\n"
@@ -201,7 +201,7 @@ def test_endless_line_is_scanned_in_bounded_memory(chunk, filler, dotted):
 @PROPERTY
 @given(st.lists(st.binary(max_size=300), max_size=20), st.integers(min_value=0, max_value=2000))
 def test_spool_keeps_every_octet_and_goes_to_disk_when_big(writes, memory_limit):
-    """SPEC §4: the spool returns the message intact, always as a real file to hand over."""
+    """README "The process program": the spool returns the message intact, always as a real file to hand over."""
     spool = spooling.Spool(memory_limit=memory_limit)
     try:
         for data in writes:
@@ -219,7 +219,7 @@ def test_spool_keeps_every_octet_and_goes_to_disk_when_big(writes, memory_limit)
 # --- SASL decoding ------------------------------------------------------------------
 
 def test_spool_failure_still_reads_to_the_end(monkeypatch):
-    """SPEC §5 DATA: a spool that cannot grow (disk full) never stops the reader mid-message."""
+    """README "The dialogue" DATA: a spool that cannot grow (disk full) never stops the reader mid-message."""
     import errno
     import tempfile
 
@@ -239,7 +239,7 @@ def test_spool_failure_still_reads_to_the_end(monkeypatch):
 
 
 def decodes_or_refuses(call, *args):
-    """Run `call`; only SmtpError may come out (SPEC §5: every bad input is a reply)."""
+    """Run `call`; only SmtpError may come out (README "The dialogue": every bad input is a reply)."""
     try:
         return call(*args)
     except SmtpError as e:
@@ -251,7 +251,7 @@ def decodes_or_refuses(call, *args):
 @PROPERTY
 @given(st.one_of(st.text(), st.text(alphabet="ABCDabcd0189+/= *\t\r\n")))
 def test_decode_response_never_raises_anything_else(line):
-    """SPEC §5 AUTH: arbitrary response lines decode or are refused with an SMTP reply."""
+    """README "The dialogue" AUTH: arbitrary response lines decode or are refused with an SMTP reply."""
     out = decodes_or_refuses(sasl.decode_response, line)
     assert out is None or isinstance(out, bytes)
 
@@ -267,7 +267,7 @@ def test_decode_response_reads_strict_base64(data, pad):
 
 @pytest.mark.parametrize("line", ["*", " *", "* ", "\t*\t"])
 def test_star_cancels(line):
-    """SPEC §5 / RFC 4954 §4: `*` cancels the exchange with 501."""
+    """README "The dialogue" / RFC 4954 §4: `*` cancels the exchange with 501."""
     with pytest.raises(SmtpError) as e:
         sasl.decode_response(line)
     assert e.value.reply == replies.AUTH_CANCELLED
@@ -276,7 +276,7 @@ def test_star_cancels(line):
 @PROPERTY
 @given(st.binary(max_size=200))
 def test_plain_never_raises_anything_else(message):
-    """SPEC §5 AUTH PLAIN: arbitrary decoded octets give credentials or an SMTP reply."""
+    """README "The dialogue" AUTH PLAIN: arbitrary decoded octets give credentials or an SMTP reply."""
     creds = decodes_or_refuses(sasl.plain, message)
     if creds is not None:
         assert creds.username and "\0" not in creds.password
@@ -285,7 +285,7 @@ def test_plain_never_raises_anything_else(message):
 @PROPERTY
 @given(st.binary(max_size=100), st.binary(max_size=100))
 def test_login_never_raises_anything_else(username, password):
-    """SPEC §5 AUTH LOGIN: arbitrary username and password octets never crash the decoder."""
+    """README "The dialogue" AUTH LOGIN: arbitrary username and password octets never crash the decoder."""
     decodes_or_refuses(sasl.login, username, password)
 
 
@@ -313,7 +313,7 @@ def test_plain_round_trip(user, secret, with_authzid):
 @PROPERTY
 @given(username, username, password)
 def test_plain_foreign_authzid_is_refused(authzid, user, secret):
-    """SPEC §5: a PLAIN authzid that differs from the authcid is marked, for the 535."""
+    """README "The dialogue": a PLAIN authzid that differs from the authcid is marked, for the 535."""
     assume(authzid != user)
     message = authzid.encode() + b"\0" + user.encode() + b"\0" + secret
     creds = sasl.plain(message)

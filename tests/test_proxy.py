@@ -1,4 +1,4 @@
-"""The PROXY protocol header parser, alone and against a real server (SPEC §9).
+"""The PROXY protocol header parser, alone and against a real server (README "Scaling").
 
 ssmtpd/proxy.py is pure, so it is fed headers built here from HAProxy's
 proxy-protocol.txt layout, every prefix of them, and arbitrary bytes.  The
@@ -90,13 +90,13 @@ def test_arbitrary_bytes_never_crash(data):
 @given(st.binary(min_size=1, max_size=40).filter(lambda b: not b.startswith(b"P")
                                                   and not b.startswith(b"\r")))
 def test_smtp_or_tls_without_header_is_refused(data):
-    """SPEC §9: a connection that does not start with a header is refused at once."""
+    """README "Scaling": a connection that does not start with a header is refused at once."""
     with pytest.raises(ProxyError):
         proxy.parse(data)
 
 
 def test_local_and_unknown_keep_the_connection_address():
-    """SPEC §9: v2 LOCAL (health checks) and v1 UNKNOWN keep the proxy's own address."""
+    """README "Scaling": v2 LOCAL (health checks) and v1 UNKNOWN keep the proxy's own address."""
     local = proxy.V2_SIGNATURE + bytes([0x20, 0x00]) + b"\x00\x00"
     assert proxy.parse(local + b"EHLO") == Header(16, 2, None)
     local_with_block = v2("192.0.2.1", "192.0.2.2", 1, 2, command=0x0)
@@ -147,7 +147,7 @@ def connect(srv, source="127.0.0.1", port=None) -> Raw:
     lambda: v2("203.0.113.7", "192.0.2.25", 40000, 587),
 ])
 def test_client_address_from_header_reaches_the_program(proxied, make_header):
-    """SPEC §9: the header's address is SSMTPD_CLIENT_ADDR, in Received and in the log."""
+    """README "Scaling": the header's address is SSMTPD_CLIENT_ADDR, in Received and in the log."""
     raw = connect(proxied)
     raw.send(make_header())
     raw.login(proxied.tls_context())
@@ -160,7 +160,7 @@ def test_client_address_from_header_reaches_the_program(proxied, make_header):
 
 
 def test_local_header_keeps_the_proxy_address(proxied):
-    """SPEC §9: a v2 LOCAL header (a health check) keeps the proxy's own address."""
+    """README "Scaling": a v2 LOCAL header (a health check) keeps the proxy's own address."""
     raw = connect(proxied)
     raw.send(proxy.V2_SIGNATURE + bytes([0x20, 0x00]) + b"\x00\x00")
     assert raw.reply()[0] == 220
@@ -170,7 +170,7 @@ def test_local_header_keeps_the_proxy_address(proxied):
 
 @pytest.mark.parametrize("first", [b"EHLO client.test\r\n", b"PROXY TCP4 garbage\r\n", b""])
 def test_missing_or_bad_header_is_closed_without_a_byte(make_server, first):
-    """SPEC §9: from a trusted peer, no header, a bad one, or none within --timeout:
+    """README "Scaling": from a trusted peer, no header, a bad one, or none within --timeout:
     closed without a byte."""
     srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1", "--timeout", "1")
     raw = connect(srv)
@@ -180,7 +180,7 @@ def test_missing_or_bad_header_is_closed_without_a_byte(make_server, first):
 
 
 def test_untrusted_peer_is_closed_without_a_byte(proxied):
-    """SPEC §9: a connection from outside --proxy-trusted gets nothing, header or not."""
+    """README "Scaling": a connection from outside --proxy-trusted gets nothing, header or not."""
     raw = connect(proxied, source="127.0.0.2")
     raw.send(v2("203.0.113.7", "192.0.2.25", 40000, 587))
     assert raw.closed(timeout=5)
@@ -189,7 +189,7 @@ def test_untrusted_peer_is_closed_without_a_byte(proxied):
 
 
 def test_header_precedes_the_tls_handshake_on_the_smtps_port(make_server):
-    """SPEC §9: on --smtps-port the header comes first, then the TLS handshake."""
+    """README "Scaling": on --smtps-port the header comes first, then the TLS handshake."""
     from conftest import free_port
     smtps = free_port()
     srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
@@ -207,7 +207,7 @@ def test_header_precedes_the_tls_handshake_on_the_smtps_port(make_server):
 
 
 def test_per_address_limit_counts_the_real_clients(make_server):
-    """SPEC §9: --max-connections-per-ip counts the addresses in the headers."""
+    """README "Scaling": --max-connections-per-ip counts the addresses in the headers."""
     srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
                       "--max-connections-per-ip", "2")
     held = []

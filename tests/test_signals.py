@@ -1,4 +1,4 @@
-"""Signals, the supervisord way (SPEC §6): SIGTERM and SIGINT stop in stages.
+"""Signals, the supervisord way (README "Signals"): SIGTERM and SIGINT stop in stages.
 
 Each test owns its server process, because each one ends it.
 """
@@ -60,7 +60,7 @@ def stopped(srv) -> int:
 
 @pytest.mark.parametrize("sig", STOP_SIGNALS)
 def test_stop_finishes_running_program(make_server, sig):
-    """SPEC §6: a message whose program runs is finished and answered 250; idle ones get 421."""
+    """README "Signals": a message whose program runs is finished and answered 250; idle ones get 421."""
     srv = make_server()
     busy = logged_in(srv)
     idle = logged_in(srv)
@@ -94,7 +94,7 @@ def test_stop_finishes_running_program(make_server, sig):
 
 
 def test_new_connections_refused_while_draining(make_server):
-    """SPEC §6: after SIGTERM the server stops accepting, even while a program still runs."""
+    """README "Signals": after SIGTERM the server stops accepting, even while a program still runs."""
     srv = make_server()
     busy = logged_in(srv)
     try:
@@ -119,7 +119,7 @@ IDLE_STATES = ["after-greeting", "after-ehlo", "authenticated", "in-transaction"
 @pytest.mark.parametrize("sig", STOP_SIGNALS)
 @pytest.mark.parametrize("state", IDLE_STATES)
 def test_idle_session_told_421(make_server, sig, state):
-    """SPEC §6: at SIGTERM/SIGINT an idle session gets 421 4.3.2 and is closed; exit 0."""
+    """README "Signals": at SIGTERM/SIGINT an idle session gets 421 4.3.2 and is closed; exit 0."""
     srv = make_server()
     raw = srv.raw()
     try:
@@ -142,7 +142,7 @@ def test_idle_session_told_421(make_server, sig, state):
 
 @pytest.mark.parametrize("sig", STOP_SIGNALS)
 def test_session_mid_data_told_421_and_no_run(make_server, sig):
-    """SPEC §6: a client still sending DATA at SIGTERM gets 421 4.3.2; no program runs."""
+    """README "Signals": a client still sending DATA at SIGTERM gets 421 4.3.2; no program runs."""
     srv = make_server()
     raw = logged_in(srv)
     try:
@@ -159,7 +159,7 @@ def test_session_mid_data_told_421_and_no_run(make_server, sig):
 
 
 def test_sigterm_without_sessions_exits_0(make_server):
-    """SPEC §6: SIGTERM with nobody connected: exit 0, and the port is closed."""
+    """README "Signals": SIGTERM with nobody connected: exit 0, and the port is closed."""
     srv = make_server()
     srv.signal(signal.SIGTERM)
     assert stopped(srv) == 0
@@ -189,7 +189,7 @@ def full_pipe():
 @pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"),
                                  pytest.param(signal.SIGHUP, id="SIGHUP")])
 def test_signal_as_soon_as_port_listens(tmp_path, certs, sig):
-    """SPEC §6: once the port accepts clients, SIGTERM means exit 0 and SIGHUP a reload.
+    """README "Signals": once the port accepts clients, SIGTERM means exit 0 and SIGHUP a reload.
 
     A supervisor (or a health check) may signal the moment the port is up; the
     handlers must be in place by then, or the default action kills the server.

@@ -1,4 +1,4 @@
-"""Nothing lost under load (SPEC §1, §4, §6).
+"""Nothing lost under load (README "The process program", "Signals").
 
 Fifty clients submit twenty messages each over STARTTLS + AUTH to a server whose
 process program exits 0, 75 or 1 at random (tests/programs/flaky).  Every run
@@ -210,7 +210,7 @@ def kill_server(srv) -> None:
 # --- the tests ---------------------------------------------------------------
 
 def test_soak_every_reply_matches_one_run(tmp_path, certs):
-    """SPEC §1, §4 table: 1000 messages; each 250/451/554 is exactly one run exiting 0/75/1."""
+    """README "The process program" table: 1000 messages; each 250/451/554 is exactly one run exiting 0/75/1."""
     srv = start_server(tmp_path, certs)
     try:
         tally = Tally()
@@ -237,7 +237,7 @@ def test_soak_every_reply_matches_one_run(tmp_path, certs):
 
 
 def test_kill_9_leaves_no_250_without_an_accepted_run(tmp_path, certs):
-    """SPEC §1: after kill -9 mid-load, every 250 a client holds has an accepted (exit 0) run."""
+    """README: after kill -9 mid-load, every 250 a client holds has an accepted (exit 0) run."""
     srv = start_server(tmp_path, certs)
     try:
         tally = Tally(threshold=300)
@@ -274,7 +274,7 @@ def test_kill_9_leaves_no_250_without_an_accepted_run(tmp_path, certs):
 
 
 def test_sigterm_under_load_answers_running_programs(tmp_path, certs):
-    """SPEC §6: SIGTERM mid-load: running programs finish and are answered; then exit 0."""
+    """README "Signals": SIGTERM mid-load: running programs finish and are answered; then exit 0."""
     # Slow runs make sure some are in flight when the signal lands.
     srv = start_server(tmp_path, certs, env={"FLAKY_SLEEP": "0.3"})
     signalled = {}
@@ -323,7 +323,7 @@ def test_sigterm_under_load_answers_running_programs(tmp_path, certs):
 
 
 def test_repeated_sigterm_still_exits_0(tmp_path, certs):
-    """SPEC §6: SIGTERM repeated until the server is gone (a supervisor's retry) still exits 0."""
+    """README "Signals": SIGTERM repeated until the server is gone (a supervisor's retry) still exits 0."""
     srv = start_server(tmp_path, certs)
     idle = srv.raw()
     try:

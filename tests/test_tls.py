@@ -92,7 +92,7 @@ def wait_log_count(srv, needle: str, count: int, timeout: float = 10.0) -> None:
     (ssl.TLSVersion.MAXIMUM_SUPPORTED, "TLSv1.3"),
 ], ids=["TLSv1.2", "newest"])
 def test_starttls_verified_and_version_recorded(server, maximum, expected):
-    """SPEC §5 TLS 1.2 and newer; §4 SSMTPD_TLS carries the negotiated version."""
+    """README "The dialogue" TLS 1.2 and newer; §4 SSMTPD_TLS carries the negotiated version."""
     ctx = client_context(server.ca)  # verifies the chain and 127.0.0.1 against the SAN
     ctx.maximum_version = maximum
     with server.smtp() as s:
@@ -114,7 +114,7 @@ def test_starttls_verified_and_version_recorded(server, maximum, expected):
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1],
                          ids=["TLSv1.1", "TLSv1.0"])
 def test_starttls_refuses_tls_below_1_2(server, version):
-    """SPEC §5: TLS 1.2 and newer only; a 1.1 or 1.0 client fails the handshake."""
+    """README "The dialogue": TLS 1.2 and newer only; a 1.1 or 1.0 client fails the handshake."""
     ctx = old_tls_context(version)
     raw = server.raw()
     try:
@@ -128,7 +128,7 @@ def test_starttls_refuses_tls_below_1_2(server, version):
 
 
 def test_second_starttls_refused(server):
-    """SPEC §5: STARTTLS is offered before TLS only; once up it is 503."""
+    """README "The dialogue": STARTTLS is offered before TLS only; once up it is 503."""
     raw = server.raw()
     try:
         raw.login(client_context(server.ca))
@@ -150,7 +150,7 @@ INJECTIONS = {
 
 @pytest.mark.parametrize("name", sorted(INJECTIONS))
 def test_starttls_discards_pipelined_plaintext(server, name):
-    """SPEC §5: bytes sent after STARTTLS in the same read are discarded, never executed."""
+    """README "The dialogue": bytes sent after STARTTLS in the same read are discarded, never executed."""
     payload = INJECTIONS[name]
     raw = server.raw()
     try:
@@ -184,7 +184,7 @@ def test_starttls_discards_pipelined_plaintext(server, name):
 
 
 def test_starttls_forgets_helo(server):
-    """SPEC §5 / RFC 3207 §4.2: after STARTTLS the client must EHLO again."""
+    """README "The dialogue" / RFC 3207 §4.2: after STARTTLS the client must EHLO again."""
     raw = server.raw()
     try:
         assert raw.reply()[0] == 220
@@ -203,7 +203,7 @@ def test_starttls_forgets_helo(server):
 
 
 def test_starttls_forgets_authentication(make_server):
-    """SPEC §5 / RFC 3207 §4.2: an AUTH done in the clear does not survive STARTTLS."""
+    """README "The dialogue" / RFC 3207 §4.2: an AUTH done in the clear does not survive STARTTLS."""
     srv = make_server("--no-require-tls")
     raw = srv.raw()
     try:
@@ -238,7 +238,7 @@ def smtps_server(make_server):
 
 
 def test_smtps_port_end_to_end(smtps_server):
-    """SPEC §2 --smtps-port: implicit TLS; no STARTTLS offered; SSMTPD_TLS set."""
+    """README "Configuration" --smtps-port: implicit TLS; no STARTTLS offered; SSMTPD_TLS set."""
     srv = smtps_server
     with smtplib.SMTP_SSL("127.0.0.1", srv.smtps_port, local_hostname="client.test",
                           context=client_context(srv.ca), timeout=10) as s:
@@ -262,7 +262,7 @@ def test_smtps_port_end_to_end(smtps_server):
 
 
 def test_smtps_port_refuses_tls_1_1(smtps_server):
-    """SPEC §5: TLS 1.2 and newer only, on the implicit-TLS port too."""
+    """README "The dialogue": TLS 1.2 and newer only, on the implicit-TLS port too."""
     srv = smtps_server
     ctx = old_tls_context(ssl.TLSVersion.TLSv1_1)
 
@@ -280,7 +280,7 @@ def test_smtps_port_refuses_tls_1_1(smtps_server):
 
 
 def test_self_signed_certificate_when_none_configured(make_server):
-    """SPEC §2: without --ssl-cert/--ssl-key, STARTTLS uses a self-signed cert for --hostname."""
+    """README "Configuration": without --ssl-cert/--ssl-key, STARTTLS uses a self-signed cert for --hostname."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import NameOID
@@ -320,7 +320,7 @@ def test_self_signed_certificate_when_none_configured(make_server):
 
 
 def test_sighup_reloads_certificate(make_server, tmp_path):
-    """SPEC §6 SIGHUP: new sessions get the new cert, open ones go on, a bad file is ignored."""
+    """README "Signals" SIGHUP: new sessions get the new cert, open ones go on, a bad file is ignored."""
     (ca_a, cert_a, key_a), (ca_b, cert_b, key_b), cert, key = two_certificates(str(tmp_path))
     srv = make_server("--ssl-cert", cert, "--ssl-key", key, with_tls=False)
 
@@ -389,7 +389,7 @@ def test_sighup_reloads_certificate(make_server, tmp_path):
 
 
 def test_sighup_keeps_old_certificate_on_mismatched_key(make_server, tmp_path):
-    """SPEC §6 SIGHUP: a key that does not match the certificate keeps the old pair."""
+    """README "Signals" SIGHUP: a key that does not match the certificate keeps the old pair."""
     ca_a, cert_a, key_a = make_certs(str(tmp_path), serial_cn="ssmtpd first")
     other = tmp_path / "other"
     other.mkdir()
@@ -426,7 +426,7 @@ def closed_after(raw: Raw, started: float, limit: float = 10.0) -> float:
 
 
 def test_tls_handshake_deadline(make_server):
-    """SPEC §5: a TLS handshake gets at most --timeout; other clients are served meanwhile."""
+    """README "The dialogue": a TLS handshake gets at most --timeout; other clients are served meanwhile."""
     port = free_port()
     srv = make_server("--timeout", "2", "--smtps-port", str(port))
     wait_for_port(port, proc=srv.proc)
@@ -463,7 +463,7 @@ def client_hello() -> bytes:
 
 
 def test_tls_handshake_deadline_covers_slow_drip(make_server):
-    """SPEC §5: the handshake deadline is for the whole handshake, not per read."""
+    """README "The dialogue": the handshake deadline is for the whole handshake, not per read."""
     srv = make_server("--timeout", "2")
     raw = srv.raw()
     try:
@@ -496,7 +496,7 @@ def test_tls_handshake_deadline_covers_slow_drip(make_server):
 
 
 def test_no_renegotiation(server, tmp_path):
-    """SPEC §5: no renegotiation: a client's renegotiation request is refused."""
+    """README "The dialogue": no renegotiation: a client's renegotiation request is refused."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl command not installed")
@@ -559,6 +559,6 @@ def s_client_cipher(srv, cipher: str):
     ("AES128-GCM-SHA256", False),           # no forward secrecy
 ])
 def test_tls_1_2_offers_only_forward_secret_aead_suites(server, cipher, accepted):
-    """SPEC §8: TLS 1.2 suites are ECDHE with AES-GCM or ChaCha20-Poly1305 only."""
+    """README "Limits and abuse": TLS 1.2 suites are ECDHE with AES-GCM or ChaCha20-Poly1305 only."""
     agreed = s_client_cipher(server, cipher)
     assert agreed == (cipher if accepted else None)

@@ -1,4 +1,4 @@
-"""--workers N: a master that binds, supervises and passes signals on (SPEC §9).
+"""--workers N: a master that binds, supervises and passes signals on (README "Scaling").
 
 Every test runs a real master with real worker processes.  Which worker served
 a message is known from the process program's parent pid, which the test
@@ -55,7 +55,7 @@ def submit(srv, sender, results, i):
 
 
 def test_sixty_concurrent_sessions_each_delivered_once_by_several_workers(workers):
-    """SPEC §9: 60 sessions at once: 60 runs, one per message, spread over workers."""
+    """README "Scaling": 60 sessions at once: 60 runs, one per message, spread over workers."""
     srv = workers("--max-connections-per-ip", "100")  # all come from 127.0.0.1
     results = [None] * 60
     threads = [threading.Thread(target=submit, args=(srv, f"s{i}@example.org", results, i))
@@ -75,7 +75,7 @@ def test_sixty_concurrent_sessions_each_delivered_once_by_several_workers(worker
 
 
 def test_sigterm_lets_running_programs_finish_then_exit_zero(workers):
-    """SPEC §9/§6: SIGTERM to the master while programs run: every message answered,
+    """README "Scaling", "Signals": SIGTERM to the master while programs run: every message answered,
     master exit 0, no worker left behind."""
     srv = workers()
     results = [None] * 6
@@ -95,7 +95,7 @@ def test_sigterm_lets_running_programs_finish_then_exit_zero(workers):
 
 
 def test_killed_worker_is_replaced(workers):
-    """SPEC §9: kill -9 of a worker: the master logs it, starts another, service goes on."""
+    """README "Scaling": kill -9 of a worker: the master logs it, starts another, service goes on."""
     srv = workers()
     victim = worker_pids(srv)[0]
     os.kill(victim, signal.SIGKILL)
@@ -110,7 +110,7 @@ def test_killed_worker_is_replaced(workers):
 
 
 def test_crashing_worker_backs_off(workers, tmp_path):
-    """SPEC §9: a worker that dies at once is restarted after a growing pause, not in a spin."""
+    """README "Scaling": a worker that dies at once is restarted after a growing pause, not in a spin."""
     srv = workers()
     for _ in range(3):
         pids = worker_pids(srv)
@@ -122,7 +122,7 @@ def test_crashing_worker_backs_off(workers, tmp_path):
 
 
 def test_sighup_reaches_every_worker(make_server, tmp_path):
-    """SPEC §9: SIGHUP to the master: every worker serves the new certificate."""
+    """README "Scaling": SIGHUP to the master: every worker serves the new certificate."""
     _, (ca_b, cert_b, key_b), cert, key = two_certificates(str(tmp_path))
     srv = make_server("--workers", str(WORKERS), "--ssl-cert", cert, "--ssl-key", key,
                       with_tls=False)
@@ -146,7 +146,7 @@ def test_sighup_reaches_every_worker(make_server, tmp_path):
 
 @pytest.mark.parametrize("count", [1, WORKERS])
 def test_connection_limits_hold_for_the_whole_server(make_server, count):
-    """SPEC §9: --max-connections and --max-connections-per-ip refuse at the same
+    """README "Scaling": --max-connections and --max-connections-per-ip refuse at the same
     count with N workers as with one."""
     srv = make_server("--workers", str(count), "--max-connections", "6",
                       "--max-connections-per-ip", "4")
@@ -177,7 +177,7 @@ def test_connection_limits_hold_for_the_whole_server(make_server, count):
 
 
 def test_failed_logins_count_across_workers(make_server):
-    """SPEC §9/§8: the failed-login count is the server's, whichever worker saw them."""
+    """README "Scaling", "Limits and abuse": the failed-login count is the server's, whichever worker saw them."""
     srv = make_server("--workers", str(WORKERS), "--max-auth-failures-per-ip", "6")
     assert wait_until(lambda: srv.log().count("accepting on") == WORKERS)
     # One failure per connection: the kernel spreads them over the workers.
@@ -193,7 +193,7 @@ def test_failed_logins_count_across_workers(make_server):
 
 
 def test_workers_stop_when_the_master_dies(workers):
-    """SPEC §9: a worker notices its master is gone and drains and exits."""
+    """README "Scaling": a worker notices its master is gone and drains and exits."""
     srv = workers()
     pids = worker_pids(srv)
     srv.proc.kill()
@@ -203,7 +203,7 @@ def test_workers_stop_when_the_master_dies(workers):
 
 
 def test_one_worker_runs_no_master(make_server):
-    """SPEC §9: --workers 1 is one process, exactly as without the option."""
+    """README "Scaling": --workers 1 is one process, exactly as without the option."""
     srv = make_server("--workers", "1")
     raw = srv.raw()
     raw.login(srv.tls_context())

@@ -1,0 +1,124 @@
+"""The server's Prometheus metrics and the few calls that record them (README "Monitoring").
+
+The session and the server call one method at each event they already log:
+a connection admitted or refused, a session's start and end, an AUTH, a
+message.  `--metrics-bind` serves them at /metrics in Prometheus's text format
+through prometheus_client, on the event loop (gevent's WSGI server, no thread).
+
+With --workers, every worker writes its values to files in a directory the
+master names in PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess
+mode), and the master serves the sum; the open-sessions gauge counts live
+workers only ("livesum"), so a worker that died does not leave its sessions
+behind.  prometheus_client picks its mode when it is first imported, so it is
+imported here only when a Metrics is made, after the master has set that
+variable.
+"""
+
+import os
+from typing import Optional, Tuple
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# A process program may take minutes (--process-timeout is 300 s by default).
+PROGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# Connection results besides the limits' refusal reasons.
+ACCEPTED = "accepted"
+SHUTTING_DOWN = "shutting-down"
+PROXY_REFUSED = "proxy-refused"
+# AUTH results.
+AUTH_RESULTS = {235: "ok", 535: "invalid", 454: "tempfail"}
+THROTTLED = "throttled"
+
+
+class Metrics:
+    """The metric objects of one process, and one method per event."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        # Our own registry: the default one would add Python and process
+        # metrics, which mean nothing summed across workers.
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._connections = Counter(
+            "ssmtpd_connections", "Connections, by result: accepted or why refused",
+            ["result"], registry=r)
+        self._sessions = Gauge("ssmtpd_sessions", "Sessions open now", registry=r,
+                               multiprocess_mode="livesum")
+        self._auth = Counter("ssmtpd_auth", "AUTH attempts, by result", ["result"], registry=r)
+        self._messages = Counter("ssmtpd_messages", "Messages, by the final reply code",
+                                 ["code"], registry=r)
+        self._bytes = Counter("ssmtpd_message_bytes", "Octets of message data received",
+                              registry=r)
+        self._auth_seconds = Histogram("ssmtpd_auth_program_seconds",
+                                       "Run time of the auth program", registry=r,
+                                       buckets=PROGRAM_BUCKETS)
+        self._process_seconds = Histogram("ssmtpd_process_program_seconds",
+                                          "Run time of the process program", registry=r,
+                                          buckets=PROGRAM_BUCKETS)
+
+    def connection(self, result: str) -> None:
+        self._connections.labels(result).inc()
+
+    def session_opened(self) -> None:
+        self._sessions.inc()
+
+    def session_closed(self) -> None:
+        self._sessions.dec()
+
+    def auth(self, result: str, program_seconds: Optional[float] = None) -> None:
+        self._auth.labels(result).inc()
+        if program_seconds is not None:
+            self._auth_seconds.observe(program_seconds)
+
+    def message(self, code: int, size: int, program_seconds: Optional[float] = None) -> None:
+        self._messages.labels(str(code)).inc()
+        self._bytes.inc(size)
+        if program_seconds is not None:
+            self._process_seconds.observe(program_seconds)
+
+
+def parse_bind(value: str) -> Tuple[str, int]:
+    """HOST:PORT or [IPv6]:PORT; raises ValueError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (an IPv6 host in brackets)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{value!r}: put an IPv6 address in brackets, [::1]:9100")
+    return host, int(port)
+
+
+def serve(address: Tuple[str, int], metrics: Optional[Metrics] = None):
+    """Start serving /metrics on the event loop; returns the started server.
+
+    Serves `metrics`' registry, or, in the master of --workers (metrics None),
+    the sum of the workers' files.  Raises OSError if the address cannot be bound.
+    """
+    from gevent.pywsgi import WSGIServer
+    from prometheus_client import CollectorRegistry, make_wsgi_app
+
+    if metrics is not None:
+        registry = metrics.registry
+    else:
+        from prometheus_client import multiprocess
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=os.environ[MULTIPROC_ENV])
+    app = make_wsgi_app(registry)
+
+    def only_metrics(environ, start_response):
+        if environ.get("PATH_INFO") not in ("/metrics", "/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"Not Found: try /metrics\n"]
+        return app(environ, start_response)
+
+    server = WSGIServer(address, only_metrics, log=None, error_log=None)
+    server.start()
+    return server
+
+
+def worker_died(pid: int) -> None:
+    """In the master: drop a dead worker's live gauges from the sum."""
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(pid, os.environ[MULTIPROC_ENV])
