@@ -14,11 +14,19 @@ setup(
         "configargparse>=1.5",
         # Only for the self-signed certificate made when none is configured.
         "cryptography>=3.4",
+        # --metrics-bind: the Prometheus text format and its multiprocess mode
+        # for --workers, from the Prometheus project's own client library.
+        "prometheus_client>=0.16",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "aiosmtpd>=1.4"],
     },
-    entry_points={"console_scripts": ["ssmtpd=ssmtpd.cli:main"]},
+    entry_points={"console_scripts": [
+        "ssmtpd=ssmtpd.cli:main",
+        # The example programs, so an installed ssmtpd has a working default.
+        "ssmtpd-auth-users=ssmtpd.examples.auth_users:main",
+        "ssmtpd-deliver-maildir=ssmtpd.examples.deliver_maildir:main",
+    ]},
     classifiers=[
         "License :: OSI Approved :: MIT License",
         "Programming Language :: Python :: 3",

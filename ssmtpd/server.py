@@ -9,6 +9,7 @@ client over a limit hears 421 at once instead of waiting in the backlog.
 
 import errno
 import ipaddress
+import os
 import resource
 import secrets
 import signal
@@ -320,8 +321,8 @@ def serve_metrics(settings: Settings, of=None):
         return metrics.serve(settings.metrics_bind, of)
     except OSError as e:
         host, port = settings.metrics_bind
-        raise ListenError(f"--metrics-bind: cannot listen on {host} port {port}: "
-                          f"{e.strerror or e}") from None
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise ListenError(f"--metrics-bind: cannot listen on {host} port {port}: {why}") from None
 
 
 def _read_proxy_header(sock, deadline: float) -> proxy.Header:

@@ -2,11 +2,15 @@
 conf/ssmtpd.ini — alone, and wired into a real server."""
 
 import configparser
+import grp
 import os
+import pwd
 import re
 import resource
+import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -294,6 +298,11 @@ def test_ini_shows_every_option_once(monkeypatch, certs):
     enabled = EXAMPLE_LINE.sub(r"\1 = \2", text)
     enabled = re.sub(r"^ssl-cert = .*$", f"ssl-cert = {certs[1]}", enabled, flags=re.M)
     enabled = re.sub(r"^ssl-key = .*$", f"ssl-key = {certs[2]}", enabled, flags=re.M)
+    # Whoever runs the test: a user that exists, and one it may "switch" to.
+    me = pwd.getpwuid(os.geteuid())
+    enabled = re.sub(r"^user = .*$", f"user = {me.pw_name}", enabled, flags=re.M)
+    enabled = re.sub(r"^group = .*$", f"group = {grp.getgrgid(me.pw_gid).gr_name}", enabled,
+                     flags=re.M)
     path = os.path.join(os.path.dirname(certs[1]), "all-options.ini")
     with open(path, "w") as f:
         f.write(enabled)
@@ -306,11 +315,13 @@ def test_ini_shows_every_option_once(monkeypatch, certs):
     assert settings.smtps_port == int(examples["smtps-port"])
     assert settings.spool_dir == examples["spool-dir"]
     assert [str(n) for n in settings.proxy_trusted] == [examples["proxy-trusted"]]
+    assert settings.metrics_bind == ("127.0.0.1", 9100)
     assert settings.auth == ("conf/auth-users", "--users", "var/users")
     for opt in config.OPTIONS:
         if opt.name in examples and opt.name not in ("hostname", "ssl-cert", "ssl-key",
                                                      "smtps-port", "spool-dir",
-                                                     "proxy-trusted"):
+                                                     "proxy-trusted", "metrics-bind",
+                                                     "user", "group"):
             assert getattr(settings, opt.attr) == opt.default, opt.name
 
 
@@ -398,3 +409,23 @@ def test_shipped_config_first_run(make_server, tmp_path):
     body = read_delivered(maildir, delivered_name(proc.stdout))
     assert body.startswith(b"Received: from client.test ([127.0.0.1])\r\n")
     assert b"\r\n\r\nHello from the example programs.\r\n" in body
+
+
+def test_example_programs_are_installed_as_commands(tmp_path):
+    """README "Quick start": an installed ssmtpd brings the example programs as the
+    commands ssmtpd-auth-users and ssmtpd-deliver-maildir."""
+    bindir = os.path.dirname(sys.executable)
+    path = os.pathsep.join([bindir, os.environ.get("PATH", "")])
+    auth = shutil.which("ssmtpd-auth-users", path=path)
+    deliver = shutil.which("ssmtpd-deliver-maildir", path=path)
+    assert auth and deliver, "pip install did not install the example commands"
+    users = tmp_path / "users"
+    added = subprocess.run([auth, "--users", str(users), "add", "carol"],
+                           input=b"a long passphrase\n", capture_output=True, timeout=60)
+    assert added.returncode == 0, added.stderr
+    env = dict(os.environ, SSMTPD_USERNAME="carol", SSMTPD_PASSWORD="a long passphrase")
+    assert subprocess.run([auth, "--users", str(users)], env=env, timeout=60).returncode == 0
+    delivered = subprocess.run([deliver, str(tmp_path / "mail"), "carol"], input=MESSAGE,
+                               capture_output=True, timeout=60)
+    assert delivered.returncode == 0, delivered.stderr
+    assert len(os.listdir(tmp_path / "mail" / "carol" / "new")) == 1
