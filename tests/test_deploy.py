@@ -1,0 +1,147 @@
+"""Deployment paths, with the real thing (README "Deploying").
+
+supervisord (Debian's `supervisor`) runs supervisord.conf.example with only its
+paths changed; the test delivers through it, renews the certificate with
+`supervisorctl signal HUP`, and stops it with `supervisorctl stop` while a
+message is being processed.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import (AUTH, HOSTNAME, RECORD, ROOT, client_context, free_port, two_certificates,
+                      wait_for_port, wait_until)
+
+SUPERVISOR_MAIN = """\
+[unix_http_server]
+file={tmp}/supervisor.sock
+
+[supervisord]
+logfile={tmp}/supervisord.log
+pidfile={tmp}/supervisord.pid
+childlogdir={tmp}
+nodaemon=true
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://{tmp}/supervisor.sock
+
+"""
+
+
+def example_with_paths(tmp, ini, command) -> str:
+    """supervisord.conf.example with its paths pointed into `tmp`, nothing else changed
+    but the user= line: the test runs as whoever runs it."""
+    with open(os.path.join(ROOT, "supervisord.conf.example")) as f:
+        text = f.read()
+    text = text.replace("command=ssmtpd --config /etc/ssmtpd/ssmtpd.ini",
+                        f"command={command} --config {ini}")
+    text = text.replace("directory=/var/lib/ssmtpd", f"directory={tmp}")
+    text = text.replace("stdout_logfile=/var/log/ssmtpd/ssmtpd.log",
+                        f"stdout_logfile={tmp}/ssmtpd.log")
+    text = re.sub(r"(?m)^user=.*$", "", text)
+    assert f"command={command}" in text and f"directory={tmp}" in text
+    return text
+
+
+@pytest.fixture
+def supervised(tmp_path):
+    supervisord, supervisorctl = shutil.which("supervisord"), shutil.which("supervisorctl")
+    if not (supervisord and supervisorctl):
+        pytest.fail("supervisor is not installed (.ci/run installs Debian's supervisor)")
+    tmp = str(tmp_path)
+    first, second, cert, key = two_certificates(os.path.join(tmp, "certs"))
+    port = free_port()
+    ini = os.path.join(tmp, "ssmtpd.ini")
+    with open(ini, "w") as f:
+        f.write(f"[ssmtpd]\nbind = 127.0.0.1\nport = {port}\nhostname = {HOSTNAME}\n"
+                f"auth = {AUTH}\nprocess = {RECORD}\nssl-cert = {cert}\nssl-key = {key}\n"
+                "auth-failure-delay = 0\n")
+    command = shutil.which("ssmtpd", path=os.path.dirname(sys.executable)) or \
+        f"{sys.executable} -m ssmtpd"
+    config = os.path.join(tmp, "supervisord.conf")
+    with open(config, "w") as f:
+        f.write(SUPERVISOR_MAIN.format(tmp=tmp) + example_with_paths(tmp, ini, command))
+    records = os.path.join(tmp, "records")
+    os.makedirs(records)
+    env = dict(os.environ, SSMTPD_TEST_RECORD=records,
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([supervisord, "-c", config], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ctl(*args):
+        return subprocess.run([supervisorctl, "-c", config, *args], capture_output=True,
+                              text=True, timeout=120)
+
+    try:
+        wait_for_port(port, timeout=30, proc=proc)
+        yield dict(port=port, tmp=tmp, ctl=ctl, first=first, second=second, cert=cert,
+                   key=key, records=records)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def log(s) -> str:
+    with open(os.path.join(s["tmp"], "ssmtpd.log"), errors="replace") as f:
+        return f.read()
+
+
+def submit(s, ca, sender, results=None):
+    from conftest import Raw
+    import socket
+    raw = Raw(socket.create_connection(("127.0.0.1", s["port"]), timeout=60))
+    raw.login(client_context(ca))
+    peer = raw.sock.getpeercert()["subject"][0][0][1]
+    code = raw.send_message(sender=sender)[0]
+    raw.cmd("QUIT")
+    raw.close()
+    if results is not None:
+        results.append(code)
+    return code, peer
+
+
+def test_supervisord_runs_the_example(supervised):
+    """README "Deploying": under supervisord with the shipped example: delivery, a
+    certificate renewed with `supervisorctl signal HUP`, and `supervisorctl stop`
+    draining a message in progress, then exit 0."""
+    s = supervised
+    ca_first, ca_second = s["first"][0], s["second"][0]
+    assert submit(s, ca_first, "one@example.org") == (250, "ssmtpd first")
+    # startsecs=3 in the example: RUNNING once it has stayed up that long.
+    assert wait_until(lambda: "RUNNING" in s["ctl"]("status", "ssmtpd").stdout, timeout=20)
+
+    shutil.copyfile(s["second"][1], s["cert"])
+    shutil.copyfile(s["second"][2], s["key"])
+    result = s["ctl"]("signal", "HUP", "ssmtpd")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # --workers 2 in the example: every worker reloads.
+    assert wait_until(lambda: log(s).count("reloaded certificate") == 2, timeout=20), log(s)
+    for i in range(4):
+        assert submit(s, ca_second, f"two{i}@example.org") == (250, "ssmtpd second")
+
+    results = []
+    client = threading.Thread(target=submit, args=(s, ca_second, "sleep2@example.org", results))
+    client.start()
+    runs = lambda: [n for n in os.listdir(s["records"]) if n.startswith("run-")]  # noqa: E731
+    assert wait_until(lambda: len(runs()) == 6, timeout=30)  # the program is running
+    stopped = s["ctl"]("stop", "ssmtpd")
+    client.join(60)
+    assert results == [250], "the message in progress was not answered"
+    assert "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+    with open(os.path.join(s["tmp"], "supervisord.log")) as f:
+        assert "stopped: ssmtpd (exit status 0)" in f.read()
+    assert "Traceback" not in log(s)
