@@ -145,3 +145,91 @@ def test_supervisord_runs_the_example(supervised):
     with open(os.path.join(s["tmp"], "supervisord.log")) as f:
         assert "stopped: ssmtpd (exit status 0)" in f.read()
     assert "Traceback" not in log(s)
+
+
+# --- systemd ------------------------------------------------------------------------
+
+def test_systemd_unit_verifies(tmp_path):
+    """README "Deploying": systemd-analyze verify accepts conf/ssmtpd.service without a
+    word of warning (with ExecStart pointed at this machine's ssmtpd)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is not installed (.ci/run installs Debian's systemd)")
+    command = shutil.which("ssmtpd", path=os.path.dirname(sys.executable))
+    assert command, "pip install did not install the ssmtpd command"
+    with open(os.path.join(ROOT, "conf", "ssmtpd.service")) as f:
+        unit = f.read()
+    assert "ExecStart=/opt/ssmtpd/bin/ssmtpd " in unit
+    # SIGTERM to the main process only: the programs finish their messages.
+    assert re.search(r"(?m)^KillMode=mixed$", unit)
+    path = tmp_path / "ssmtpd.service"
+    path.write_text(unit.replace("/opt/ssmtpd/bin/ssmtpd", command))
+    result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,
+                            timeout=60, cwd=str(tmp_path))
+    assert (result.returncode, result.stderr.strip()) == (0, ""), result.stderr
+
+
+# --- the Dockerfile, without a container engine -------------------------------------
+
+def dockerfile():
+    """ENV, WORKDIR, CMD and HEALTHCHECK CMD of the Dockerfile."""
+    import json
+    import shlex
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        text = f.read().replace("\\\n", " ")
+    env, workdir, cmd, health = {}, None, None, None
+    for line in text.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word == "ENV":
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                env[key] = value
+        elif word == "WORKDIR":
+            workdir = rest.strip()
+        elif word == "CMD":
+            cmd = json.loads(rest)
+        elif word == "HEALTHCHECK":
+            health = json.loads(rest[rest.index("CMD") + 3:])
+    return env, workdir, cmd, health
+
+
+def test_dockerfile_command_runs_on_its_environment_alone(tmp_path, certs):
+    """README "Deploying": the image's command, with only the Dockerfile's environment
+    (its state directory moved into a temporary one), serves mail with the example
+    programs, and its HEALTHCHECK passes by speaking SMTP."""
+    env_file, workdir, cmd, health = dockerfile()
+    assert cmd == ["ssmtpd"] and workdir == "/var/lib/ssmtpd" and health
+    assert all(k.startswith("SSMTPD_") or k == "PYTHONUNBUFFERED" for k in env_file)
+    state = str(tmp_path)
+    port, smtps = free_port(), free_port()
+    env = {k: v.replace(workdir, state) for k, v in env_file.items()}
+    env.update(SSMTPD_PORT=str(port), SSMTPD_SMTPS_PORT=str(smtps),
+               # The image listens on all interfaces; a test stays on loopback.
+               SSMTPD_BIND="127.0.0.1", SSMTPD_HOSTNAME=HOSTNAME,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               PYTHONPATH=ROOT)
+    log = open(tmp_path / "ssmtpd.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, cwd=state, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc=proc)
+        health_env = dict(env, PATH=env["PATH"])
+        health_cmd = [sys.executable if health[0] == "python" else health[0]] + health[1:]
+        assert subprocess.run(health_cmd, env=health_env, timeout=30).returncode == 0
+        added = subprocess.run(["ssmtpd-auth-users", "--users", f"{state}/users", "add",
+                                "alice"], env=env, input=b"a long passphrase\n",
+                               capture_output=True, timeout=60)
+        assert added.returncode == 0, added.stderr
+        import smtplib
+        import ssl
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # self-signed
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.starttls(context=ctx)
+            s.login("alice", "a long passphrase")
+            s.sendmail("alice@example.org", ["bob@example.org"], b"Subject: hi\r\n\r\nhi\r\n")
+        assert len(os.listdir(os.path.join(state, "mail", "alice", "new"))) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        log.close()
