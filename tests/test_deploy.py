@@ -233,3 +233,85 @@ def test_dockerfile_command_runs_on_its_environment_alone(tmp_path, certs):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         log.close()
+
+
+# --- Postfix relaying through ssmtpd as its smarthost --------------------------------
+
+POSTFIX_MAIN = """\
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file_prefixes = {root}
+maillog_file = {root}/maillog
+# Loopback only, and no listener of its own: it only sends.
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+master_service_disable = inet
+myhostname = client.test
+mydestination =
+relayhost = [127.0.0.1]:{port}
+smtp_sasl_auth_enable = yes
+smtp_sasl_password_maps = static:{user}:{password}
+smtp_sasl_security_options = noanonymous
+smtp_tls_security_level = encrypt
+"""
+
+
+@pytest.fixture
+def postfix_root():
+    """A directory Postfix's unprivileged daemons can reach (pytest's are root-only)."""
+    import tempfile
+    root = tempfile.mkdtemp(prefix="ssmtpd-postfix-")
+    os.chmod(root, 0o755)
+    try:
+        yield root
+    finally:
+        subprocess.run(["postfix", "-c", os.path.join(root, "etc"), "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postfix_relays_through_ssmtpd(make_server, postfix_root):
+    """README "Deploying": Postfix with ssmtpd as its smarthost (SASL AUTH, TLS required)
+    hands over a message that sendmail(1) queued; it reaches the process program."""
+    from conftest import PASSWORD, USER
+    if not shutil.which("postfix"):
+        pytest.fail("postfix is not installed (.ci/run installs Debian's postfix)")
+    if os.geteuid() != 0:
+        pytest.skip("a private Postfix instance needs root")
+    srv = make_server()
+    root = postfix_root
+    etc = os.path.join(root, "etc")
+    for sub in ("etc", "queue", "data"):
+        os.makedirs(os.path.join(root, sub))
+    shutil.chown(os.path.join(root, "data"), "postfix")
+    shutil.copyfile("/etc/postfix/master.cf", os.path.join(etc, "master.cf"))
+    with open(os.path.join(etc, "main.cf"), "w") as f:
+        f.write(POSTFIX_MAIN.format(root=root, port=srv.port, user=USER, password=PASSWORD))
+    for step in (["check"], ["start"]):
+        result = subprocess.run(["postfix", "-c", etc] + step, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+    message = b"Subject: via postfix\n\nhello from postfix\n"
+    sent = subprocess.run(["sendmail", "-C", etc, "-f", "alice@example.org", "bob@example.org"],
+                          input=message, capture_output=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+
+    def maillog():
+        try:
+            with open(os.path.join(root, "maillog"), errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    assert wait_until(lambda: srv.runs(), timeout=60), maillog()
+    (run,) = srv.runs()
+    assert run["env"]["SSMTPD_USERNAME"] == USER
+    assert run["env"]["SSMTPD_MAIL_FROM"] == "alice@example.org"
+    assert run["env"]["SSMTPD_RCPT_TO"] == "bob@example.org"
+    assert run["env"]["SSMTPD_TLS"].startswith("TLSv1")
+    assert "\r\nSubject: via postfix\r\n" in run["stdin"]
+    assert run["stdin"].endswith("\r\nhello from postfix\r\n")
+    assert wait_until(lambda: "status=sent (250 2.0.0" in maillog(), timeout=30), maillog()
