@@ -398,6 +398,8 @@ def test_program_stderr_goes_to_the_log_with_the_session_id(server):
     assert len(first) == len(second) == len(mail) == 1, log
     tag = re.search(r"\[(\w+)\]", mail[0]).group(1)
     assert f"[{tag}]" in first[0] and f"[{tag}]" in second[0]
+    # Diagnostics, not a problem of the server's: INFO (README "Monitoring").
+    assert f" INFO [{tag}]" in first[0] and f" INFO [{tag}]" in second[0]
     # One stderr line, one log line: it cannot be confused with the session's own lines.
     assert "process: second line" not in first[0]
 
