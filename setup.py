@@ -8,6 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["ssmtpd", "ssmtpd.*"]),
+    # The configuration `ssmtpd --example-config` prints.
+    package_data={"ssmtpd.examples": ["ssmtpd.ini"]},
     python_requires=">=3.9",
     install_requires=[
         "gevent>=22.10",

@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, Sequence, Tuple
@@ -152,9 +153,13 @@ def _program(value):
             raise ValueError(f"{exe} is not an executable file")
         path = exe
     else:
-        path = shutil.which(exe)
+        # Then next to the Python running us: a virtualenv's bin/ holds the
+        # example commands even when the venv is not on PATH (README "Deploying").
+        path = shutil.which(exe) or shutil.which(exe, path=os.path.dirname(sys.executable))
         if path is None:
             raise ValueError(f"{exe} not found in PATH")
+        if shutil.which(exe) is None:
+            argv = (path,) + argv[1:]
     _check_startable(exe, path)
     return argv
 
@@ -419,6 +424,15 @@ def _check_environment() -> None:
                                   f"did you mean {near[0]}?")
 
 
+class _PrintExample(argparse.Action):
+    """--example-config: like --version, print and exit before anything is checked."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib import resources
+        sys.stdout.write(resources.files("ssmtpd.examples").joinpath("ssmtpd.ini").read_text())
+        parser.exit(0)
+
+
 def build_parser() -> configargparse.ArgParser:
     parser = _Parser(
         prog="ssmtpd",
@@ -432,6 +446,9 @@ def build_parser() -> configargparse.ArgParser:
     parser.add_argument("-c", "--config", is_config_file_arg=True, env_var=ENV_PREFIX + "CONFIG",
                         metavar="FILE", help=f"ini file with an [{INI_SECTION}] section")
     parser.add_argument("--version", action="version", version=f"ssmtpd {__version__}")
+    parser.add_argument("--example-config", action=_PrintExample, nargs=0,
+                        help="print a first configuration file for an installed ssmtpd "
+                             "(the example programs, state in ./var) and exit")
     parser.add_argument("--check-config", action="store_true",
                         help="check every setting, the certificate and both programs as a "
                              "start would, print 'ssmtpd: configuration OK' and exit; binds "

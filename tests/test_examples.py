@@ -429,3 +429,60 @@ def test_example_programs_are_installed_as_commands(tmp_path):
                                capture_output=True, timeout=60)
     assert delivered.returncode == 0, delivered.stderr
     assert len(os.listdir(tmp_path / "mail" / "carol" / "new")) == 1
+
+
+def test_installed_package_alone_runs_its_example(tmp_path):
+    """README "Quick start": a wheel installed into a fresh virtualenv, no source tree and
+    no venv on PATH: `ssmtpd --example-config > ssmtpd.ini` and `ssmtpd --config
+    ssmtpd.ini` serve mail with the installed example commands."""
+    import smtplib
+    import ssl
+    import venv
+    from conftest import free_port, wait_for_port
+    wheels = tmp_path / "wheels"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                            str(wheels), ROOT], capture_output=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    # The dependencies come from this Python's site-packages, not from the network.
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    bindir = env_dir / "bin"
+    (wheel,) = wheels.glob("ssmtpd-*.whl")
+    installed = subprocess.run([str(bindir / "pip"), "install", "-q", "--no-deps", "--no-index",
+                                str(wheel)], capture_output=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SSMTPD_") and k != "PYTHONPATH"}
+    env["PATH"] = "/usr/bin:/bin"  # neither the venv nor this Python's bin
+    ini = subprocess.run([str(bindir / "ssmtpd"), "--example-config"], env=env, cwd=home,
+                         capture_output=True, timeout=60)
+    assert ini.returncode == 0, ini.stderr
+    port = free_port()
+    (home / "ssmtpd.ini").write_bytes(ini.stdout.replace(b"port = 8025", f"port = {port}".encode()))
+    proc = subprocess.Popen([str(bindir / "ssmtpd"), "--config", "ssmtpd.ini"], env=env, cwd=home,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, proc=proc, timeout=30)
+        added = subprocess.run([str(bindir / "ssmtpd-auth-users"), "--users", "var/users", "add",
+                                "alice"], env=env, cwd=home, input=b"a long passphrase\n",
+                               capture_output=True, timeout=60)
+        assert added.returncode == 0, added.stderr
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # self-signed
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.starttls(context=ctx)
+            s.login("alice", "a long passphrase")
+            s.sendmail("alice@example.org", ["bob@example.org"], b"Subject: hi\r\n\r\nhi\r\n")
+        assert len(os.listdir(home / "var" / "mail" / "alice" / "new")) == 1
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err
+    # The code that ran was the wheel's, not this checkout's.
+    assert str(env_dir) in subprocess.run(
+        [str(bindir / "python"), "-c", "import ssmtpd; print(ssmtpd.__file__)"], env=env,
+        cwd=home, capture_output=True, text=True).stdout
