@@ -449,6 +449,18 @@ def test_port_in_use_with_workers(tmp_path, certs):
     assert "worker" not in result.stderr
 
 
+def test_port_error_comes_before_any_warning(tmp_path, certs):
+    """README "Configuration": without a certificate (and as root) the warnings come
+    only once the ports are bound, so a port error is the one line on stderr."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        args = without(valid_args(certs, port), "--ssl-cert", "--ssl-key")
+        result = run_ssmtpd(args, tmp_path)
+    assert_refused(result, "--port")
+
+
 def test_port_in_use(tmp_path, certs):
     """README "Configuration": a port that cannot be bound stops start-up with one line naming --port, exit 2."""
     with socket.socket() as taken:
