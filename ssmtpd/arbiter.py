@@ -19,6 +19,7 @@ cannot start does not spin.
 
 import collections
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -33,6 +34,7 @@ from gevent.event import Event
 from ssmtpd import ledger, metrics
 from ssmtpd.limits import Limits
 from ssmtpd.server import SHUTDOWN_GRACE, ListenError, bind_listeners, serve_metrics
+from ssmtpd.tls import refresh_pem
 
 WORKER_ENV = "SSMTPD_WORKER"
 # A worker that lived shorter than this is taken to have crashed at start.
@@ -50,39 +52,46 @@ class WorkerSpec:
     index: int
     listeners: List[Tuple[int, bool]]  # (descriptor, implicit TLS)
     ledger: int
-    tls: Optional[Tuple[int, int]] = None  # (memfd of cert + key PEM, length of the cert)
+    state: int  # memfd: the master's settings and certificate, pickled
 
     def encode(self) -> str:
-        parts = [f"index={self.index}", f"ledger={self.ledger}",
-                 "listen=" + ",".join(f"{fd}:{int(tls)}" for fd, tls in self.listeners)]
-        if self.tls is not None:
-            parts.append(f"tls={self.tls[0]}:{self.tls[1]}")
-        return ";".join(parts)
+        return ";".join([f"index={self.index}", f"ledger={self.ledger}", f"state={self.state}",
+                         "listen=" + ",".join(f"{fd}:{int(tls)}"
+                                              for fd, tls in self.listeners)])
 
     @classmethod
     def decode(cls, text: str) -> "WorkerSpec":
         fields_ = dict(part.split("=", 1) for part in text.split(";"))
         listeners = [(int(fd), tls == "1") for fd, tls in
                      (item.split(":") for item in fields_["listen"].split(","))]
-        tls = None
-        if "tls" in fields_:
-            fd, length = fields_["tls"].split(":")
-            tls = (int(fd), int(length))
-        return cls(int(fields_["index"]), listeners, int(fields_["ledger"]), tls)
+        return cls(int(fields_["index"]), listeners, int(fields_["ledger"]),
+                   int(fields_["state"]))
 
-    def self_signed_pem(self) -> Optional[Tuple[bytes, bytes]]:
-        """The master's self-signed (certificate, key), read from the inherited memfd."""
-        if self.tls is None:
-            return None
-        fd, cert_length = self.tls
+    def inherited(self):
+        """(settings, (certificate PEM, key PEM)) as the master holds them.
+
+        A worker takes these rather than reading the configuration and the
+        certificate again: after --user it may not be allowed to, and a
+        worker started later must not run on a configuration edited since.
+        """
         blob = b""
         while True:  # pread: every worker shares the descriptor's offset
-            chunk = os.pread(fd, 65536, len(blob))
+            chunk = os.pread(self.state, 65536, len(blob))
             if not chunk:
                 break
             blob += chunk
-        os.close(fd)
-        return blob[:cert_length], blob[cert_length:]
+        os.close(self.state)
+        return pickle.loads(blob)
+
+
+def _state_memfd(settings, pem) -> int:
+    """A memfd holding what WorkerSpec.inherited() returns: nothing touches a disk."""
+    fd = os.memfd_create("ssmtpd-worker-state", os.MFD_CLOEXEC)
+    blob = pickle.dumps((settings, pem))
+    written = 0
+    while written < len(blob):
+        written += os.write(fd, blob[written:])
+    return fd
 
 
 def worker_spec_from_env() -> Optional[WorkerSpec]:
@@ -118,7 +127,7 @@ class Arbiter:
         self._slots = [_Slot(i + 1) for i in range(settings.workers)]
         self._signals: Deque[int] = collections.deque()
         self._wake = Event()
-        self._tls_memfd: Optional[Tuple[int, int]] = None
+        self._state: Optional[int] = None
 
     def run(self, on_bound: Callable[[], None]) -> int:
         """Bind, start the workers and supervise them until SIGTERM/SIGINT; the exit status.
@@ -139,8 +148,9 @@ class Arbiter:
             self.log.info("master %d: listening on %s port %d (%s), %d workers", os.getpid(),
                           host, port, "implicit TLS" if implicit else "STARTTLS",
                           self.settings.workers)
-        self._tls_memfd = self._share_self_signed()
+        self._state = _state_memfd(self.settings, self.tls.pem)
         stop_deadline = None
+        killed = False
         while True:
             self._reap()
             self._handle_signals()
@@ -149,8 +159,9 @@ class Arbiter:
                     break
                 if stop_deadline is None:
                     stop_deadline = time.monotonic() + self._drain_limit()
-                elif time.monotonic() > stop_deadline:
+                elif time.monotonic() > stop_deadline and not killed:
                     self._kill_all(signal.SIGKILL, "did not stop in time")
+                    killed = True
             else:
                 self._start_due_workers()
             self._wake.wait(TICK)
@@ -182,6 +193,10 @@ class Arbiter:
                 self.log.info("master %d: SIGHUP: passed on to %d workers", os.getpid(),
                               len(self._live()))
                 self._kill_all(signal.SIGHUP)
+                # Workers started from now on must show the renewed certificate too.
+                refresh_pem(self.tls)
+                os.close(self._state)
+                self._state = _state_memfd(self.settings, self.tls.pem)
 
     def _kill_all(self, signum, why: str = "") -> None:
         for slot in self._live():
@@ -235,31 +250,29 @@ class Arbiter:
                 self._spawn(slot)
 
     def _spawn(self, slot: _Slot) -> None:
-        master_end, worker_end = ledger.channel_pair()
+        try:
+            master_end, worker_end = ledger.channel_pair()
+        except OSError as e:
+            self._retry_later(slot, f"no channel for it: {e.strerror or e}")
+            return
         spec = WorkerSpec(slot.index, [(sock.fileno(), implicit)
                                        for sock, implicit in self.listeners],
-                          worker_end.fileno(), self._tls_memfd)
-        inherited = [fd for fd, _ in spec.listeners] + [spec.ledger]
-        if spec.tls is not None:
-            inherited.append(spec.tls[0])
+                          worker_end.fileno(), self._state)
+        inherited = [fd for fd, _ in spec.listeners] + [spec.ledger, spec.state]
         env = dict(os.environ)
         env[WORKER_ENV] = spec.encode()
-        # The worker imports this very package, wherever it was started from.
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH")) if p)
         argv = [sys.executable, "-m", "ssmtpd", *self.argv]
         # Inheritable only for the instant of the spawn: nothing else of ours
         # (and no program a worker starts) may keep these descriptors.
         for fd in inherited:
             os.set_inheritable(fd, True)
         try:
-            slot.pid = os.posix_spawn(sys.executable, argv, env)
+            # SIGHUP stays blocked until the worker has its handler (it
+            # unblocks it then): the default action would kill it.
+            slot.pid = os.posix_spawn(sys.executable, argv, env,
+                                      setsigmask={signal.SIGHUP})
         except OSError as e:
-            slot.backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, 2 * slot.backoff))
-            slot.due = time.monotonic() + slot.backoff
-            self.log.error("worker %d: cannot start: %s; trying again in %.0fs", slot.index,
-                           e.strerror or e, slot.backoff)
+            self._retry_later(slot, e.strerror or str(e))
             master_end.close()
             return
         finally:
@@ -270,12 +283,22 @@ class Arbiter:
         self.ledger.attach(slot.pid, master_end)
         self.log.info("worker %d (pid %d) started", slot.index, slot.pid)
 
+    def _retry_later(self, slot: _Slot, why: str) -> None:
+        slot.backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, 2 * slot.backoff))
+        slot.due = time.monotonic() + slot.backoff
+        self.log.error("worker %d: cannot start: %s; trying again in %.0fs", slot.index, why,
+                       slot.backoff)
+
     def _serve_metrics(self) -> Optional[str]:
         """With --metrics-bind: the directory the workers write their metrics to,
         named in their environment, and the master serving the sum."""
         if not self.settings.metrics_bind:
             return None
         directory = tempfile.mkdtemp(prefix="ssmtpd-metrics-")
+        identity = self.settings.identity
+        if identity is not None and os.geteuid() == 0:
+            # The workers, and this master after --user, write and read it.
+            os.chown(directory, identity.uid, identity.gid)
         os.environ[metrics.MULTIPROC_ENV] = directory
         try:
             serve_metrics(self.settings)
@@ -285,20 +308,6 @@ class Arbiter:
             shutil.rmtree(directory, ignore_errors=True)
             raise
         return directory
-
-    def _share_self_signed(self) -> Optional[Tuple[int, int]]:
-        """Without --ssl-cert every worker must show the same self-signed
-        certificate: the master's, in a memfd (the key never touches a disk)."""
-        if self.tls.cert_file:
-            return None
-        cert, key = self.tls.self_signed_pem
-        fd = os.memfd_create("ssmtpd-self-signed", os.MFD_CLOEXEC)
-        blob = cert + key
-        written = 0
-        while written < len(blob):
-            written += os.write(fd, blob[written:])
-        return fd, len(cert)
-
 
 def _describe(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)

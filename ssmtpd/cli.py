@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from gevent import socket as gsocket
 
-from ssmtpd import arbiter, config, ledger, log, privileges
+from ssmtpd import arbiter, config, ledger, log, metrics, privileges
 from ssmtpd.delivery import Programs
 from ssmtpd.server import ListenError, Server
 from ssmtpd.tls import TLSError, TLSHolder
@@ -43,14 +43,17 @@ def _descriptor_hygiene() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _descriptor_hygiene()
     worker = arbiter.worker_spec_from_env()
+    pem = None
     try:
-        settings = config.parse(argv)
+        if worker is not None:
+            settings, pem = worker.inherited()
+        else:
+            settings = config.parse(argv)
     except config.ConfigError as e:
         return _fail(str(e))
     logger = log.setup(settings.log_level)
     try:
-        tls = TLSHolder(settings.hostname, settings.ssl_cert, settings.ssl_key,
-                        worker.self_signed_pem() if worker else None)
+        tls = TLSHolder(settings.hostname, settings.ssl_cert, settings.ssl_key, pem)
     except TLSError as e:
         return _fail(f"--ssl-cert: {e}")
     if settings.check_config:
@@ -91,8 +94,12 @@ def _after_binding(settings, tls, logger) -> None:
 def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
            on_bound=None) -> int:
     """One process serving clients: the whole server, or one worker of the master's."""
+    environment = dict(os.environ)
+    if worker is not None:
+        # The master's metrics directory is the workers' business, not the programs'.
+        environment.pop(metrics.MULTIPROC_ENV, None)
     programs = Programs(settings.auth, settings.process, settings.auth_timeout,
-                        settings.process_timeout, dict(os.environ), settings.max_auth_programs)
+                        settings.process_timeout, environment, settings.max_auth_programs)
     if worker is None:
         server = Server(settings, tls, programs, logger)
         listeners = None

@@ -255,8 +255,8 @@ OPTIONS: Tuple[Option, ...] = (
            "--auth-failure-window before its AUTHs get 421 unchecked", "int", _positive),
     Option("auth-failure-window", 600.0, "seconds over which failed AUTHs are counted",
            "float", _positive),
-    Option("max-auth-programs", 16, "auth programs running at once; more AUTHs wait their "
-           "turn within --auth-timeout", "int", _positive),
+    Option("max-auth-programs", 16, "auth programs running at once (per worker); more AUTHs "
+           "wait their turn within --auth-timeout", "int", _positive),
     Option("ipv6-prefix-length", 64, "IPv6 clients are counted per prefix of this length by "
            "the per-address limits", "int", _prefix_length),
     Option("busy-timeout", 10.0, "seconds an unauthenticated client may stay silent while more "
@@ -520,8 +520,9 @@ def parse(argv: Optional[Sequence[str]] = None) -> Settings:
 def recheck_as_user(settings: Settings) -> None:
     """After the switch to --user: the checks whose answer depends on who we are.
 
-    Raises ConfigError naming the option; the certificate files only warn,
-    through the returned list, since they are needed again only at SIGHUP.
+    Raises ConfigError naming the option.  The certificate files are not
+    checked: they were read before the switch and are needed again only at
+    SIGHUP, whose failure is logged and keeps the loaded certificate.
     """
     for opt in OPTIONS:
         value = getattr(settings, opt.attr)

@@ -109,8 +109,8 @@ class Ledger:
         pressure = self.limits.under_pressure
         if pressure != self._pressure:
             self._pressure = pressure
-            for channel in self._channels.values():
-                channel.send(f"P {int(pressure)}")
+            for channel in list(self._channels.values()):
+                channel.send(f"P {int(pressure)}", wait=False)
 
 
 class _Channel:
@@ -119,11 +119,13 @@ class _Channel:
         self.held = collections.Counter()  # slots this worker holds, per key
         self.reader: Optional[gevent.Greenlet] = None
 
-    def send(self, text: str) -> None:
+    def send(self, text: str, wait: bool = True) -> None:
+        """An answer waits for room (only this worker's reader waits); a pressure
+        notice to a stuck worker is dropped rather than stall the master."""
         try:
-            self.sock.send(text.encode("ascii"))
+            self.sock.send(text.encode("ascii"), 0 if wait else socket.MSG_DONTWAIT)
         except OSError:
-            pass  # the worker is gone; its reaping detaches the channel
+            pass  # the worker is gone or stuck; reaping detaches a dead one
 
 
 class RemoteLimits:

@@ -83,8 +83,8 @@ def clean(text, limit: int = 200) -> str:
 class SessionLog(logging.LoggerAdapter):
     """Prefixes every line with the session id, client address and user.
 
-    The address is the socket's, never the client's word; the user is quoted
-    once it is known, `-` before.
+    The address is the socket's, or a trusted proxy's header's, never the
+    client's word; the user is quoted once it is known, `-` before.
     """
 
     def __init__(self, logger: logging.Logger, session_id: str, client: str):

@@ -86,7 +86,7 @@ def _v1_address(text: str, family: int) -> str:
         raise ProxyError(f"v1 address is not an IPv{family} address") from None
     if address.version != family:
         raise ProxyError(f"v1 address is not an IPv{family} address")
-    return str(address)
+    return _plain(address)
 
 
 def _v1_port(text: str) -> int:
@@ -126,4 +126,11 @@ def _parse_v2(data: bytes) -> Optional[Header]:
     if len(block) < size:
         raise ProxyError("v2 address block is too short for its family")
     source, _, source_port, _ = struct.unpack(unpack, block[:size])
-    return Header(total, 2, (str(ipaddress.ip_address(source)), source_port))
+    return Header(total, 2, (_plain(ipaddress.ip_address(source)), source_port))
+
+
+def _plain(address) -> str:
+    # A dual-stack proxy may give an IPv4 client as ::ffff:a.b.c.d; the client
+    # is the IPv4 address, in logs and SSMTPD_CLIENT_ADDR alike.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else str(address)

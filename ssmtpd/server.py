@@ -164,6 +164,9 @@ class Server:
             gevent.signal_handler(signal.SIGTERM, self.begin_shutdown, "SIGTERM"),
             gevent.signal_handler(signal.SIGINT, self.begin_shutdown, "SIGINT"),
             gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.tls.reload))]
+        # A worker of --workers starts with SIGHUP blocked, so that one sent
+        # before the handler above existed waits instead of killing it.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         raise_descriptor_limit(self.settings.max_connections, self.log)
         inherited = listeners is not None
         if not inherited:
@@ -256,6 +259,9 @@ class Server:
             return metrics.SHUTTING_DOWN, replies.SHUTTING_DOWN
         reason = self.limits.admit(key)
         if reason is None:
+            if self.stopping:  # SIGTERM came while a worker asked its master
+                self.limits.release(key)
+                return metrics.SHUTTING_DOWN, replies.SHUTTING_DOWN
             return metrics.ACCEPTED, None
         if reason == TOO_MANY:
             return reason, replies.TOO_MANY_CONNECTIONS

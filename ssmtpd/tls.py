@@ -100,35 +100,25 @@ class TLSHolder:
     """
 
     def __init__(self, hostname: str, cert_file: Optional[str], key_file: Optional[str],
-                 self_signed: Optional[Tuple[bytes, bytes]] = None):
+                 pem: Optional[Tuple[bytes, bytes]] = None):
         self.hostname = hostname
         self.cert_file = cert_file
         self.key_file = key_file
-        # (certificate, key) PEM when none is configured: made here, or handed
-        # down by the master so that every worker shows the same certificate.
-        self.self_signed_pem = self_signed
-        self.context: ssl.SSLContext = self._load()
+        if pem is not None:
+            # Handed down by the master of --workers: the very certificate it
+            # loaded (the files may be root's only), or its self-signed one.
+            self.pem = pem
+            self.context = _context_from_pem(*pem)
+        elif cert_file:
+            self.context = make_context(cert_file, key_file)
+            self.pem = (_read(cert_file), _read(key_file))
+        else:
+            self.pem = self_signed_pem(hostname)
+            self.context = _context_from_pem(*self.pem)
 
     @property
     def self_signed(self) -> bool:
         return self.cert_file is None
-
-    def _load(self) -> ssl.SSLContext:
-        if self.cert_file:
-            return make_context(self.cert_file, self.key_file)
-        if self.self_signed_pem is None:
-            self.self_signed_pem = self_signed_pem(self.hostname)
-        cert_pem, key_pem = self.self_signed_pem
-        # load_cert_chain only reads files; keep the key file private and brief.
-        with tempfile.TemporaryDirectory(prefix="ssmtpd-") as tmp:
-            cert_path = os.path.join(tmp, "cert.pem")
-            key_path = os.path.join(tmp, "key.pem")
-            with open(cert_path, "wb") as f:
-                f.write(cert_pem)
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(key_pem)
-            return make_context(cert_path, key_path)
 
     def reload(self) -> bool:
         """Re-read certificate and key; on failure keep serving the old ones."""
@@ -136,12 +126,45 @@ class TLSHolder:
             log.info("SIGHUP: no --ssl-cert configured, keeping the self-signed certificate")
             return False
         try:
-            self.context = self._load()
+            self.context = make_context(self.cert_file, self.key_file)
         except TLSError as e:
             log.error("SIGHUP: reload failed, keeping the previous certificate: %s", e)
             return False
         log.info("SIGHUP: reloaded certificate %s", self.cert_file)
         return True
+
+
+def refresh_pem(holder: "TLSHolder") -> None:
+    """In the master of --workers, at SIGHUP: re-read the files that workers
+    started from now on are handed; on failure they get the previous pair."""
+    if holder.self_signed:
+        return
+    try:
+        make_context(holder.cert_file, holder.key_file)
+        holder.pem = (_read(holder.cert_file), _read(holder.key_file))
+    except TLSError as e:
+        log.error("SIGHUP: new workers keep the previous certificate: %s", e)
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _context_from_pem(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    # load_cert_chain only reads files; keep the key file private and brief.
+    with tempfile.TemporaryDirectory(prefix="ssmtpd-") as tmp:
+        cert_path = os.path.join(tmp, "cert.pem")
+        key_path = os.path.join(tmp, "key.pem")
+        with open(cert_path, "wb") as f:
+            f.write(cert_pem)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem)
+        return make_context(cert_path, key_path)
 
 
 def protocol_of(sock) -> str:

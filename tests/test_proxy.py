@@ -49,9 +49,12 @@ def headers(draw):
     kind = draw(st.sampled_from(["v1-4", "v1-6", "v2-4", "v2-6"]))
     addr = ipv4 if kind.endswith("4") else ipv6
     source, dest, sport, dport = draw(addr), draw(addr), draw(port), draw(port)
+    # An IPv4-mapped IPv6 source is the IPv4 client it maps.
+    mapped = ipaddress.ip_address(source)
+    client = str(getattr(mapped, "ipv4_mapped", None) or mapped)
     if kind.startswith("v1"):
-        return v1(kind[-1], source, dest, sport, dport), (source, sport)
-    return v2(source, dest, sport, dport, draw(tlvs)), (source, sport)
+        return v1(kind[-1], source, dest, sport, dport), (client, sport)
+    return v2(source, dest, sport, dport, draw(tlvs)), (client, sport)
 
 
 @PROPERTY
@@ -93,6 +96,12 @@ def test_smtp_or_tls_without_header_is_refused(data):
     """README "Scaling": a connection that does not start with a header is refused at once."""
     with pytest.raises(ProxyError):
         proxy.parse(data)
+
+
+def test_ipv4_mapped_client_is_the_ipv4_address():
+    """A dual-stack proxy's ::ffff:a.b.c.d is the IPv4 client a.b.c.d (logs, env, limits)."""
+    assert proxy.parse(v1(6, "::ffff:192.0.2.7", "::1", 1, 2)).client == ("192.0.2.7", 1)
+    assert proxy.parse(v2("::ffff:192.0.2.7", "::1", 1, 2)).client == ("192.0.2.7", 1)
 
 
 def test_local_and_unknown_keep_the_connection_address():

@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import threading
+import time
 
 import pytest
 
@@ -211,3 +212,34 @@ def test_one_worker_runs_no_master(make_server):
     (run,) = srv.runs()
     assert run["ppid"] == srv.proc.pid
     assert "master" not in srv.log()
+
+
+def test_replacement_worker_keeps_the_masters_configuration(make_server, tmp_path):
+    """README "Scaling": a worker started later runs on the settings the master read
+    at start, not on a configuration file edited (here: broken) since."""
+    ini = tmp_path / "edited.ini"
+    ini.write_text("[ssmtpd]\nmax-recipients = 50\n")
+    srv = make_server("--workers", "2", "-c", str(ini))
+    assert wait_until(lambda: srv.log().count("accepting on") == 2)
+    ini.write_text("[ssmtpd]\nmax-recipients = none\n")
+    victim = worker_pids(srv)[0]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: srv.log().count("accepting on") == 3, timeout=20), srv.log()
+    for i in range(4):
+        results = [None]
+        submit(srv, f"later{i}@example.org", results, 0)
+        assert results == [250]
+    assert "--max-recipients" not in srv.log()
+
+
+def test_sighup_at_once_after_start_kills_no_worker(make_server):
+    """README "Scaling": a SIGHUP that arrives before a worker has its handler waits
+    for it instead of killing the worker."""
+    srv = make_server("--workers", str(WORKERS), start=False)
+    srv.start()
+    for _ in range(5):
+        srv.signal(signal.SIGHUP)
+    assert wait_until(lambda: srv.log().count("accepting on") == WORKERS, timeout=20)
+    time.sleep(1)
+    assert "killed by signal" not in srv.log(), srv.log()
+    assert len(worker_pids(srv)) == WORKERS
