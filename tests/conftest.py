@@ -313,6 +313,17 @@ class Raw:
             pass
 
 
+def submit_self_signed(port: int, user: str, password: str) -> None:
+    """smtplib: STARTTLS without verifying (the server's self-signed certificate),
+    AUTH, one message from alice@example.org to bob@example.org."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.starttls(context=ctx)
+        s.login(user, password)
+        s.sendmail("alice@example.org", ["bob@example.org"], b"Subject: hi\r\n\r\nhi\r\n")
+
+
 def plain_token(user=USER, password=PASSWORD, authzid="") -> str:
     return base64.b64encode(f"{authzid}\0{user}\0{password}".encode()).decode()
 

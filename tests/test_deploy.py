@@ -16,8 +16,8 @@ import threading
 
 import pytest
 
-from conftest import (AUTH, HOSTNAME, RECORD, ROOT, client_context, free_port, two_certificates,
-                      wait_for_port, wait_until)
+from conftest import (AUTH, HOSTNAME, RECORD, ROOT, client_context, free_port,
+                      submit_self_signed, two_certificates, wait_for_port, wait_until)
 
 SUPERVISOR_MAIN = """\
 [unix_http_server]
@@ -220,14 +220,7 @@ def test_dockerfile_command_runs_on_its_environment_alone(tmp_path, certs):
                                 "alice"], env=env, input=b"a long passphrase\n",
                                capture_output=True, timeout=60)
         assert added.returncode == 0, added.stderr
-        import smtplib
-        import ssl
-        ctx = ssl.create_default_context()
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # self-signed
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
-            s.starttls(context=ctx)
-            s.login("alice", "a long passphrase")
-            s.sendmail("alice@example.org", ["bob@example.org"], b"Subject: hi\r\n\r\nhi\r\n")
+        submit_self_signed(port, "alice", "a long passphrase")
         assert len(os.listdir(os.path.join(state, "mail", "alice", "new"))) == 1
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -435,10 +435,8 @@ def test_installed_package_alone_runs_its_example(tmp_path):
     """README "Quick start": a wheel installed into a fresh virtualenv, no source tree and
     no venv on PATH: `ssmtpd --example-config > ssmtpd.ini` and `ssmtpd --config
     ssmtpd.ini` serve mail with the installed example commands."""
-    import smtplib
-    import ssl
     import venv
-    from conftest import free_port, wait_for_port
+    from conftest import free_port, submit_self_signed, wait_for_port
     wheels = tmp_path / "wheels"
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                             str(wheels), ROOT], capture_output=True, timeout=300)
@@ -470,12 +468,7 @@ def test_installed_package_alone_runs_its_example(tmp_path):
                                 "alice"], env=env, cwd=home, input=b"a long passphrase\n",
                                capture_output=True, timeout=60)
         assert added.returncode == 0, added.stderr
-        ctx = ssl.create_default_context()
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # self-signed
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
-            s.starttls(context=ctx)
-            s.login("alice", "a long passphrase")
-            s.sendmail("alice@example.org", ["bob@example.org"], b"Subject: hi\r\n\r\nhi\r\n")
+        submit_self_signed(port, "alice", "a long passphrase")
         assert len(os.listdir(home / "var" / "mail" / "alice" / "new")) == 1
     finally:
         proc.terminate()
