@@ -557,12 +557,16 @@ def main(argv=None) -> int:
             results.append(rnd)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    text = report(results, opts, started, time.monotonic() - t0)
-    sys.stdout.write(text)
-    if opts.out != "-":
-        with open(opts.out, "w") as f:
-            f.write(text)
+    publish(report(results, opts, started, time.monotonic() - t0), opts.out)
     return 0
+
+
+def publish(text: str, out: str) -> None:
+    """Print the report and write it to `out` ("-": print only)."""
+    sys.stdout.write(text)
+    if out != "-":
+        with open(out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -149,11 +149,7 @@ def main(argv=None) -> int:
                               for a, b in zip(results[1], results[opts.workers]))
     lines += ["", f"messages/s with --workers {opts.workers} over --workers 1: "
               f"{ratio:.2f}× (median of the paired rounds)", ""]
-    text = "\n".join(lines)
-    sys.stdout.write(text)
-    if opts.out != "-":
-        with open(opts.out, "w") as f:
-            f.write(text)
+    run.publish("\n".join(lines), opts.out)
     return 0
 
 

@@ -111,6 +111,12 @@ class _Slot:
     backoff: float = 0.0
     due: float = 0.0  # when to start the next worker here
 
+    def restart_later(self, crashed: bool) -> None:
+        """At once after a worker that lived; after a doubling pause after one
+        that died young or could not start, so a broken worker cannot spin."""
+        self.backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, 2 * self.backoff)) if crashed else 0.0
+        self.due = time.monotonic() + self.backoff
+
 
 class Arbiter:
     """Supervises settings.workers workers; `tls` is the master's TLSHolder (it
@@ -237,9 +243,7 @@ class Arbiter:
                               _describe(status))
                 continue
             lived = time.monotonic() - slot.started
-            slot.backoff = 0.0 if lived >= MIN_LIFETIME else \
-                min(MAX_BACKOFF, max(FIRST_BACKOFF, 2 * slot.backoff))
-            slot.due = time.monotonic() + slot.backoff
+            slot.restart_later(crashed=lived < MIN_LIFETIME)
             self.log.error("worker %d (pid %d) %s after %.1fs; starting another in %.0fs",
                            slot.index, pid, _describe(status), lived, slot.backoff)
 
@@ -284,8 +288,7 @@ class Arbiter:
         self.log.info("worker %d (pid %d) started", slot.index, slot.pid)
 
     def _retry_later(self, slot: _Slot, why: str) -> None:
-        slot.backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, 2 * slot.backoff))
-        slot.due = time.monotonic() + slot.backoff
+        slot.restart_later(crashed=True)
         self.log.error("worker %d: cannot start: %s; trying again in %.0fs", slot.index, why,
                        slot.backoff)
 

@@ -155,10 +155,11 @@ def _program(value):
     else:
         # Then next to the Python running us: a virtualenv's bin/ holds the
         # example commands even when the venv is not on PATH (README "Deploying").
-        path = shutil.which(exe) or shutil.which(exe, path=os.path.dirname(sys.executable))
+        path = shutil.which(exe)
         if path is None:
-            raise ValueError(f"{exe} not found in PATH")
-        if shutil.which(exe) is None:
+            path = shutil.which(exe, path=os.path.dirname(sys.executable))
+            if path is None:
+                raise ValueError(f"{exe} not found in PATH")
             argv = (path,) + argv[1:]
     _check_startable(exe, path)
     return argv

@@ -23,7 +23,6 @@ message.  README "Scaling" says what else was weighed and why this won.
 
 import collections
 import itertools
-import logging
 import socket
 from typing import Callable, Dict, Optional
 
@@ -33,12 +32,11 @@ from gevent.event import AsyncResult
 from ssmtpd.limits import Limits, address_key
 
 MESSAGE_MAX = 512
+# Messages the master handles from one worker before it lets the others run.
+YIELD_EVERY = 64
 # A master that does not answer within this long is treated as gone.
 ASK_TIMEOUT = 10.0
 REFUSED_MASTER_GONE = "master-gone"
-
-log = logging.getLogger("ssmtpd.ledger")
-
 
 def channel_pair():
     """(master end, worker end) of one worker's channel."""
@@ -73,12 +71,12 @@ class Ledger:
                 self.limits.release(key)
         self._broadcast_pressure()
 
-    @property
-    def total(self) -> int:
-        return self.limits.connections.total
-
     def _serve(self, channel: "_Channel") -> None:
-        while True:
+        for handled in itertools.count(1):
+            # A read that finds a message waiting does not yield: a busy
+            # worker must not keep the master from the others and its signals.
+            if handled % YIELD_EVERY == 0:
+                gevent.sleep(0)
             try:
                 data = channel.sock.recv(MESSAGE_MAX)
             except OSError:
@@ -158,10 +156,6 @@ class RemoteLimits:
 
     def login_failed(self, key: str) -> None:
         self._tell(f"F {key}")
-
-    def close(self) -> None:
-        self._reader.kill(block=False)
-        self._sock.close()
 
     def _ask(self, op: str, key: str) -> str:
         if self._gone:

@@ -171,20 +171,15 @@ class Server:
         inherited = listeners is not None
         if not inherited:
             listeners = bind_listeners(self.settings)
-            if self.settings.metrics_bind:  # a worker's master serves them
-                try:
-                    serve_metrics(self.settings, self.metrics)
-                except ListenError:
-                    for listener, _ in listeners:
-                        listener.close()
-                    raise
-        if on_bound is not None:
-            try:
+        try:
+            if not inherited and self.settings.metrics_bind:  # a worker's master serves them
+                serve_metrics(self.settings, self.metrics)
+            if on_bound is not None:
                 on_bound()
-            except Exception:
-                for listener, _ in listeners:
-                    listener.close()
-                raise
+        except Exception:
+            for listener, _ in listeners:  # a failed start leaves nothing listening
+                listener.close()
+            raise
         for listener, implicit in listeners:
             server = _Listener(listener, self._handler(implicit), self.log)
             server.start()

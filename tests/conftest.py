@@ -6,10 +6,12 @@ exit 0 without a traceback in its log.
 """
 
 import base64
+import contextlib
 import datetime
 import glob
 import json
 import os
+import shutil
 import signal
 import smtplib
 import socket
@@ -369,6 +371,29 @@ def server(module_server):
     module_server.clear_runs()
     yield module_server
     assert "Traceback" not in module_server.log(), module_server.log()
+
+
+def stop_process(proc, timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def shared_tmp_dir(prefix: str, mode: int):
+    """A directory under /tmp that other users (nobody, postfix) can reach:
+    pytest's own temporary directories are root's alone."""
+    import tempfile
+    path = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(path, mode)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_until(predicate, timeout=10.0, interval=0.05):

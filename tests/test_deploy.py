@@ -17,7 +17,8 @@ import threading
 import pytest
 
 from conftest import (AUTH, HOSTNAME, RECORD, ROOT, client_context, free_port,
-                      submit_self_signed, two_certificates, wait_for_port, wait_until)
+                      shared_tmp_dir, stop_process, submit_self_signed, two_certificates,
+                      wait_for_port, wait_until)
 
 SUPERVISOR_MAIN = """\
 [unix_http_server]
@@ -87,12 +88,7 @@ def supervised(tmp_path):
         yield dict(port=port, tmp=tmp, ctl=ctl, first=first, second=second, cert=cert,
                    key=key, records=records)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=60)
 
 
 def log(s) -> str:
@@ -254,16 +250,13 @@ smtp_tls_security_level = encrypt
 
 @pytest.fixture
 def postfix_root():
-    """A directory Postfix's unprivileged daemons can reach (pytest's are root-only)."""
-    import tempfile
-    root = tempfile.mkdtemp(prefix="ssmtpd-postfix-")
-    os.chmod(root, 0o755)
-    try:
-        yield root
-    finally:
-        subprocess.run(["postfix", "-c", os.path.join(root, "etc"), "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+    """A directory Postfix's unprivileged daemons can reach; Postfix is stopped after."""
+    with shared_tmp_dir("ssmtpd-postfix-", 0o755) as root:
+        try:
+            yield root
+        finally:
+            subprocess.run(["postfix", "-c", os.path.join(root, "etc"), "stop"],
+                           capture_output=True, timeout=60)
 
 
 def test_postfix_relays_through_ssmtpd(make_server, postfix_root):

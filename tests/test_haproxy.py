@@ -6,13 +6,12 @@ HAProxy connects to ssmtpd from 127.0.0.1, the only --proxy-trusted address.
 """
 
 import shutil
-import signal
 import socket
 import subprocess
 
 import pytest
 
-from conftest import Raw, free_port, wait_for_port, wait_until
+from conftest import Raw, free_port, stop_process, wait_for_port, wait_until
 
 # The README's configuration; {…} are filled in by the test.
 HAPROXY_CFG = """\
@@ -71,12 +70,7 @@ def haproxy_front(make_server, tmp_path):
         wait_for_port(port_v1, proc=proc)
         yield a, b, port_v2, port_v1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
         log.close()
 
 

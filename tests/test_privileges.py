@@ -9,13 +9,11 @@ import grp
 import os
 import pwd
 import subprocess
-import shutil
 import socket
-import tempfile
 
 import pytest
 
-from conftest import ServerProcess
+from conftest import ServerProcess, shared_tmp_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to bind and switch")
 
@@ -43,12 +41,8 @@ def privileged_port() -> int:
 @pytest.fixture
 def open_dir():
     """A directory nobody can read, write and run programs from."""
-    path = tempfile.mkdtemp(prefix="ssmtpd-user-")
-    os.chmod(path, 0o777)
-    try:
+    with shared_tmp_dir("ssmtpd-user-", 0o777) as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def program(directory, name, text) -> str:
