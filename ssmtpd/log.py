@@ -58,6 +58,8 @@ def quote(text, limit: int = 200) -> str:
     """A client's value as one quoted, escaped field of at most ~`limit` characters."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "backslashreplace")
+    if len(text) <= limit and text.isprintable() and '"' not in text and "\\" not in text:
+        return '"' + text + '"'  # nothing to escape or cut: the usual case
     out = []
     length = 0
     for c in text:

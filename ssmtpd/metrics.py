@@ -78,6 +78,25 @@ class Metrics:
             self._process_seconds.observe(program_seconds)
 
 
+class NoMetrics:
+    """Without --metrics-bind nobody reads the values: every event costs nothing."""
+
+    def connection(self, result: str) -> None:
+        pass
+
+    def session_opened(self) -> None:
+        pass
+
+    def session_closed(self) -> None:
+        pass
+
+    def auth(self, result: str, program_seconds: Optional[float] = None) -> None:
+        pass
+
+    def message(self, code: int, size: int, program_seconds: Optional[float] = None) -> None:
+        pass
+
+
 def parse_bind(value: str) -> Tuple[str, int]:
     """HOST:PORT or [IPv6]:PORT; raises ValueError."""
     host, sep, port = value.rpartition(":")

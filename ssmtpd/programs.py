@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import gevent
-from gevent import os as gos
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 
 # How much of a program's stdout we keep: only its last line matters.
 STDOUT_TAIL = 8192
@@ -81,8 +80,8 @@ def run(argv: Sequence[str], env: Mapping[str, str], timeout: float,
     /dev/null and Outcome.last_line stays empty.
     """
     started = time.monotonic()
-    hub = gevent.get_hub()
-    hub.loop.install_sigchld()
+    loop = gevent.get_hub().loop
+    loop.install_sigchld()
     child_ends = []  # our copies of the child's pipe ends, closed once it has them
     ours = []  # our ends, closed here only if the program never starts
     try:
@@ -104,7 +103,7 @@ def run(argv: Sequence[str], env: Mapping[str, str], timeout: float,
         # Watched before the hub runs again, so the exit status cannot be
         # reaped by the loop before anyone listens for it.
         exited = AsyncResult()
-        watcher = hub.loop.child(pid, False)
+        watcher = loop.child(pid, False)
         watcher.start(lambda: exited.set(watcher.rstatus))
     except OSError as e:  # no such program, or out of descriptors or processes
         for fd in ours:
@@ -115,11 +114,7 @@ def run(argv: Sequence[str], env: Mapping[str, str], timeout: float,
         for fd in child_ends:
             os.close(fd)
 
-    tail = bytearray()
-    helpers = [gevent.spawn(_read_stderr, err_r, on_stderr)]
-    if out_r is not None:
-        helpers.append(gevent.spawn(_read_tail, out_r, tail))
-
+    output = _Output(loop, out_r, err_r, on_stderr)
     timed_out = False
     try:
         status = exited.get(timeout=timeout)
@@ -132,17 +127,94 @@ def run(argv: Sequence[str], env: Mapping[str, str], timeout: float,
         if not exited.ready():
             status = exited.get()
         watcher.stop()
-        gevent.joinall(helpers, timeout=DRAIN_GRACE)
-        gevent.killall(helpers, block=True, timeout=DRAIN_GRACE)
+        output.finish(DRAIN_GRACE)
 
     seconds = time.monotonic() - started
     if timed_out:
         return Outcome(TIMED_OUT, seconds=seconds)
-    line = last_line(bytes(tail))
+    line = last_line(bytes(output.tail))
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
         return Outcome(SIGNALLED, -code, line, seconds)
     return Outcome(EXITED, code, line, seconds)
+
+
+class _Output:
+    """A program's stdout tail and stderr lines, read by event-loop callbacks.
+
+    No greenlet per pipe: the loop calls `_readable` when a pipe has data or
+    is closed, which costs a fraction of a greenlet's start and switches, and
+    a program run is on the path of every message.  Both pipes are drained
+    to their end whatever we keep, so the program never blocks on a full pipe.
+    """
+
+    def __init__(self, loop, out_fd: Optional[int], err_fd: int,
+                 on_stderr: Callable[[str], None]):
+        self.tail = bytearray()
+        self._on_stderr = on_stderr
+        self._logged = 0
+        self._partial = b""
+        self._drained = Event()
+        self._watchers = {}
+        for fd, take in ((out_fd, self._take_stdout), (err_fd, self._take_stderr)):
+            if fd is not None:
+                os.set_blocking(fd, False)
+                watcher = loop.io(fd, 1)  # 1: readable
+                self._watchers[fd] = watcher
+                watcher.start(self._readable, fd, take)
+
+    def _readable(self, fd: int, take) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            take(data)
+        else:
+            self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        self._watchers.pop(fd).close()
+        os.close(fd)
+        if not self._watchers:
+            self._flush_stderr()
+            self._drained.set()
+
+    def finish(self, grace: float) -> None:
+        """Wait up to `grace` for both ends, then close whatever is still open."""
+        try:
+            if self._watchers:
+                self._drained.wait(grace)
+        finally:
+            for fd in list(self._watchers):
+                self._close(fd)
+
+    def _take_stdout(self, data: bytes) -> None:
+        tail = self.tail
+        tail += data
+        if len(tail) > STDOUT_TAIL:
+            del tail[:-STDOUT_TAIL]
+
+    def _take_stderr(self, data: bytes) -> None:
+        if self._logged >= STDERR_LOG_LIMIT:
+            return  # keep draining so the program never blocks on a full pipe
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()[:STDERR_LOG_LIMIT]
+        for raw in lines:
+            if not raw.strip():
+                continue
+            self._logged += len(raw) + LOG_LINE_OVERHEAD
+            self._on_stderr(raw.decode("utf-8", "replace"))
+            if self._logged >= STDERR_LOG_LIMIT:
+                self._on_stderr("[further stderr output dropped]")
+                return
+
+    def _flush_stderr(self) -> None:
+        if self._partial.strip() and self._logged < STDERR_LOG_LIMIT:
+            self._on_stderr(self._partial.decode("utf-8", "replace"))
+        self._partial = b""
 
 
 # Python ignores SIGPIPE and SIGXFSZ for itself; a program must start with the
@@ -164,44 +236,3 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], stdin_fd: int, out_fd: i
                (os.POSIX_SPAWN_DUP2, err_fd, 2)]
     return os.posix_spawnp(argv[0], list(argv), dict(env), file_actions=actions,
                            setsid=True, setsigmask=(), setsigdef=_DEFAULT_SIGNALS)
-
-
-def _chunks(fd: int):
-    """What the program writes to `fd`, until EOF; closes `fd`."""
-    os.set_blocking(fd, False)
-    try:
-        while True:
-            data = gos.nb_read(fd, 65536)
-            if not data:
-                return
-            yield data
-    finally:
-        os.close(fd)
-
-
-def _read_tail(fd: int, tail: bytearray) -> None:
-    for chunk in _chunks(fd):
-        tail += chunk
-        if len(tail) > STDOUT_TAIL:
-            del tail[:-STDOUT_TAIL]
-
-
-def _read_stderr(fd: int, on_stderr) -> None:
-    logged = 0
-    partial = b""
-    for chunk in _chunks(fd):
-        if logged >= STDERR_LOG_LIMIT:
-            continue  # keep draining so the program never blocks on a full pipe
-        data = partial + chunk
-        lines = data.split(b"\n")
-        partial = lines.pop()[:STDERR_LOG_LIMIT]
-        for raw in lines:
-            if not raw.strip():
-                continue
-            logged += len(raw) + LOG_LINE_OVERHEAD
-            on_stderr(raw.decode("utf-8", "replace"))
-            if logged >= STDERR_LOG_LIMIT:
-                on_stderr("[further stderr output dropped]")
-                break
-    if partial.strip() and logged < STDERR_LOG_LIMIT:
-        on_stderr(partial.decode("utf-8", "replace"))

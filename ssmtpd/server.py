@@ -145,7 +145,7 @@ class Server:
         self.log = logger
         self.sessions = set()
         self.limits = limits if limits is not None else Limits(settings)
-        self.metrics = metrics.Metrics()
+        self.metrics = metrics.Metrics() if settings.metrics_bind else metrics.NoMetrics()
         self.stopping = False
         self._sweeper: Optional[gevent.Greenlet] = None
         self._stopped = Event()

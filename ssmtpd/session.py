@@ -9,7 +9,7 @@ Verbs only say what a command means.
 import logging
 import socket
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import gevent
 from gevent import ssl
@@ -19,7 +19,7 @@ from ssmtpd.config import Settings
 from ssmtpd.delivery import Envelope, Programs, received_header
 from ssmtpd.limits import Limits
 from ssmtpd.log import SessionLog, clean, quote
-from ssmtpd.metrics import Metrics
+from ssmtpd.metrics import Metrics, NoMetrics
 from ssmtpd.replies import Reply, SmtpError
 from ssmtpd.stream import ClientGone, ClientStream, LineTooLong
 from ssmtpd.tls import TLSHolder, protocol_of
@@ -103,8 +103,8 @@ def requires(*needs: Need):
 
 class Session:
     def __init__(self, sock, address: Tuple, settings: Settings, tls: TLSHolder,
-                 programs: Programs, limits: Limits, metrics: Metrics, log: SessionLog,
-                 session_id: str, implicit_tls: bool = False):
+                 programs: Programs, limits: Limits, metrics: Union[Metrics, NoMetrics],
+                 log: SessionLog, session_id: str, implicit_tls: bool = False):
         self.settings = settings
         self.tls = tls
         self.programs = programs
@@ -116,8 +116,10 @@ class Session:
         self.address_key = limits.key(self.client_addr)
         self.implicit_tls = implicit_tls
         self.stream = ClientStream(sock)
-        # Bounds a send to a client that stops reading (sendall would wait forever).
-        sock.settimeout(settings.timeout)
+        # No socket timeout: every read and send runs under one of the
+        # session's deadlines below, so a gevent wait never needs a timer of its own.
+        sock.settimeout(None)
+        self._deadlines = {}
         self.tls_version = ""
         self.errors = 0
         self.junk = 0
@@ -171,10 +173,22 @@ class Session:
     def _wait_for_client(self, seconds: float, call, *args):
         self._waiting = True
         try:
-            with gevent.Timeout(seconds, IdleTimeout()):
-                return call(*args)
+            return self._bounded(seconds, call, *args)
         finally:
             self._waiting = False
+
+    def _bounded(self, seconds: float, call, *args):
+        """call(*args), or IdleTimeout after `seconds` (README "Limits and abuse")."""
+        # One timer per length, restarted for each wait: a session waits a
+        # dozen times, and a new gevent.Timeout each time cost more than the read.
+        deadline = self._deadlines.get(seconds)
+        if deadline is None:
+            deadline = self._deadlines[seconds] = gevent.Timeout(seconds, IdleTimeout)
+        deadline.start()
+        try:
+            return call(*args)
+        finally:
+            deadline.cancel()
 
     def _wait_for_line(self, call, *args):
         """Wait for the client's next line or handshake: --timeout, or
@@ -388,7 +402,7 @@ class Session:
         if arg.strip():
             return replies.SYNTAX
         self._send(replies.READY_TLS)
-        self.stream.flush()
+        self._bounded(self.settings.timeout, self.stream.flush)
         # Anything pipelined after STARTTLS was sent in the clear and could be
         # an attacker's injection (CVE-2011-0411): drop it, never execute it.
         dropped = self.stream.discard_buffer()
@@ -483,7 +497,7 @@ class Session:
         # Whatever the outcome, this transaction is over (RFC 5321 §4.1.1.4).
         self._reset_transaction()
         self._send(replies.START_DATA)
-        self.stream.flush()
+        self._bounded(self.settings.timeout, self.stream.flush)
         message_spool = spool.Spool(self.settings.spool_dir)
         try:
             if self.settings.received_header:

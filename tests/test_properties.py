@@ -1,4 +1,5 @@
-"""Property tests of the pure modules: the DATA reader (README "The dialogue") and SASL decoding (README "The dialogue" AUTH).
+"""Property tests of the pure modules: the DATA reader (README "The dialogue"), SASL decoding
+(README "The dialogue" AUTH), envelope paths and log fields.
 
 These run in-process on generated input; the server tests pin the same rules
 over real sockets.
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from ssmtpd import dotreader, replies, sasl
+from ssmtpd import dotreader, log, replies, sasl, syntax
 from ssmtpd import spool as spooling
 from ssmtpd.replies import SmtpError
 from ssmtpd.stream import ClientGone
@@ -337,3 +338,59 @@ def test_login_round_trip(user, secret):
     creds = sasl.login(base64.b64decode(base64.b64encode(user.encode())), secret)
     assert creds.username == user
     assert creds.password.encode("utf-8", "surrogateescape") == secret
+
+
+# --- envelope paths and log fields: the fast paths agree with the character walk
+
+def _walk(text):
+    """Reference: (index, char) outside quotes and escapes, one step per character."""
+    return list(syntax._unquoted_chars(text))
+
+
+path_text = st.text(alphabet=st.sampled_from('ab@.<> "\\-\x7f\x00\u00e9\u2028'), max_size=40)
+
+
+@PROPERTY
+@given(path_text)
+def test_address_split_agrees_with_the_walk(text):
+    at = max((i for i, c in _walk(text) if c == "@"), default=-1)
+    expected = (text, "") if at < 0 else (text[:at], text[at + 1:])
+    assert syntax.split_address(text) == expected
+
+
+@PROPERTY
+@given(path_text)
+def test_closing_bracket_and_unquoted_agree_with_the_walk(text):
+    walk = _walk(text)
+    assert syntax._closing_bracket(text) == next(
+        (i for i, c in walk if c == ">" and i > 0), -1)
+    assert syntax._unquoted(text, " <") == any(c in " <" for _, c in walk)
+
+
+@PROPERTY
+@given(st.text(max_size=300))
+def test_unsafe_char_means_control_format_or_separator(text):
+    import unicodedata
+    assert syntax.has_unsafe_char(text) == any(
+        unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
+
+
+def _quote_walk(text, limit):
+    """Reference: escape and count one character at a time."""
+    out, length = [], 0
+    for c in text:
+        piece = log._escape(c)
+        length += len(piece)
+        if length > limit:
+            out.append("...")
+            break
+        out.append(piece)
+    return '"' + "".join(out) + '"'
+
+
+@PROPERTY
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=300)), st.integers(-3, 3))
+def test_quote_fast_path_agrees_with_the_walk(value, near):
+    text = value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+    limit = max(1, len(text) + near)  # the cut is where the two paths could part
+    assert log.quote(value, limit) == _quote_walk(text, limit)
