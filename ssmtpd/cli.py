@@ -1,5 +1,6 @@
 """Entry point: settings, logging, TLS, server; every start-up error is one line + exit 2."""
 
+import gc
 import os
 import socket
 import sys
@@ -113,4 +114,7 @@ def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
         server.start(listeners, on_bound)
     except (ListenError, config.ConfigError, privileges.PrivilegeError) as e:
         return _fail(str(e))
+    # What start-up made lives as long as the process: out of the garbage
+    # collector's sight, a full collection walks only what sessions made.
+    gc.freeze()
     return server.serve_forever()

@@ -3,7 +3,6 @@
 README "The auth program" and "The process program", as data.
 """
 
-import dataclasses
 import email.utils
 import re
 import time
@@ -132,7 +131,8 @@ class Programs:
                                        capture_stdout=False)
             finally:
                 self._auth_slots.release()
-            outcome = dataclasses.replace(outcome, seconds=time.monotonic() - started)
+            outcome = Outcome(outcome.status, outcome.code, outcome.last_line,
+                              time.monotonic() - started, outcome.error)
         return reply_for(outcome, AUTH_EXIT, AUTH_OTHER_EXIT, AUTH_ABNORMAL, False), outcome
 
     def deliver(self, envelope: Envelope, message,

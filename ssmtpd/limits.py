@@ -10,6 +10,7 @@ Everything here is plain bookkeeping with an injectable clock, no I/O.
 
 import collections
 import ipaddress
+import socket
 import time
 from typing import Callable, Deque, Dict, Optional
 
@@ -28,6 +29,13 @@ MAX_TRACKED_ADDRESSES = 100_000
 
 def address_key(ip: str, ipv6_prefix_length: int) -> str:
     """What per-address limits count by: IPv4 whole, IPv6 by its prefix."""
+    if "." in ip and ":" not in ip:
+        # The usual case, once per connection: inet_pton takes dotted quads
+        # only and inet_ntop gives ipaddress's own spelling of them.
+        try:
+            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, ip))
+        except OSError:
+            pass
     try:
         address = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:

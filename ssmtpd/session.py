@@ -21,7 +21,7 @@ from ssmtpd.limits import Limits
 from ssmtpd.log import SessionLog, clean, quote
 from ssmtpd.metrics import Metrics, NoMetrics
 from ssmtpd.replies import Reply, SmtpError
-from ssmtpd.stream import ClientGone, ClientStream, LineTooLong
+from ssmtpd.stream import ClientGone, ClientStream, Deadline, LineTooLong
 from ssmtpd.tls import TLSHolder, protocol_of
 
 # RFC 5321 §4.5.3.1.4: 512 octets with CRLF.  MAIL may grow by the allowances
@@ -170,27 +170,23 @@ class Session:
         if g is not None and not g.dead and condition():
             g.throw(exception())
 
-    def _wait_for_client(self, seconds: float, call, *args):
+    def _wait_for_client(self, seconds: float, call):
+        """call(), where the session may be interrupted and times out after `seconds`."""
         self._waiting = True
         try:
-            return self._bounded(seconds, call, *args)
+            with self._deadline(seconds):
+                return call()
         finally:
             self._waiting = False
 
-    def _bounded(self, seconds: float, call, *args):
-        """call(*args), or IdleTimeout after `seconds` (README "Limits and abuse")."""
-        # One timer per length, restarted for each wait: a session waits a
-        # dozen times, and a new gevent.Timeout each time cost more than the read.
+    def _deadline(self, seconds: float) -> Deadline:
+        """IdleTimeout after `seconds` in the `with` block (README "Limits and abuse")."""
         deadline = self._deadlines.get(seconds)
         if deadline is None:
-            deadline = self._deadlines[seconds] = gevent.Timeout(seconds, IdleTimeout)
-        deadline.start()
-        try:
-            return call(*args)
-        finally:
-            deadline.cancel()
+            deadline = self._deadlines[seconds] = Deadline(seconds, IdleTimeout)
+        return deadline
 
-    def _wait_for_line(self, call, *args):
+    def _wait_for_line(self, call):
         """Wait for the client's next line or handshake: --timeout, or
         --busy-timeout for a stranger while the server is nearly full."""
         timeout = self.settings.timeout
@@ -198,7 +194,7 @@ class Session:
             timeout = min(timeout, self.settings.busy_timeout)
         self.waiting_for_line_since = time.monotonic()
         try:
-            return self._wait_for_client(timeout, call, *args)
+            return self._wait_for_client(timeout, call)
         finally:
             self.waiting_for_line_since = None
 
@@ -250,7 +246,7 @@ class Session:
 
     def _one_command(self) -> Optional[Reply]:
         try:
-            raw = self._wait_for_line(self.stream.readline, READ_LIMIT)
+            raw = self._wait_for_line(self._next_line)
         except LineTooLong:
             return self._counted(replies.LINE_TOO_LONG)
         verb, reply = self._dispatch(raw)
@@ -316,6 +312,9 @@ class Session:
 
     # --- I/O helpers ---------------------------------------------------------
 
+    def _next_line(self) -> bytes:
+        return self.stream.readline(READ_LIMIT)
+
     def _send(self, reply: Reply) -> None:
         self.stream.write(reply.encode())
 
@@ -325,9 +324,9 @@ class Session:
 
     def _flush_quietly(self) -> None:
         try:
-            with gevent.Timeout(5):
+            with self._deadline(5):
                 self.stream.flush()
-        except (gevent.Timeout, ClientGone, OSError):
+        except (IdleTimeout, ClientGone, OSError):
             pass
 
     def _close(self, clean_end: bool) -> None:
@@ -335,12 +334,14 @@ class Session:
         sock = self.stream.sock
         if clean_end and self.tls_version:
             # close_notify, so the client can tell our end from a truncation
-            # (OpenSSL 3 clients report the difference).  Bounded: the peer
-            # may never answer.
+            # (OpenSSL 3 clients report the difference).  Sent without waiting
+            # for the client's own: with a zero timeout the shutdown writes
+            # ours and stops where it would have to read (RFC 8446 §6.1 lets
+            # the closing side not wait).
             try:
-                with gevent.Timeout(2):
-                    sock = sock.unwrap()
-            except (gevent.Timeout, OSError, ValueError):
+                sock.settimeout(0.0)
+                sock = sock.unwrap()
+            except (OSError, ValueError):
                 pass
         try:
             sock.close()
@@ -402,7 +403,8 @@ class Session:
         if arg.strip():
             return replies.SYNTAX
         self._send(replies.READY_TLS)
-        self._bounded(self.settings.timeout, self.stream.flush)
+        with self._deadline(self.settings.timeout):
+            self.stream.flush()
         # Anything pipelined after STARTTLS was sent in the clear and could be
         # an attacker's injection (CVE-2011-0411): drop it, never execute it.
         dropped = self.stream.discard_buffer()
@@ -450,7 +452,7 @@ class Session:
         """Send a 334 and read one response line (RFC 4954 §4)."""
         self.stream.write(f"334 {prompt}\r\n".encode("ascii"))
         try:
-            raw = self._wait_for_line(self.stream.readline, READ_LIMIT)
+            raw = self._wait_for_line(self._next_line)
         except LineTooLong:
             raise SmtpError(replies.LINE_TOO_LONG) from None
         return raw.decode("ascii", "replace").strip()
@@ -497,15 +499,17 @@ class Session:
         # Whatever the outcome, this transaction is over (RFC 5321 §4.1.1.4).
         self._reset_transaction()
         self._send(replies.START_DATA)
-        self._bounded(self.settings.timeout, self.stream.flush)
+        with self._deadline(self.settings.timeout):
+            self.stream.flush()
         message_spool = spool.Spool(self.settings.spool_dir)
         try:
             if self.settings.received_header:
                 message_spool.write(received_header(envelope, self.settings.hostname,
                                                     self.session_id, time.time()))
-            result = self._wait_for_client(self.settings.data_timeout, dotreader.read_message,
-                                           self.stream, self.settings.max_message_size,
-                                           message_spool)
+            result = self._wait_for_client(
+                self.settings.data_timeout,
+                lambda: dotreader.read_message(self.stream, self.settings.max_message_size,
+                                               message_spool))
             if result.status == dotreader.TOO_BIG:
                 self.log.info("message refused: %d octets over the limit", result.size)
                 self.metrics.message(replies.TOO_BIG.code, result.size)

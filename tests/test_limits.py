@@ -122,3 +122,15 @@ def test_table_is_bounded_and_forgets_expired_addresses():
     clock.now += 11
     logins.record("192.0.2.1")
     assert len(logins) == 1
+
+
+@PROPERTY
+@given(st.one_of(st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n))),
+                 st.text(alphabet="0123456789.", max_size=16)))
+def test_ipv4_fast_path_agrees_with_ipaddress(text):
+    """The dotted-quad shortcut keys exactly what ipaddress would, and nothing it refuses."""
+    try:
+        expected = str(ipaddress.ip_address(text))
+    except ValueError:
+        expected = text  # not an address: counted as it is
+    assert address_key(text, 64) == expected
