@@ -106,6 +106,8 @@ def _open_tls(cfg, ctx, gsocket) -> Conn:
     """Connect, EHLO, STARTTLS and EHLO again; the socket is left in TLS."""
     sock = gsocket.create_connection((cfg["host"], cfg["port"]), timeout=cfg["timeout"])
     try:
+        if cfg.get("nodelay"):
+            sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         conn = Conn(sock)
         conn.expect("greeting", 220)
         conn.cmd("EHLO", b"EHLO client.test\r\n", 250)
@@ -329,11 +331,11 @@ def percentile(sorted_values: List[float], p: float) -> Optional[float]:
 
 def run_load(host: str, port: int, concurrency: int, sessions: int, size: int,
              messages: int = 1, processes: int = 2, pipelining: bool = False,
-             deadline: float = 300.0, timeout: float = 60.0) -> dict:
+             deadline: float = 300.0, timeout: float = 60.0, nodelay: bool = False) -> dict:
     """Run `sessions` full sessions, `concurrency` at a time; returns the figures."""
     workers = _start_workers("sessions", host, port, concurrency, sessions, processes,
                              deadline, timeout, size=size, messages=messages,
-                             pipelining=pipelining)
+                             pipelining=pipelining, nodelay=nodelay)
     try:
         for w in workers:
             w.tell("go")
@@ -421,10 +423,12 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=300.0,
                    help="seconds the whole load may take")
     p.add_argument("--timeout", type=float, default=60.0, help="socket timeout")
+    p.add_argument("--nodelay", action="store_true",
+                   help="set TCP_NODELAY on the client sockets (off: Nagle, as most clients)")
     p.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     a = p.parse_args(argv)
     r = run_load(a.host, a.port, a.concurrency, a.sessions, a.size, a.messages,
-                 a.processes, a.pipelining, a.deadline, a.timeout)
+                 a.processes, a.pipelining, a.deadline, a.timeout, a.nodelay)
     print(json.dumps(r, indent=1) if a.json else format_result(r))
     return 0
 

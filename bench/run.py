@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Benchmark runner: ssmtpd against an aiosmtpd server doing the same job.
+"""Benchmark runner: ssmtpd against aiosmtpd and go-smtp servers doing the same job.
 
 For every load and every round, each server is started fresh, warmed up and
-measured; the two servers alternate A B, then B A in the next round, so drift
-of the machine (thermal, page cache, other tenants) hits both alike.  Each
-figure is reported as the median over rounds and as the median of the
-per-round paired ratios ssmtpd / aiosmtpd.
+measured: ssmtpd, ssmtpd --workers 2 (the throughput load only), the go-smtp
+server (bench/go_server, built once per run; left out with a note where Go or
+go-smtp is not installed) and aiosmtpd, in that order, then reversed in the
+next round, so drift of the machine (thermal, page cache, other tenants) hits
+all alike.  Each figure is reported as the median over rounds and as the
+median of the per-round paired ratios server / aiosmtpd.
 
-    python3 bench/run.py            # full run: 3 rounds, about 4 minutes on 2 cores
-    python3 bench/run.py --quick    # one round of smaller loads, under a minute
+    python3 bench/run.py            # full run: 3 rounds, about 5 minutes on 2 cores
+    python3 bench/run.py --quick    # one round of smaller loads, about a minute
 
 Writes the results table to bench/RESULTS.md (see --out) and prints it.
 """
@@ -43,6 +45,17 @@ MIB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 20.0
 
+# The servers, in the order of odd rounds.  WORKERS2 runs the throughput load only.
+SSMTPD, WORKERS2, GO, AIOSMTPD = "ssmtpd", "ssmtpd --workers 2", "go-smtp", "aiosmtpd"
+SERVERS = [SSMTPD, WORKERS2, GO, AIOSMTPD]
+BASELINE = AIOSMTPD  # every ratio is server / aiosmtpd, paired within a round
+
+# The Go server: built in GOPATH mode from Debian's packaged sources
+# (golang-github-emersion-go-smtp-dev, golang-github-emersion-go-sasl-dev).
+GOPATH = "/usr/share/gocode"
+GO_PACKAGES = {"go-smtp": "golang-github-emersion-go-smtp-dev",
+               "go-sasl": "golang-github-emersion-go-sasl-dev"}
+
 
 # --- /proc readings ------------------------------------------------------------------
 
@@ -53,6 +66,25 @@ def proc_cpu(pid: int):
     # fields[0] is field 3 (state); utime..cstime are fields 14..17.
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
     return (utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK
+
+
+def worker_pids(pid: int) -> List[int]:
+    """The workers of an ssmtpd --workers master: its direct children running
+    Python (the programs are the workers' children, not the master's)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and comm.startswith("python"):
+            out.append(int(entry))
+    return sorted(out)
 
 
 def proc_status(pid: int, key: str) -> int:
@@ -130,6 +162,45 @@ def make_cert(directory: str):
     return cert_path, key_path
 
 
+# --- the Go server ---------------------------------------------------------------------
+
+def build_go_server(workdir: str):
+    """Build bench/go_server into workdir: (binary, versions) or (None, why not)."""
+    go = shutil.which("go")
+    if go is None:
+        return None, "`go` not found (Debian: apt-get install golang-go)"
+    missing = [pkg for name, pkg in GO_PACKAGES.items()
+               if not os.path.isdir(os.path.join(GOPATH, "src", "github.com", "emersion", name))]
+    if missing:
+        return None, (f"go-smtp sources not under {GOPATH} "
+                      f"(Debian: apt-get install {' '.join(missing)})")
+    binary = os.path.join(workdir, "go_server")
+    # The command of bench/README.md ("The go-smtp server").
+    env = dict(os.environ, GO111MODULE="off", GOPATH=GOPATH, GOFLAGS="",
+               GOCACHE=os.path.join(workdir, "go-cache"))
+    try:
+        built = subprocess.run([go, "build", "-o", binary, "./bench/go_server"], cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"go build failed: {e}"
+    if built.returncode != 0:
+        tail = " ".join((built.stderr or built.stdout).strip().splitlines()[-3:])
+        return None, f"go build failed: {tail}"
+    found = {"go": "?"}
+    try:
+        found["go"] = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True,
+                                     env=env, timeout=30).stdout.strip().removeprefix("go") or "?"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        found["go-smtp"] = subprocess.run(
+            ["dpkg-query", "-W", "-f", "${Version}", GO_PACKAGES["go-smtp"]],
+            capture_output=True, text=True, timeout=30).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        found["go-smtp"] = "?"
+    return binary, found
+
+
 # --- the servers -----------------------------------------------------------------------
 
 def free_port() -> int:
@@ -139,34 +210,46 @@ def free_port() -> int:
 
 
 class ServerUnderTest:
-    """One server process, started fresh for each measurement."""
+    """One server process, started fresh for each measurement.
+
+    kind: "ssmtpd" (workers > 1 adds --workers), "aiosmtpd" or "go" (the
+    binary built by build_go_server); name is the label in the results.
+    """
 
     def __init__(self, name: str, workdir: str, cert: str, key: str, extra=(),
-                 pythonpath: str = ROOT):
+                 pythonpath: str = ROOT, kind: Optional[str] = None, workers: int = 1,
+                 binary: Optional[str] = None):
         self.name = name
+        self.kind = kind or name
         self.pythonpath = pythonpath
         self.workdir = workdir
         self.cert, self.key = cert, key
-        self.extra = list(extra)
+        self.workers = workers
+        self.binary = binary
+        self.extra = list(extra) + (["--workers", str(workers)] if workers > 1 else [])
         self.proc: Optional[subprocess.Popen] = None
         self.port = 0
+        self.worker_pids: List[int] = []
         self._log = None
 
     def argv(self, port: int) -> List[str]:
         common = ["--bind", "127.0.0.1", "--port", str(port), "--hostname", HOSTNAME,
                   "--ssl-cert", self.cert, "--ssl-key", self.key,
                   "--auth", AUTH, "--process", PROCESS, "--log-level", "warning"]
-        if self.name == "ssmtpd":
+        if self.kind == "ssmtpd":
             return ([sys.executable, "-m", "ssmtpd"] + common +
                     ["--auth-failure-delay", "0", "--max-connections", "5000",
                      "--max-connections-per-ip", "5000"] + self.extra)
+        if self.kind == "go":
+            return [self.binary] + common + self.extra
         return [sys.executable, os.path.join(HERE, "aiosmtpd_server.py")] + common + self.extra
 
     def start(self) -> "ServerUnderTest":
         self.port = free_port()
         env = dict(os.environ,
                    PYTHONPATH=self.pythonpath + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.log_path = os.path.join(self.workdir, f"{self.name}-{self.port}.log")
+        label = "".join(c if c.isalnum() else "-" for c in self.name)
+        self.log_path = os.path.join(self.workdir, f"{label}-{self.port}.log")
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv(self.port), env=env, cwd=self.workdir,
                                      stdin=subprocess.DEVNULL, stdout=self._log,
@@ -180,12 +263,39 @@ class ServerUnderTest:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     s.settimeout(2)
                     s.recv(512)  # the greeting: the server is really serving
-                return self
+                break
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"{self.name} not listening after {START_TIMEOUT}s")
                 time.sleep(0.05)
+        if self.workers > 1:
+            while len(self.worker_pids) < self.workers:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{self.name}: {len(self.worker_pids)} workers "
+                                       f"after {START_TIMEOUT}s")
+                time.sleep(0.05)
+                self.worker_pids = worker_pids(self.pid)
+            # The port answers as soon as one worker serves; give the others
+            # time to import and start serving too (as bench/workers.py does).
+            time.sleep(1.0)
+        return self
+
+    def cpu(self):
+        """(server own, programs) CPU seconds so far: utime+stime of the server
+        and of its workers; cutime+cstime of the process that reaps the programs
+        (the workers, with --workers; never the master, whose children are the
+        workers)."""
+        if not self.worker_pids:
+            return proc_cpu(self.pid)
+        own, _ = proc_cpu(self.pid)
+        programs = 0.0
+        for pid in self.worker_pids:
+            a, b = proc_cpu(pid)
+            own += a
+            programs += b
+        return own, programs
 
     @property
     def pid(self) -> int:
@@ -217,29 +327,35 @@ def warm_up(srv: ServerUnderTest, opts) -> None:
     if opts.warmup > 0:
         r = loadgen.run_load("127.0.0.1", srv.port, min(10, opts.warmup), opts.warmup, opts.size,
                              processes=opts.processes, deadline=min(120, opts.deadline),
-                             timeout=opts.socket_timeout)
+                             timeout=opts.socket_timeout, nodelay=opts.nodelay)
         if r["failures"]:
             print(f"  warning: warm-up failures on {srv.name}: {r['failures']}", file=sys.stderr)
 
 
 def load_throughput(srv, opts) -> Dict:
-    own0, kids0 = proc_cpu(srv.pid)
+    own0, kids0 = srv.cpu()
     r = loadgen.run_load("127.0.0.1", srv.port, opts.concurrency, opts.sessions, opts.size,
                          messages=opts.messages, processes=opts.processes,
-                         deadline=opts.deadline, timeout=opts.socket_timeout)
+                         deadline=opts.deadline, timeout=opts.socket_timeout,
+                         nodelay=opts.nodelay)
     # Let the last program exits be reaped so their CPU shows as children's.
     time.sleep(0.3)
-    own1, kids1 = proc_cpu(srv.pid)
     n = max(r["accepted"], 1)
+    r["client_ms_per_msg"] = r["client_cpu"] * 1000 / n
+    if srv.worker_pids and worker_pids(srv.pid) != srv.worker_pids:
+        # A worker died (or was replaced): its CPU is lost, the figures would lie.
+        r["failures"]["workers changed during the load"] = 1
+        return r
+    own1, kids1 = srv.cpu()
     r["server_ms_per_msg"] = (own1 - own0) * 1000 / n
     r["children_ms_per_msg"] = (kids1 - kids0) * 1000 / n
-    r["client_ms_per_msg"] = r["client_cpu"] * 1000 / n
     return r
 
 
 def load_latency(srv, opts) -> Dict:
     return loadgen.run_load("127.0.0.1", srv.port, 1, opts.latency_sessions, opts.size,
-                            processes=1, deadline=opts.deadline, timeout=opts.socket_timeout)
+                            processes=1, deadline=opts.deadline, timeout=opts.socket_timeout,
+                            nodelay=opts.nodelay)
 
 
 def load_idle(srv, opts) -> Dict:
@@ -252,7 +368,8 @@ def load_idle(srv, opts) -> Dict:
     finally:
         hold.release()
     return {"held": hold.held, "failures": hold.failures, "rss": rss, "baseline": baseline,
-            "rss_delta": rss - baseline}
+            "rss_delta": rss - baseline,
+            "rss_per_conn": (rss - baseline) / hold.held if hold.held else None}
 
 
 def load_big(srv, opts) -> Dict:
@@ -262,7 +379,8 @@ def load_big(srv, opts) -> Dict:
     try:
         r = loadgen.run_load("127.0.0.1", srv.port, opts.big_count, opts.big_count,
                              opts.big_size, processes=opts.processes,
-                             deadline=opts.deadline, timeout=opts.socket_timeout * 2)
+                             deadline=opts.deadline, timeout=opts.socket_timeout * 2,
+                             nodelay=opts.nodelay)
     finally:
         sampled = sampler.stop()
     peak = max(sampled, proc_status(srv.pid, "VmHWM")) if have_hwm else sampled
@@ -282,11 +400,12 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
-def paired_ratio(results, load, key):
+def paired_ratio(results, load, key, name=SSMTPD):
+    """Median over rounds of name / aiosmtpd within each round, and the ratios."""
     ratios = []
     for rnd in results:
-        a = rnd.get(("ssmtpd", load), {}).get(key)
-        b = rnd.get(("aiosmtpd", load), {}).get(key)
+        a = rnd.get((name, load), {}).get(key)
+        b = rnd.get((BASELINE, load), {}).get(key)
         if a is not None and b:
             ratios.append(a / b)
     return median(ratios), ratios
@@ -344,35 +463,51 @@ def report(results: List[Dict], opts, started: datetime.datetime, seconds: float
     def med(name, load, key):
         return median([rnd.get((name, load), {}).get(key) for rnd in results])
 
+    def scaled(x, scale, unit, digits):
+        return fmt(None if x is None else x * scale, unit, digits)
+
     kib = opts.size / 1024
     rows = []
 
-    def row(load_label, figure, load, key, scale, unit, digits, target, check):
-        a = med("ssmtpd", load, key)
-        b = med("aiosmtpd", load, key)
-        ratio, _ = paired_ratio(results, load, key)
-        a_s = fmt(None if a is None else a * scale, unit, digits)
-        b_s = fmt(None if b is None else b * scale, unit, digits)
-        r_s = fmt(ratio, "×", 2)
+    def row(load_label, figure, load, key, scale, unit, digits, target, check, name=SSMTPD,
+            with_go=True):
+        """One line of the summary: `name` (ssmtpd or its --workers 2 variant),
+        go-smtp and aiosmtpd, the paired ratios, and whether name meets the target."""
+        a = med(name, load, key)
+        ratio, _ = paired_ratio(results, load, key, name)
+        go = med(GO, load, key) if with_go else None
+        go_ratio = paired_ratio(results, load, key, GO)[0] if with_go else None
+        base = med(BASELINE, load, key)
         met = "—" if ratio is None and a is None else ("yes" if check(a, ratio) else "**no**")
-        rows.append(f"| {load_label} | {figure} | {a_s} | {b_s} | {r_s} | {target} | {met} |")
+        rows.append(f"| {load_label} | {figure} | {scaled(a, scale, unit, digits)} "
+                    f"| {scaled(go, scale, unit, digits)} | {scaled(base, scale, unit, digits)} "
+                    f"| {fmt(ratio, '×', 2)} | {fmt(go_ratio, '×', 2)} | {target} | {met} |")
+
+    def at_least(target):
+        return lambda a, r: r is not None and r >= target
+
+    def at_most(target):
+        return lambda a, r: r is not None and r <= target
 
     per = f" × {opts.messages} messages" if opts.messages > 1 else ""
-    row(f"C={opts.concurrency}, {opts.sessions} sessions{per}, {kib:g} KiB", "messages/s",
-        "throughput", "messages_per_s", 1, "", 1, "≥ 2.4×",
-        lambda a, r: r is not None and r >= 2.4)
+    throughput = f"C={opts.concurrency}, {opts.sessions} sessions{per}, {kib:g} KiB"
+    row(throughput, "messages/s", "throughput", "messages_per_s", 1, "", 1, "≥ 1.65×",
+        at_least(1.65))
+    row(f"{throughput}, {WORKERS2}", "messages/s", "throughput", "messages_per_s", 1, "", 1,
+        "≥ 1.9×", at_least(1.9), name=WORKERS2, with_go=False)
+    row(f"C={opts.concurrency}", "server CPU ms/message (all processes, excluding the programs)",
+        "throughput", "server_ms_per_msg", 1, " ms", 2, "≤ 0.47×", at_most(0.47))
     row(f"C=1, {opts.latency_sessions} sessions, {kib:g} KiB", "session p50 latency",
-        "latency", "p50", 1000, " ms", 2, "≤ 0.6×", lambda a, r: r is not None and r <= 0.6)
-    row(f"{opts.idle} idle connections after STARTTLS", "server RSS", "idle", "rss",
-        1 / MIB, " MiB", 1, "≤ 1/3", lambda a, r: r is not None and r <= 1 / 3)
+        "latency", "p50", 1000, " ms", 2, "≤ 0.70×", at_most(0.70))
+    row(f"{opts.idle} idle connections after STARTTLS", "RSS added per connection", "idle",
+        "rss_per_conn", 1 / 1024, " KiB", 1, "≤ 0.10×", at_most(0.10))
     row(f"{opts.big_count} messages of {opts.big_size / MIB:g} MiB (C={opts.big_count})",
         "peak RSS above idle baseline", "big", "peak_delta", 1 / MIB, " MiB", 1,
-        "≤ 16 MiB (absolute)", lambda a, r: a is not None and a <= 16 * MIB)
-    row(f"C={opts.concurrency}", "server CPU ms/message (excluding the programs)",
-        "throughput", "server_ms_per_msg", 1, " ms", 2, "≤ 0.4×",
-        lambda a, r: r is not None and r <= 0.4)
+        "≤ 4 MiB (absolute)", lambda a, r: a is not None and a <= 4 * MIB)
 
     v = versions()
+    v.update(opts.go_versions)
+    measured = [name for name in SERVERS if any(name in rnd["order"] for rnd in results)]
     out = [
         "# Benchmark results",
         "",
@@ -382,13 +517,22 @@ def report(results: List[Dict], opts, started: datetime.datetime, seconds: float
         "- command: `" + " ".join(["python3 bench/run.py"] + opts.argv) + "`",
         f"- client: {opts.processes} worker processes of gevent greenlets, "
         f"{'pipelined MAIL/RCPT/DATA' if opts.pipelining else 'one command per round trip'}, "
-        f"{opts.messages} message(s) per session",
+        f"{opts.messages} message(s) per session"
+        f"{', TCP_NODELAY' if opts.nodelay else ', Nagle on'}",
+        f"- servers: {', '.join(measured)} ({WORKERS2}: the C={opts.concurrency} load only)",
+    ]
+    if opts.go_note:
+        out.append(f"- {GO}: not measured: {opts.go_note}")
+    out += [
         "",
-        "Medians over the rounds; *ratio* is the median of the per-round paired ratios "
-        "ssmtpd / aiosmtpd (same round, same machine state).",
+        "Medians over the rounds; a *ratio* is the median of the per-round paired ratios "
+        "server / aiosmtpd (same round, same machine state). *met* judges ssmtpd "
+        f"(on the second line, {WORKERS2}) against the target; the aiosmtpd column of "
+        "the second line repeats the first.",
         "",
-        "| load | figure | ssmtpd | aiosmtpd | ratio | target | met |",
-        "|---|---|---|---|---|---|---|",
+        "| load | figure | ssmtpd | go-smtp | aiosmtpd | ssmtpd ratio | go-smtp ratio "
+        "| target | met |",
+        "|---|---|---|---|---|---|---|---|---|",
     ] + rows
     failed = sorted({name for rnd in results for (name, load), r in
                      ((k, v) for k, v in rnd.items() if k != "order") if r.get("failures")})
@@ -397,12 +541,13 @@ def report(results: List[Dict], opts, started: datetime.datetime, seconds: float
                     "not comparable; see the failures column below.**"]
 
     out += ["", "## CPU per message (C=%d load)" % opts.concurrency, "",
-            "Server own = utime+stime of the server process; programs = cutime+cstime "
-            "(the reaped auth and process programs, including any work a forked child "
-            "does before exec); client = the load generator's processes.", "",
+            "Server own = utime+stime of the server process (with --workers: of the master "
+            "and every worker); programs = cutime+cstime of the process that reaps the auth "
+            "and process programs (with --workers: the workers), including any work a "
+            "forked child does before exec; client = the load generator's processes.", "",
             "| server | server own ms/msg | programs ms/msg | server + programs | client ms/msg |",
             "|---|---|---|---|---|"]
-    for name in ("ssmtpd", "aiosmtpd"):
+    for name in measured:
         own = med(name, "throughput", "server_ms_per_msg")
         kids = med(name, "throughput", "children_ms_per_msg")
         client = med(name, "throughput", "client_ms_per_msg")
@@ -411,8 +556,10 @@ def report(results: List[Dict], opts, started: datetime.datetime, seconds: float
                    f"| {fmt(client, '', 2)} |")
 
     out += ["", "## Latency and memory details (medians)", "",
-            "| figure | ssmtpd | aiosmtpd |", "|---|---|---|"]
+            "| figure | " + " | ".join(measured) + " |",
+            "|---|" + "---|" * len(measured)]
     for label, load, key, scale, unit, digits in [
+            (f"C={opts.concurrency} messages/s", "throughput", "messages_per_s", 1, "", 1),
             (f"C={opts.concurrency} session p50", "throughput", "p50", 1000, " ms", 1),
             (f"C={opts.concurrency} session p90", "throughput", "p90", 1000, " ms", 1),
             (f"C={opts.concurrency} session p99", "throughput", "p99", 1000, " ms", 1),
@@ -423,12 +570,12 @@ def report(results: List[Dict], opts, started: datetime.datetime, seconds: float
             ("RSS before the idle connections", "idle", "baseline", 1 / MIB, " MiB", 1),
             (f"RSS added by {opts.idle} idle connections", "idle", "rss_delta", 1 / MIB,
              " MiB", 1),
+            ("RSS added per idle connection", "idle", "rss_per_conn", 1 / 1024, " KiB", 1),
             ("RSS before the big messages", "big", "baseline", 1 / MIB, " MiB", 1),
             ("peak RSS during the big messages", "big", "peak", 1 / MIB, " MiB", 1),
             ("big messages: seconds for all", "big", "seconds", 1, " s", 2)]:
-        a, b = med("ssmtpd", load, key), med("aiosmtpd", load, key)
-        out.append(f"| {label} | {fmt(None if a is None else a * scale, unit, digits)} "
-                   f"| {fmt(None if b is None else b * scale, unit, digits)} |")
+        out.append(f"| {label} | " + " | ".join(
+            scaled(med(name, load, key), scale, unit, digits) for name in measured) + " |")
 
     out += ["", "## Every round", "",
             "| round | server | msg/s | CPU own ms/msg | programs ms/msg | C=1 p50 ms "
@@ -448,9 +595,9 @@ def report(results: List[Dict], opts, started: datetime.datetime, seconds: float
                 f"| {i} | {name} | {fmt(t.get('messages_per_s'))} "
                 f"| {fmt(t.get('server_ms_per_msg'), '', 2)} "
                 f"| {fmt(t.get('children_ms_per_msg'), '', 2)} "
-                f"| {fmt(None if lat.get('p50') is None else lat['p50'] * 1000, '', 2)} "
-                f"| {fmt(None if idle.get('rss') is None else idle['rss'] / MIB)} "
-                f"| {fmt(None if big.get('peak_delta') is None else big['peak_delta'] / MIB)} "
+                f"| {scaled(lat.get('p50'), 1000, '', 2)} "
+                f"| {scaled(idle.get('rss'), 1 / MIB, '', 1)} "
+                f"| {scaled(big.get('peak_delta'), 1 / MIB, '', 1)} "
                 f"| {', '.join(f'{k} ×{n}' for k, n in sorted(fails.items())) or 'none'} |")
     peak_sources = {rnd[(n, "big")]["peak_source"] for rnd in results for n in rnd["order"]
                     if (n, "big") in rnd}
@@ -464,8 +611,10 @@ def report(results: List[Dict], opts, started: datetime.datetime, seconds: float
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="one round of smaller loads (under a minute)")
-    p.add_argument("--rounds", type=int, help="rounds of A B / B A (default 3, quick 1)")
+                   help="one round of smaller loads (about a minute)")
+    p.add_argument("--rounds", type=int,
+                   help="rounds, the servers' order reversed in every other one "
+                        "(default 3, quick 1)")
     p.add_argument("--concurrency", type=int, default=50)
     p.add_argument("--sessions", type=int, help="sessions of the throughput load (2000)")
     p.add_argument("--size", type=int, default=4096, help="message size in octets")
@@ -478,6 +627,9 @@ def parse(argv):
     p.add_argument("--processes", type=int, default=2, help="load generator processes")
     p.add_argument("--pipelining", action="store_true",
                    help="pipeline MAIL/RCPT/DATA in the sessions (RFC 2920)")
+    p.add_argument("--nagle", action="store_true",
+                   help="leave Nagle's algorithm on in the client (default: TCP_NODELAY; "
+                        "see bench/README.md, the go-smtp server)")
     p.add_argument("--loads", default="throughput,latency,idle,big",
                    help="comma-separated subset of: throughput,latency,idle,big")
     p.add_argument("--deadline", type=float, default=240.0,
@@ -490,6 +642,8 @@ def parse(argv):
                    help="where to write the results table ('-' for nowhere)")
     opts = p.parse_args(argv)
     opts.argv = list(argv if argv is not None else sys.argv[1:])
+    opts.nodelay = not opts.nagle
+    opts.go_note, opts.go_versions = "", {}  # set by main once the Go server is built
     # A stalled server must cost a fraction of a load's deadline, not all of it.
     opts.socket_timeout = max(5.0, min(60.0, opts.deadline / 4))
     quick = opts.quick
@@ -524,20 +678,34 @@ def main(argv=None) -> int:
     results: List[Dict] = []
     try:
         cert, key = make_cert(workdir)
+        go_binary, found = build_go_server(workdir)
+        if go_binary is None:
+            opts.go_note = found
+            print(f"note: the {GO} server is left out of this run: {found}", file=sys.stderr,
+                  flush=True)
+        else:
+            opts.go_versions = found
         servers = {
-            "ssmtpd": lambda: ServerUnderTest("ssmtpd", workdir, cert, key,
-                                              pythonpath=opts.ssmtpd_path),
-            "aiosmtpd": lambda: ServerUnderTest(
-                "aiosmtpd", workdir, cert, key,
-                ["--child-watcher", opts.aiosmtpd_child_watcher]),
+            SSMTPD: lambda: ServerUnderTest(SSMTPD, workdir, cert, key, kind="ssmtpd",
+                                            pythonpath=opts.ssmtpd_path),
+            WORKERS2: lambda: ServerUnderTest(WORKERS2, workdir, cert, key, kind="ssmtpd",
+                                              pythonpath=opts.ssmtpd_path, workers=2),
+            GO: lambda: ServerUnderTest(GO, workdir, cert, key, kind="go", binary=go_binary),
+            AIOSMTPD: lambda: ServerUnderTest(
+                AIOSMTPD, workdir, cert, key, ["--child-watcher", opts.aiosmtpd_child_watcher],
+                kind="aiosmtpd"),
         }
+        names = [name for name in SERVERS if (name != GO or go_binary)
+                 and (name != WORKERS2 or "throughput" in opts.loads)]
         for i in range(opts.rounds):
-            order = ["ssmtpd", "aiosmtpd"] if i % 2 == 0 else ["aiosmtpd", "ssmtpd"]
+            order = names if i % 2 == 0 else names[::-1]
             rnd: Dict = {"order": order}
             for load_name, load in LOADS:
                 if load_name not in opts.loads:
                     continue
                 for name in order:
+                    if name == WORKERS2 and load_name != "throughput":
+                        continue
                     srv = servers[name]().start()
                     try:
                         warm_up(srv, opts)
@@ -546,8 +714,9 @@ def main(argv=None) -> int:
                         r = load(srv, opts)
                     finally:
                         srv.stop()
-                    if "Traceback" in srv.log_tail(200):
-                        print(f"  warning: traceback in {name}'s log:\n{srv.log_tail()}",
+                    logged = srv.log_tail(200)
+                    if "Traceback" in logged or "panic:" in logged:
+                        print(f"  warning: a crash in {name}'s log:\n{srv.log_tail()}",
                               file=sys.stderr)
                     rnd[(name, load_name)] = r
                     summary = {k: r[k] for k in ("messages_per_s", "p50", "rss", "peak_delta",
