@@ -331,11 +331,13 @@ def percentile(sorted_values: List[float], p: float) -> Optional[float]:
 
 def run_load(host: str, port: int, concurrency: int, sessions: int, size: int,
              messages: int = 1, processes: int = 2, pipelining: bool = False,
-             deadline: float = 300.0, timeout: float = 60.0, nodelay: bool = False) -> dict:
+             deadline: float = 300.0, timeout: float = 60.0, nodelay: bool = False,
+             user: str = USER, password: str = PASSWORD) -> dict:
     """Run `sessions` full sessions, `concurrency` at a time; returns the figures."""
     workers = _start_workers("sessions", host, port, concurrency, sessions, processes,
                              deadline, timeout, size=size, messages=messages,
-                             pipelining=pipelining, nodelay=nodelay)
+                             pipelining=pipelining, nodelay=nodelay, user=user,
+                             password=password)
     try:
         for w in workers:
             w.tell("go")
@@ -425,10 +427,13 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="socket timeout")
     p.add_argument("--nodelay", action="store_true",
                    help="set TCP_NODELAY on the client sockets (off: Nagle, as most clients)")
+    p.add_argument("--user", default=USER, help="AUTH PLAIN user name")
+    p.add_argument("--password", default=PASSWORD, help="AUTH PLAIN password")
     p.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     a = p.parse_args(argv)
     r = run_load(a.host, a.port, a.concurrency, a.sessions, a.size, a.messages,
-                 a.processes, a.pipelining, a.deadline, a.timeout, a.nodelay)
+                 a.processes, a.pipelining, a.deadline, a.timeout, a.nodelay, a.user,
+                 a.password)
     print(json.dumps(r, indent=1) if a.json else format_result(r))
     return 0
 

@@ -153,10 +153,15 @@ class ClientStream:
     def flush(self) -> None:
         if not self._out:
             return
-        data = bytes(self._out)
+        data = memoryview(bytes(self._out))
         self._out.clear()
         try:
-            self.sock.sendall(data)
+            # send() rather than sendall(): gevent's sendall asks the kernel
+            # for the buffer size (a getsockopt call) before every reply.
+            # A TLS send writes the whole record or waits; a plain one may
+            # be short, and the loop sends the rest.
+            while data:
+                data = data[self.sock.send(data):]
         except (ConnectionError, socket.error) as e:
             if isinstance(e, socket.timeout):
                 raise

@@ -144,6 +144,54 @@ def test_flood_does_not_delay_other_clients(fair_server, flood):
     assert len(srv.runs()) == 3 + sessions  # the flood's messages were all 552
 
 
+LOADGEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "bench", "loadgen.py")
+BENCH_PROCESS = os.path.join(os.path.dirname(LOADGEN), "programs", "process.sh")
+
+
+def test_benchmark_load_does_not_delay_other_clients(make_server):
+    """README "Performance": under the benchmark's C=50 load (bench/loadgen.py: 50 clients
+    doing STARTTLS, AUTH and a 4 KiB message each, over and over), every reply of
+    another client's session comes within REPLY_BOUND of its unloaded time."""
+    srv = make_server("--auth", AUTH_QUICK, "--process", BENCH_PROCESS,
+                      "--auth-failure-delay", "0", "--max-connections", "500",
+                      "--max-connections-per-ip", "500")
+    unloaded = {}
+    for _ in range(3):
+        for step, seconds in timed_session(srv).items():
+            unloaded[step] = max(unloaded.get(step, 0.0), seconds)
+    load = subprocess.Popen([sys.executable, LOADGEN, "--port", str(srv.port), "-c", "50",
+                             "-n", "100000", "--size", "4096", "--password", PASSWORD,
+                             "--nodelay", "--deadline", str(FLOOD_SECONDS), "--timeout", "10",
+                             "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    loaded = {}
+    try:
+        time.sleep(1.5)  # until all 50 are in their sessions
+        cpu_before, started = cpu_seconds(srv.proc.pid), time.monotonic()
+        deadline = time.monotonic() + FLOOD_SECONDS - 4
+        sessions = 0
+        while time.monotonic() < deadline and sessions < 20:
+            for step, seconds in timed_session(srv).items():
+                loaded[step] = max(loaded.get(step, 0.0), seconds)
+            sessions += 1
+        assert load.poll() is None, "the load ended before the measurements did"
+        busy = (cpu_seconds(srv.proc.pid) - cpu_before) / (time.monotonic() - started)
+    finally:
+        out, _ = load.communicate(timeout=FLOOD_SECONDS + 60)
+    figures = json.loads(out.decode()[out.decode().index("{"):])
+    print(f"\nbenchmark load: {figures['accepted']} messages at "
+          f"{figures['messages_per_s']:.0f}/s, server CPU {busy:.0%}, {sessions} sessions; "
+          "worst reply, unloaded -> loaded:")
+    for step in unloaded:
+        print(f"  {step:10} {unloaded[step] * 1000:7.1f} ms -> {loaded[step] * 1000:7.1f} ms")
+    assert figures["accepted"] > 200, figures
+    assert busy > 0.3, "not a load: the server was mostly idle"
+    slow = {step: round(loaded[step] - unloaded[step], 3) for step in unloaded
+            if loaded[step] > unloaded[step] + REPLY_BOUND}
+    assert not slow, slow
+
+
 @pytest.mark.parametrize("flood", ["commands", "data"])
 def test_flood_does_not_delay_timeouts_or_signals(fair_server, flood):
     """README "Limits and abuse": under a flood, an idle session still times out on time (--timeout 3)
