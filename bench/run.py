@@ -278,7 +278,7 @@ class ServerUnderTest:
                 time.sleep(0.05)
                 self.worker_pids = worker_pids(self.pid)
             # The port answers as soon as one worker serves; give the others
-            # time to import and start serving too (as bench/workers.py does).
+            # time to import and start serving too.
             time.sleep(1.0)
         return self
 
