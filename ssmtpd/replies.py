@@ -7,6 +7,7 @@ status codes follow RFC 2034 / RFC 3463: their class digit equals the reply's.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Tuple
 
 
@@ -29,6 +30,11 @@ class Reply:
 
     def encode(self) -> bytes:
         """Wire form; a text with newlines becomes a multi-line reply."""
+        return self._wire
+
+    @cached_property
+    def _wire(self) -> bytes:
+        # Most replies are the constants below: each is encoded once.
         parts = []
         lines = self.lines()
         for i, line in enumerate(lines):

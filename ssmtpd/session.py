@@ -120,6 +120,7 @@ class Session:
         # session's deadlines below, so a gevent wait never needs a timer of its own.
         sock.settimeout(None)
         self._deadlines = {}
+        self._debug = log.isEnabledFor(logging.DEBUG)  # asked once: a test per command adds up
         self.tls_version = ""
         self.errors = 0
         self.junk = 0
@@ -296,7 +297,7 @@ class Session:
             # An unknown line may be a credential sent out of turn: never log it.
             self.log.debug("unrecognised command (%d octets)", len(raw))
             return "", replies.NOT_IMPLEMENTED
-        if self.log.isEnabledFor(logging.DEBUG):
+        if self._debug:
             self.log.debug("command %s", "AUTH" if verb == "AUTH" else quote(text))
         for need in method.needs:
             if not need.test(self):

@@ -15,6 +15,7 @@ import socket
 import time
 
 import gevent
+from gevent import ssl
 
 CHUNK = 65536
 # Long enough that a busy session pays for the yield about once per 5 ms (a
@@ -57,6 +58,8 @@ class LineTooLong(Exception):
 class ClientStream:
     def __init__(self, sock):
         self.sock = sock
+        # A TLS socket's read() is its recv() without a layer of checks.
+        self._read = sock.read if isinstance(sock, ssl.SSLSocket) else sock.recv
         self._buf = bytearray()
         # Replies wait here until we would block on the client, so a pipelined
         # group of commands (RFC 2920) is answered with one send, not one each.
@@ -83,7 +86,7 @@ class ClientStream:
     def _recv(self) -> bytes:
         self.flush()
         try:
-            data = self.sock.recv(CHUNK)
+            data = self._read(CHUNK)
         except (ConnectionError, socket.error) as e:
             if isinstance(e, socket.timeout):
                 raise
