@@ -16,6 +16,7 @@ import time
 
 import gevent
 from gevent import ssl
+from gevent.socket import wait_read
 
 CHUNK = 65536
 # Long enough that a busy session pays for the yield about once per 5 ms (a
@@ -58,8 +59,11 @@ class LineTooLong(Exception):
 class ClientStream:
     def __init__(self, sock):
         self.sock = sock
+        tls = isinstance(sock, ssl.SSLSocket)
         # A TLS socket's read() is its recv() without a layer of checks.
-        self._read = sock.read if isinstance(sock, ssl.SSLSocket) else sock.recv
+        self._read = sock.read if tls else sock.recv
+        # Octets TLS has decrypted but we have not read yet.
+        self._pending = sock.pending if tls else (lambda: 0)
         self._buf = bytearray()
         # Replies wait here until we would block on the client, so a pipelined
         # group of commands (RFC 2920) is answered with one send, not one each.
@@ -84,8 +88,15 @@ class ClientStream:
             self._turn_ends = time.monotonic() + TURN
 
     def _recv(self) -> bytes:
+        answered = bool(self._out)
         self.flush()
         try:
+            if answered and not self._pending():
+                # The client is reading our reply, its next line cannot be
+                # here yet: wait until it is, rather than first fail a read
+                # (a system call, and over TLS an exception kept alive, with
+                # its traceback, for as long as the session waits).
+                wait_read(self.sock.fileno())
             data = self._read(CHUNK)
         except (ConnectionError, socket.error) as e:
             if isinstance(e, socket.timeout):
