@@ -9,8 +9,8 @@ times N admit + release pairs from this one, as a worker does:
     python3 bench/ledger_cost.py [N]
 
 It prints the wall time per round trip and the CPU both processes spent per
-connection; compare with the ~1.7 ms of server CPU a message costs (README
-"Benchmark").
+connection; compare with the ~2.7 ms of server CPU a message costs on the
+2-core test machine (README "Performance").
 """
 
 import os

@@ -9,7 +9,7 @@ next round, so drift of the machine (thermal, page cache, other tenants) hits
 all alike.  Each figure is reported as the median over rounds and as the
 median of the per-round paired ratios server / aiosmtpd.
 
-    python3 bench/run.py            # full run: 3 rounds, about 5 minutes on 2 cores
+    python3 bench/run.py            # full run: 3 rounds, about 4 minutes on 2 cores
     python3 bench/run.py --quick    # one round of smaller loads, about a minute
 
 Writes the results table to bench/RESULTS.md (see --out) and prints it.
