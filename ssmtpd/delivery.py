@@ -131,8 +131,9 @@ class Programs:
                                        capture_stdout=False)
             finally:
                 self._auth_slots.release()
-            outcome = Outcome(outcome.status, outcome.code, outcome.last_line,
-                              time.monotonic() - started, outcome.error)
+            outcome = Outcome(status=outcome.status, code=outcome.code,
+                              last_line=outcome.last_line, error=outcome.error,
+                              seconds=time.monotonic() - started)
         return reply_for(outcome, AUTH_EXIT, AUTH_OTHER_EXIT, AUTH_ABNORMAL, False), outcome
 
     def deliver(self, envelope: Envelope, message,

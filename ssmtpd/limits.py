@@ -34,7 +34,7 @@ def address_key(ip: str, ipv6_prefix_length: int) -> str:
         # only and inet_ntop gives ipaddress's own spelling of them.
         try:
             return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, ip))
-        except OSError:
+        except (OSError, ValueError):  # not a dotted quad (ValueError: NUL, surrogates)
             pass
     try:
         address = ipaddress.ip_address(ip.split("%", 1)[0])

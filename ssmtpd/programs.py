@@ -83,7 +83,7 @@ def run(argv: Sequence[str], env: Mapping[str, str], timeout: float,
     loop = gevent.get_hub().loop
     loop.install_sigchld()
     child_ends = []  # our copies of the child's pipe ends, closed once it has them
-    ours = []  # our ends, closed here only if the program never starts
+    ours = []  # our ends: _Output closes them, or we do if it never got them
     try:
         if stdin is None:
             stdin_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -114,9 +114,10 @@ def run(argv: Sequence[str], env: Mapping[str, str], timeout: float,
         for fd in child_ends:
             os.close(fd)
 
-    output = _Output(loop, out_r, err_r, on_stderr)
     timed_out = False
+    output = None
     try:
+        output = _Output(loop, out_r, err_r, on_stderr)
         status = exited.get(timeout=timeout)
     except gevent.Timeout:
         timed_out = True
@@ -124,10 +125,16 @@ def run(argv: Sequence[str], env: Mapping[str, str], timeout: float,
         # Whatever happened, nothing of the program may outlive this call:
         # grandchildren that kept our pipes open included.
         _kill_group(pid)
-        if not exited.ready():
-            status = exited.get()
-        watcher.stop()
-        output.finish(DRAIN_GRACE)
+        try:
+            if not exited.ready():
+                status = exited.get()
+        finally:
+            watcher.stop()
+            if output is not None:
+                output.finish(DRAIN_GRACE)
+            else:
+                for fd in ours:
+                    os.close(fd)
 
     seconds = time.monotonic() - started
     if timed_out:
@@ -170,10 +177,15 @@ class _Output:
             return
         except OSError:
             data = b""
-        if data:
-            take(data)
-        else:
+        if not data:
             self._close(fd)
+            return
+        try:
+            take(data)
+        except Exception:  # noqa: BLE001
+            # This runs in the event loop: an error would print a traceback
+            # and stop the draining, and the program would block on a full pipe.
+            pass
 
     def _close(self, fd: int) -> None:
         self._watchers.pop(fd).close()

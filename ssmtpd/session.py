@@ -239,7 +239,7 @@ class Session:
             # traceback where a client's input could have been (debug shows it).
             reason = f"internal error: {type(e).__name__}: {clean(str(e))}"
             self.log.error("internal error: %s: %s", type(e).__name__, clean(str(e)),
-                           exc_info=self.log.isEnabledFor(logging.DEBUG))
+                           exc_info=self._debug)
             self._send_quietly(replies.INTERNAL_ERROR)
         finally:
             self._close(clean_end)

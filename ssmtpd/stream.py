@@ -38,11 +38,14 @@ class Deadline:
     """
 
     def __init__(self, seconds: float, exception):
-        self._timer = gevent.get_hub().loop.timer(seconds)
+        # A repeating timer, restarted with again(): libev's stop() keeps
+        # what is left of a one-shot timer and start() would go on from
+        # there, making --timeout a total for the session, not a bound per wait.
+        self._timer = gevent.get_hub().loop.timer(seconds, seconds)
         self._exception = exception
 
     def __enter__(self) -> None:
-        self._timer.start(gevent.getcurrent().throw, self._exception)
+        self._timer.again(gevent.getcurrent().throw, self._exception)
 
     def __exit__(self, *exc_info) -> None:
         self._timer.stop()
@@ -92,10 +95,11 @@ class ClientStream:
         self.flush()
         try:
             if answered and not self._pending():
-                # The client is reading our reply, its next line cannot be
-                # here yet: wait until it is, rather than first fail a read
-                # (a system call, and over TLS an exception kept alive, with
-                # its traceback, for as long as the session waits).
+                # The client is reading our reply, so its next line is
+                # rarely here yet: wait until it is, rather than first fail a
+                # read (a system call, and over TLS an exception kept alive,
+                # with its traceback, for as long as the session waits).  A
+                # pipelining client's waiting bytes cost one loop pass.
                 wait_read(self.sock.fileno())
             data = self._read(CHUNK)
         except (ConnectionError, socket.error) as e:

@@ -39,13 +39,14 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, timeout: float = START_TIMEOUT, proc=None,
-                  host: str = "127.0.0.1") -> None:
+                  host: str = "127.0.0.1", source: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before listening")
         try:
-            with socket.create_connection((host, port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5,
+                                          source_address=(source, 0) if source else None):
                 return
         except OSError:
             time.sleep(0.05)

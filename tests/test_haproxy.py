@@ -48,6 +48,9 @@ backend ssmtpd_v1
 """
 
 
+PROBE_ADDRESSES = ("127.0.0.9", "127.0.0.10")
+
+
 @pytest.fixture
 def haproxy_front(make_server, tmp_path):
     if not shutil.which("haproxy"):
@@ -66,8 +69,12 @@ def haproxy_front(make_server, tmp_path):
     proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for_port(port_v2, proc=proc)
-        wait_for_port(port_v1, proc=proc)
+        # Each from an address of its own: HAProxy passes these probes on with
+        # a PROXY header, and two from one address, or one from 127.0.0.1 (the
+        # health checks' address), could meet in a server and find that
+        # address's one slot taken (--max-connections-per-ip 1).
+        wait_for_port(port_v2, proc=proc, source=PROBE_ADDRESSES[0])
+        wait_for_port(port_v1, proc=proc, source=PROBE_ADDRESSES[1])
         yield a, b, port_v2, port_v1
     finally:
         stop_process(proc, timeout=10)

@@ -279,6 +279,26 @@ def test_slow_drip_command_line_and_tls_handshake_cut_off(drip_server):
     assert [r["env"]["SSMTPD_MAIL_FROM"] for r in srv.runs()] == ["normal@example.test"]
 
 
+def test_timeouts_bound_each_wait_not_the_session(drip_server):
+    """README "The dialogue": --timeout bounds each wait for a line and --data-timeout each
+    DATA phase; a session that is never idle that long is never cut, however long it lasts."""
+    srv = drip_server  # --timeout 2, --data-timeout 3
+    srv.clear_runs()
+    client = login(srv)
+    for _ in range(3):  # 3.6 s of waits in all, each 1.2 s
+        time.sleep(1.2)
+        assert client.cmd("NOOP")[0] == 250
+    for n in range(2):  # 4 s of DATA in all, each phase 2 s
+        transaction(client, f"long{n}@example.test")
+        client.send("Subject: long\r\n\r\n")
+        time.sleep(2.0)
+        client.send("hello\r\n.\r\n")
+        assert client.reply()[0] == 250
+    assert client.cmd("QUIT")[0] == 221
+    assert [r["env"]["SSMTPD_MAIL_FROM"] for r in srv.runs()] == \
+        ["long0@example.test", "long1@example.test"]
+
+
 def test_slow_drip_data_cut_off_at_data_timeout(drip_server):
     """README "The dialogue": a DATA phase dripped slower than --data-timeout gets 421 4.4.2 and no program run."""
     srv = drip_server
