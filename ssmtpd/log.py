@@ -60,6 +60,11 @@ def quote(text, limit: int = 200) -> str:
         text = text.decode("utf-8", "backslashreplace")
     if len(text) <= limit and text.isprintable() and '"' not in text and "\\" not in text:
         return '"' + text + '"'  # nothing to escape or cut: the usual case
+    return _quote_walk(text, limit)
+
+
+def _quote_walk(text: str, limit: int) -> str:
+    """quote() one character at a time: escapes each, cuts past `limit`."""
     out = []
     length = 0
     for c in text:

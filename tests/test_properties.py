@@ -375,22 +375,9 @@ def test_unsafe_char_means_control_format_or_separator(text):
         unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
 
 
-def _quote_walk(text, limit):
-    """Reference: escape and count one character at a time."""
-    out, length = [], 0
-    for c in text:
-        piece = log._escape(c)
-        length += len(piece)
-        if length > limit:
-            out.append("...")
-            break
-        out.append(piece)
-    return '"' + "".join(out) + '"'
-
-
 @PROPERTY
 @given(st.one_of(st.text(max_size=300), st.binary(max_size=300)), st.integers(-3, 3))
 def test_quote_fast_path_agrees_with_the_walk(value, near):
     text = value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
     limit = max(1, len(text) + near)  # the cut is where the two paths could part
-    assert log.quote(value, limit) == _quote_walk(text, limit)
+    assert log.quote(value, limit) == log._quote_walk(text, limit)
