@@ -72,6 +72,27 @@ def timed_session(srv) -> dict:
     return steps
 
 
+def worst_replies(srv, sessions: int, until: float = float("inf")):
+    """({step: slowest reply}, sessions run) over up to `sessions` timed sessions,
+    starting no new one after `until`."""
+    worst = {}
+    done = 0
+    while done < sessions and time.monotonic() < until:
+        for step, seconds in timed_session(srv).items():
+            worst[step] = max(worst.get(step, 0.0), seconds)
+        done += 1
+    return worst, done
+
+
+def assert_within_bound(unloaded: dict, loaded: dict) -> None:
+    """Every step's slowest reply under load within REPLY_BOUND of its unloaded one."""
+    for step in unloaded:
+        print(f"  {step:10} {unloaded[step] * 1000:7.1f} ms -> {loaded[step] * 1000:7.1f} ms")
+    slow = {step: round(loaded[step] - unloaded[step], 3) for step in unloaded
+            if loaded[step] > unloaded[step] + REPLY_BOUND}
+    assert not slow, slow
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system time of a process so far."""
     with open(f"/proc/{pid}/stat") as f:
@@ -115,32 +136,19 @@ def test_flood_does_not_delay_other_clients(fair_server, flood):
     """README "Limits and abuse": under a flood, every reply of another client's full session comes
     within REPLY_BOUND of its unloaded time."""
     srv = fair_server
-    unloaded = {}
-    for _ in range(3):
-        for step, seconds in timed_session(srv).items():
-            unloaded[step] = max(unloaded.get(step, 0.0), seconds)
+    unloaded, _ = worst_replies(srv, 3)
     proc = start_flood(srv, *FLOODS[flood])
     cpu_before, started = cpu_seconds(srv.proc.pid), time.monotonic()
-    loaded = {}
     try:
-        deadline = time.monotonic() + FLOOD_SECONDS - 3
-        sessions = 0
-        while time.monotonic() < deadline and sessions < 20:
-            for step, seconds in timed_session(srv).items():
-                loaded[step] = max(loaded.get(step, 0.0), seconds)
-            sessions += 1
+        loaded, sessions = worst_replies(srv, 20, until=time.monotonic() + FLOOD_SECONDS - 3)
         assert proc.poll() is None, "the flood ended before the measurements did"
         busy = (cpu_seconds(srv.proc.pid) - cpu_before) / (time.monotonic() - started)
     finally:
         stats = finish_flood(proc)
     print(f"\n{flood}: {stats}, server CPU {busy:.0%}, {sessions} sessions; "
           "worst reply, unloaded -> loaded:")
-    for step in unloaded:
-        print(f"  {step:10} {unloaded[step] * 1000:7.1f} ms -> {loaded[step] * 1000:7.1f} ms")
     assert busy > 0.4, "not a flood: the server was mostly idle"
-    slow = {step: round(loaded[step] - unloaded[step], 3) for step in unloaded
-            if loaded[step] > unloaded[step] + REPLY_BOUND}
-    assert not slow, slow
+    assert_within_bound(unloaded, loaded)
     assert len(srv.runs()) == 3 + sessions  # the flood's messages were all 552
 
 
@@ -156,25 +164,16 @@ def test_benchmark_load_does_not_delay_other_clients(make_server):
     srv = make_server("--auth", AUTH_QUICK, "--process", BENCH_PROCESS,
                       "--auth-failure-delay", "0", "--max-connections", "500",
                       "--max-connections-per-ip", "500")
-    unloaded = {}
-    for _ in range(3):
-        for step, seconds in timed_session(srv).items():
-            unloaded[step] = max(unloaded.get(step, 0.0), seconds)
+    unloaded, _ = worst_replies(srv, 3)
     load = subprocess.Popen([sys.executable, LOADGEN, "--port", str(srv.port), "-c", "50",
                              "-n", "100000", "--size", "4096", "--password", PASSWORD,
                              "--nodelay", "--deadline", str(FLOOD_SECONDS), "--timeout", "10",
                              "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    loaded = {}
     try:
         time.sleep(1.5)  # until all 50 are in their sessions
         cpu_before, started = cpu_seconds(srv.proc.pid), time.monotonic()
-        deadline = time.monotonic() + FLOOD_SECONDS - 4
-        sessions = 0
-        while time.monotonic() < deadline and sessions < 20:
-            for step, seconds in timed_session(srv).items():
-                loaded[step] = max(loaded.get(step, 0.0), seconds)
-            sessions += 1
+        loaded, sessions = worst_replies(srv, 20, until=time.monotonic() + FLOOD_SECONDS - 4)
         assert load.poll() is None, "the load ended before the measurements did"
         busy = (cpu_seconds(srv.proc.pid) - cpu_before) / (time.monotonic() - started)
     finally:
@@ -183,13 +182,9 @@ def test_benchmark_load_does_not_delay_other_clients(make_server):
     print(f"\nbenchmark load: {figures['accepted']} messages at "
           f"{figures['messages_per_s']:.0f}/s, server CPU {busy:.0%}, {sessions} sessions; "
           "worst reply, unloaded -> loaded:")
-    for step in unloaded:
-        print(f"  {step:10} {unloaded[step] * 1000:7.1f} ms -> {loaded[step] * 1000:7.1f} ms")
     assert figures["accepted"] > 200, figures
     assert busy > 0.3, "not a load: the server was mostly idle"
-    slow = {step: round(loaded[step] - unloaded[step], 3) for step in unloaded
-            if loaded[step] > unloaded[step] + REPLY_BOUND}
-    assert not slow, slow
+    assert_within_bound(unloaded, loaded)
 
 
 @pytest.mark.parametrize("flood", ["commands", "data"])
