@@ -22,7 +22,7 @@ from ssmtpd.log import SessionLog, clean, quote
 from ssmtpd.metrics import Metrics, NoMetrics
 from ssmtpd.replies import Reply, SmtpError
 from ssmtpd.stream import ClientGone, ClientStream, Deadline, LineTooLong
-from ssmtpd.tls import TLSHolder, protocol_of
+from ssmtpd.tls import TLSHolder
 
 # RFC 5321 §4.5.3.1.4: 512 octets with CRLF.  MAIL may grow by the allowances
 # of the extensions we offer: SIZE +26 (RFC 1870), AUTH= +500 (RFC 4954 §5),
@@ -331,39 +331,30 @@ class Session:
             pass
 
     def _close(self, clean_end: bool) -> None:
-        self._flush_quietly()
-        sock = self.stream.sock
-        if clean_end and self.tls_version:
-            # close_notify, so the client can tell our end from a truncation
-            # (OpenSSL 3 clients report the difference).  Sent without waiting
-            # for the client's own: with a zero timeout the shutdown writes
-            # ours and stops where it would have to read (RFC 8446 §6.1 lets
-            # the closing side not wait).
-            try:
-                sock.settimeout(0.0)
-                sock = sock.unwrap()
-            except (OSError, ValueError):
-                pass
+        # What is queued, and over TLS a close_notify after a clean end, in one send.
         try:
-            sock.close()
-        except OSError:
+            with self._deadline(5):
+                self.stream.close(notify=clean_end)
+        except (IdleTimeout, ClientGone, OSError):
             pass
 
     def _handshake(self) -> None:
-        """Wrap the socket in TLS under the --timeout deadline."""
-        context = self.tls.context  # taken now: a SIGHUP reload affects new sessions only
-        tls_sock = context.wrap_socket(self.stream.sock, server_side=True,
-                                       do_handshake_on_connect=False)
+        """Start TLS on the connection under the --timeout deadline."""
+        # The context is taken now: a SIGHUP reload affects new sessions only.
+        tls_stream = self.stream.start_tls(self.tls.context)
         try:
-            self._wait_for_line(tls_sock.do_handshake)
+            self._wait_for_line(tls_stream.handshake)
         except BaseException as e:
-            tls_sock.close()  # wrap_socket took over the descriptor
-            if isinstance(e, (ssl.SSLError, OSError)) and not isinstance(e, socket.timeout):
+            # Not a byte more, not even a 421 in the clear, to a client that
+            # stopped halfway into TLS.
+            self.stream.close()
+            if isinstance(e, (ssl.SSLError, OSError, ClientGone)) \
+                    and not isinstance(e, socket.timeout):
                 raise _Close(f"TLS handshake failed: {clean(str(e))}") from None
             raise
-        self.stream = ClientStream(tls_sock)
-        self.tls_version = protocol_of(tls_sock)
-        cipher = tls_sock.cipher()
+        self.stream = tls_stream
+        self.tls_version = tls_stream.version() or ""
+        cipher = tls_stream.cipher()
         self.log.info("TLS established: %s %s", self.tls_version, cipher[0] if cipher else "")
 
     def _log_if_not_started(self, what: str, argv, outcome) -> None:

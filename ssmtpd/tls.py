@@ -169,9 +169,3 @@ def _context_from_pem(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
         with os.fdopen(fd, "wb") as f:
             f.write(key_pem)
         return make_context(cert_path, key_path)
-
-
-def protocol_of(sock) -> str:
-    """TLS version of a wrapped socket, '' for plain (SSMTPD_TLS, README "The process program")."""
-    version = getattr(sock, "version", None)
-    return (version() or "") if version else ""
