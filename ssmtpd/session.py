@@ -212,13 +212,11 @@ class Session:
                 self._handshake()
             self._send(replies.greeting(self.settings.hostname))
             while not self.stopping:
-                reply = self._one_command()
-                if reply is not None:
-                    self._send(reply)
-                    if reply.closes:
-                        reason = f"closed after {reply.code}"
-                        clean_end = True
-                        break
+                closing_code = self._answer(self._one_command())
+                if closing_code:
+                    reason = f"closed after {closing_code}"
+                    clean_end = True
+                    break
             else:
                 raise Shutdown()
         except Shutdown:
@@ -267,6 +265,15 @@ class Session:
         elif verb in JUNK_VERBS:
             self.junk += 1
         return self._counted(reply, self.junk > MAX_JUNK and verb in JUNK_VERBS)
+
+    def _answer(self, reply: Optional[Reply]) -> Optional[int]:
+        """Queue the reply; its code if it ends the session.  The reply is
+        not kept while the session waits for the next command: an EHLO reply
+        is some 400 octets per idle client."""
+        if reply is None:  # STARTTLS answered before its handshake
+            return None
+        self._send(reply)
+        return reply.code if reply.closes else None
 
     def _counted(self, reply: Reply, junk: bool = False) -> Reply:
         if reply.code in ERROR_CODES or junk:
@@ -331,7 +338,7 @@ class Session:
             pass
 
     def _close(self, clean_end: bool) -> None:
-        # What is queued, and over TLS a close_notify after a clean end, in one send.
+        # What is queued, then over TLS a close_notify after a clean end.
         try:
             with self._deadline(5):
                 self.stream.close(notify=clean_end)
@@ -339,22 +346,20 @@ class Session:
             pass
 
     def _handshake(self) -> None:
-        """Start TLS on the connection under the --timeout deadline."""
-        # The context is taken now: a SIGHUP reload affects new sessions only.
-        tls_stream = self.stream.start_tls(self.tls.context)
+        """Wrap the socket in TLS under the --timeout deadline."""
+        context = self.tls.context  # taken now: a SIGHUP reload affects new sessions only
+        tls_sock = context.wrap_socket(self.stream.sock, server_side=True,
+                                       do_handshake_on_connect=False)
         try:
-            self._wait_for_line(tls_stream.handshake)
+            self._wait_for_line(tls_sock.do_handshake)
         except BaseException as e:
-            # Not a byte more, not even a 421 in the clear, to a client that
-            # stopped halfway into TLS.
-            self.stream.close()
-            if isinstance(e, (ssl.SSLError, OSError, ClientGone)) \
-                    and not isinstance(e, socket.timeout):
+            tls_sock.close()  # wrap_socket took over the descriptor
+            if isinstance(e, (ssl.SSLError, OSError)) and not isinstance(e, socket.timeout):
                 raise _Close(f"TLS handshake failed: {clean(str(e))}") from None
             raise
-        self.stream = tls_stream
-        self.tls_version = tls_stream.version() or ""
-        cipher = tls_stream.cipher()
+        self.stream = self.stream.over(tls_sock)
+        self.tls_version = tls_sock.version() or ""
+        cipher = tls_sock.cipher()
         self.log.info("TLS established: %s %s", self.tls_version, cipher[0] if cipher else "")
 
     def _log_if_not_started(self, what: str, argv, outcome) -> None:

@@ -60,16 +60,23 @@ class LineTooLong(Exception):
 
 
 class ClientStream:
-    """A plain TCP client.  TLSStream below speaks TLS over the same socket."""
+    # Slots: one of these lives as long as each idle client.
+    __slots__ = ("sock", "_hub", "_readable", "_tls", "_read", "_pending", "_buf", "_out",
+                 "_loop", "_turn_iteration", "_turn_ends")
 
     def __init__(self, sock, readable=None):
         self.sock = sock
         self._hub = gevent.get_hub()
-        # One watcher for the life of the connection: a new one per wait cost
-        # an object and two system calls (a descriptor check and a re-add to
-        # epoll) on every command.
+        # One watcher for the life of the connection, handed on at STARTTLS:
+        # a new one per wait cost an object and two system calls (a
+        # descriptor check and a re-add to epoll) on every command.
         self._readable = readable if readable is not None \
             else self._hub.loop.io(sock.fileno(), 1)  # 1: readable
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        # A TLS socket's read() is its recv() without a layer of checks.
+        self._read = sock.read if self._tls else sock.recv
+        # Octets TLS has decrypted but we have not read yet.
+        self._pending = sock.pending if self._tls else _nothing_pending
         self._buf = bytearray()
         # Replies wait here until we would block on the client, so a pipelined
         # group of commands (RFC 2920) is answered with one send, not one each.
@@ -77,6 +84,10 @@ class ClientStream:
         self._loop = self._hub.loop
         self._turn_iteration = -1
         self._turn_ends = 0.0
+
+    def over(self, sock) -> "ClientStream":
+        """A stream on `sock`, the same connection wrapped in TLS."""
+        return ClientStream(sock, self._readable)
 
     # --- reading -----------------------------------------------------------
 
@@ -97,14 +108,14 @@ class ClientStream:
         answered = bool(self._out)
         self.flush()
         try:
-            if answered and not self._decrypted_waiting():
+            if answered and not self._pending():
                 # The client is reading our reply, so its next line is
                 # rarely here yet: wait until it is, rather than first fail a
-                # read (a system call, and an exception kept alive, with its
-                # traceback, for as long as the session waits).  A pipelining
-                # client's waiting bytes cost one loop pass.
+                # read (a system call, and over TLS an exception kept alive,
+                # with its traceback, for as long as the session waits).  A
+                # pipelining client's waiting bytes cost one loop pass.
                 self._hub.wait(self._readable)
-            data = self._read()
+            data = self._read(CHUNK)
         except (ConnectionError, socket.error) as e:
             if isinstance(e, socket.timeout):
                 raise
@@ -112,12 +123,6 @@ class ClientStream:
         if not data:
             raise ClientGone("connection closed by client")
         return data
-
-    def _decrypted_waiting(self) -> bool:
-        return False
-
-    def _read(self) -> bytes:
-        return self.sock.recv(CHUNK)
 
     def readline(self, limit: int) -> bytes:
         """One line ending in LF (LF included), of at most `limit` octets.
@@ -178,141 +183,44 @@ class ClientStream:
         self._out += data
 
     def flush(self) -> None:
-        if self._out:
-            data = bytes(self._out)
-            self._out.clear()
-            self._send(data)
-
-    def _send(self, data: bytes) -> None:
-        view = memoryview(data)
+        if not self._out:
+            return
+        data = memoryview(bytes(self._out))
+        self._out.clear()
         try:
             # send() rather than sendall(): gevent's sendall asks the kernel
             # for the buffer size (a getsockopt call) before every reply.
-            while view:
-                view = view[self.sock.send(view):]
+            # A TLS send writes the whole record or waits; a plain one may
+            # be short, and the loop sends the rest.
+            while data:
+                data = data[self.sock.send(data):]
         except (ConnectionError, socket.error) as e:
             if isinstance(e, socket.timeout):
                 raise
             raise ClientGone(str(e)) from None
 
-    # --- the connection ----------------------------------------------------
-
-    def start_tls(self, context) -> "TLSStream":
-        """A TLS stream over this connection; its handshake() is yet to run."""
-        return TLSStream(self.sock, context, self._readable)
+    # --- the end -----------------------------------------------------------
 
     def close(self, notify: bool = False) -> None:
-        """Send what is queued, then close the connection; `notify` matters to TLS."""
+        """Send what is queued, then close; over TLS, `notify` sends a close_notify first."""
+        sock = self.sock
         try:
-            self._say_goodbye(notify)
+            self.flush()
+            if notify and self._tls:
+                # close_notify, so the client can tell our end from a
+                # truncation (OpenSSL 3 clients report the difference).  Sent
+                # without waiting for the client's own: with a zero timeout
+                # the shutdown writes ours and stops where it would have to
+                # read (RFC 8446 §6.1 lets the closing side not wait).
+                try:
+                    sock.settimeout(0.0)
+                    sock = sock.unwrap()
+                except (OSError, ValueError):
+                    pass
         finally:
             self._readable.close()
-            self.sock.close()
-
-    def _say_goodbye(self, notify: bool) -> None:
-        self.flush()
+            sock.close()
 
 
-class TLSStream(ClientStream):
-    """TLS through memory buffers: we decide when bytes meet the socket.
-
-    OpenSSL on a socket reads each record in two system calls (header, then
-    body) and writes each flight as it is made.  Here one recv() feeds every
-    record that has arrived, and what TLS has to say on its own rides with
-    one of our replies where it can: TLS 1.3 session tickets with the first,
-    close_notify with the last.  One send is one wakeup of the client.
-    """
-
-    def __init__(self, sock, context, readable):
-        super().__init__(sock, readable)
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        # True while what TLS wrote may wait for our next reply.
-        self._holding = False
-        self.version = self._tls.version
-        self.cipher = self._tls.cipher
-
-    def handshake(self) -> None:
-        """Run the server side of the handshake; raises ClientGone, OSError or ssl.SSLError."""
-        tls = self._tls
-        wait_first = False  # the ClientHello may be here already
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLError:
-                self._send_alert()
-                raise
-            if self._outgoing.pending:
-                self._send(self._outgoing.read())
-                wait_first = True
-            if wait_first:
-                self._hub.wait(self._readable)
-            if not self._feed():
-                raise ClientGone("connection closed by client")
-            wait_first = True
-        # TLS 1.3 leaves session tickets, which the client does not wait for:
-        # they go with our first reply.  TLS 1.2 leaves our Finished, which it does.
-        self._holding = tls.version() == "TLSv1.3"
-        self.flush()
-
-    def _feed(self) -> bool:
-        """One read from the socket into TLS; False at end of stream."""
-        data = self.sock.recv(CHUNK)
-        if data:
-            self._incoming.write(data)
-        return bool(data)
-
-    def _send_alert(self) -> None:
-        # TLS failed and wrote an alert that tells the client why.
-        if self._outgoing.pending:
-            try:
-                self._send(self._outgoing.read())
-            except ClientGone:
-                pass
-
-    def _decrypted_waiting(self) -> bool:
-        return self._incoming.pending > 0 or self._tls.pending() > 0
-
-    def _read(self) -> bytes:
-        tls = self._tls
-        while True:
-            if self._incoming.pending or tls.pending():
-                try:
-                    return tls.read(CHUNK)  # b"" after the client's close_notify
-                except ssl.SSLWantReadError:
-                    pass  # a record not yet whole, or no application data in it
-                except ssl.SSLError:
-                    self._send_alert()
-                    raise
-            # TLS may have answered the client on its own (a refused
-            # renegotiation, a key update), and the client may wait for it.
-            self.flush()
-            if not self._feed():
-                return b""
-
-    def flush(self) -> None:
-        if self._out:
-            self._tls.write(self._out)
-            self._out.clear()
-            self._holding = False
-        if self._outgoing.pending and not self._holding:
-            self._send(self._outgoing.read())
-
-    def _say_goodbye(self, notify: bool) -> None:
-        if notify:
-            # close_notify, so the client can tell our end from a truncation
-            # (OpenSSL 3 clients report the difference).  We do not wait for
-            # the client's own: RFC 8446 §6.1 lets the closing side go.
-            if self._out:
-                self._tls.write(self._out)
-                self._out.clear()
-            try:
-                self._tls.unwrap()
-            except ssl.SSLError:  # wants the client's close_notify
-                pass
-            self._holding = False
-        self.flush()
+def _nothing_pending() -> int:
+    return 0

@@ -111,6 +111,27 @@ def test_starttls_verified_and_version_recorded(server, maximum, expected):
     assert runs[0]["env"]["SSMTPD_TLS"] == expected
 
 
+def test_large_records_arrive_whole(server):
+    """A ClientHello of some 6 KiB completes the handshake, and a message of many
+    full-size TLS records reaches the program octet for octet."""
+    ctx = server.tls_context()
+    # Protocol names the server ignores, only to make the ClientHello some 6 KiB.
+    ctx.set_alpn_protocols([f"x-{i:03d}-" + "p" * 40 for i in range(130)])
+    lines = b"".join(b"%06d " % i + b"z" * 70 + b"\r\n" for i in range(13000))  # ~1 MiB
+    body = b"Subject: big over TLS\r\n\r\n" + lines
+    raw = server.raw()
+    try:
+        raw.login(ctx)
+        code, text = raw.send_message(body)
+        assert code == 250, text
+    finally:
+        raw.close()
+    runs = server.runs()
+    assert len(runs) == 1
+    delivered = runs[0]["stdin"].encode("latin-1")
+    assert delivered.endswith(body), (len(delivered), len(body))
+
+
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1],
                          ids=["TLSv1.1", "TLSv1.0"])
 def test_starttls_refuses_tls_below_1_2(server, version):
