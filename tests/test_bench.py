@@ -83,3 +83,25 @@ def test_benchmark_runs_end_to_end_on_a_tiny_load(tmp_path):
     for row in cpu:
         assert all(re.match(r"^\d+\.\d+$", cell) for cell in row[1:]), row
     assert "machine:" in text and "versions:" in text and "aiosmtpd 1." in text
+
+
+INSTRUCTIONS = os.path.join(ROOT, "bench", "instructions.py")
+
+
+def test_instruction_counts_under_callgrind():
+    """bench/README.md "Instruction counts": a session's user-space instructions, split by
+    library; the handshake puts libcrypto in it, the dialogue libpython."""
+    argv = [sys.executable, INSTRUCTIONS, "--sessions", "2"]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    m = re.match(r"ssmtpd at .*: ([\d,]+) user-space instructions per session \(2 measured\)$",
+                 lines[0])
+    assert m, result.stdout
+    per_session = int(m.group(1).replace(",", ""))
+    # A full session with a TLS handshake is millions of instructions; nothing
+    # counted, or the warm-up counted too, would be far off either way.
+    assert 1_000_000 < per_session < 50_000_000, per_session
+    objects = [line.split()[-1] for line in lines[1:]]
+    assert any(o.startswith("libcrypto") for o in objects), result.stdout
+    assert any(o.startswith("libpython") for o in objects), result.stdout
