@@ -3,6 +3,7 @@
 README "The auth program" and "The process program", as data.
 """
 
+import dataclasses
 import email.utils
 import re
 import time
@@ -131,9 +132,7 @@ class Programs:
                                        capture_stdout=False)
             finally:
                 self._auth_slots.release()
-            outcome = Outcome(status=outcome.status, code=outcome.code,
-                              last_line=outcome.last_line, error=outcome.error,
-                              seconds=time.monotonic() - started)
+            outcome = dataclasses.replace(outcome, seconds=time.monotonic() - started)
         return reply_for(outcome, AUTH_EXIT, AUTH_OTHER_EXIT, AUTH_ABNORMAL, False), outcome
 
     def deliver(self, envelope: Envelope, message,

@@ -222,10 +222,10 @@ class Session:
         except Shutdown:
             reason = "server shutting down"
             clean_end = True
-            self._send_quietly(replies.SHUTTING_DOWN)
+            self._send(replies.SHUTTING_DOWN)
         except (IdleTimeout, socket.timeout):
             reason = "timed out"
-            self._send_quietly(replies.IDLE_TIMEOUT)
+            self._send(replies.IDLE_TIMEOUT)
         except _Close as e:
             reason = str(e)
         except ClientGone as e:
@@ -238,7 +238,7 @@ class Session:
             reason = f"internal error: {type(e).__name__}: {clean(str(e))}"
             self.log.error("internal error: %s: %s", type(e).__name__, clean(str(e)),
                            exc_info=self._debug)
-            self._send_quietly(replies.INTERNAL_ERROR)
+            self._send(replies.INTERNAL_ERROR)
         finally:
             self._close(clean_end)
             self.log.info("disconnected: %s after %.3fs", reason, time.monotonic() - started)
@@ -326,19 +326,10 @@ class Session:
     def _send(self, reply: Reply) -> None:
         self.stream.write(reply.encode())
 
-    def _send_quietly(self, reply: Reply) -> None:
-        self._send(reply)
-        self._flush_quietly()
-
-    def _flush_quietly(self) -> None:
-        try:
-            with self._deadline(5):
-                self.stream.flush()
-        except (IdleTimeout, ClientGone, OSError):
-            pass
-
     def _close(self, clean_end: bool) -> None:
-        # What is queued, then over TLS a close_notify after a clean end.
+        # What is queued (the last reply, or the 421 an ending queued), then
+        # over TLS a close_notify after a clean end; a client that stops
+        # reading holds us 5 s at most.
         try:
             with self._deadline(5):
                 self.stream.close(notify=clean_end)
