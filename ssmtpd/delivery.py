@@ -3,7 +3,6 @@
 README "The auth program" and "The process program", as data.
 """
 
-import dataclasses
 import email.utils
 import re
 import time
@@ -129,10 +128,9 @@ class Programs:
             try:
                 left = self.auth_timeout - (time.monotonic() - started)
                 outcome = programs.run(self.auth, env, left, on_stderr=on_stderr,
-                                       capture_stdout=False)
+                                       capture_stdout=False, started=started)
             finally:
                 self._auth_slots.release()
-            outcome = dataclasses.replace(outcome, seconds=time.monotonic() - started)
         return reply_for(outcome, AUTH_EXIT, AUTH_OTHER_EXIT, AUTH_ABNORMAL, False), outcome
 
     def deliver(self, envelope: Envelope, message,

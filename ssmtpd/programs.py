@@ -72,14 +72,17 @@ def _kill_group(pid: int) -> None:
 
 def run(argv: Sequence[str], env: Mapping[str, str], timeout: float,
         stdin=None, on_stderr: Callable[[str], None] = lambda line: None,
-        capture_stdout: bool = True) -> Outcome:
+        capture_stdout: bool = True, started: Optional[float] = None) -> Outcome:
     """Run argv to completion within `timeout` seconds.
 
     `stdin` is None (empty) or a file with a real descriptor, handed to the
     child as it is.  Without `capture_stdout` the program's stdout is
-    /dev/null and Outcome.last_line stays empty.
+    /dev/null and Outcome.last_line stays empty.  Outcome.seconds counts from
+    `started` (a time.monotonic() value, by default now), so a caller that
+    waited for a slot first can count that wait in.
     """
-    started = time.monotonic()
+    if started is None:
+        started = time.monotonic()
     loop = gevent.get_hub().loop
     loop.install_sigchld()
     child_ends = []  # our copies of the child's pipe ends, closed once it has them

@@ -7,7 +7,6 @@ status codes follow RFC 2034 / RFC 3463: their class digit equals the reply's.
 """
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Tuple
 
 
@@ -30,18 +29,21 @@ class Reply:
 
     def encode(self) -> bytes:
         """Wire form; a text with newlines becomes a multi-line reply."""
-        return self._wire
+        # Kept on the instance: most replies are the constants below, encoded
+        # once.  Not a cached_property: its lock cost more than the encoding
+        # for the greeting and EHLO replies each session builds.
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self.__dict__["_wire"] = self._encode()
+        return wire
 
-    @cached_property
-    def _wire(self) -> bytes:
-        # Most replies are the constants below: each is encoded once.
-        parts = []
-        lines = self.lines()
-        for i, line in enumerate(lines):
-            sep = " " if i == len(lines) - 1 else "-"
-            prefix = f"{self.code}{sep}{self.enhanced} " if self.enhanced else f"{self.code}{sep}"
-            parts.append(f"{prefix}{line}\r\n")
-        return "".join(parts).encode("utf-8")
+    def _encode(self) -> bytes:
+        code = str(self.code)
+        enhanced = self.enhanced + " " if self.enhanced else ""
+        *first, last = self.text.split("\n")
+        more = f"{code}-{enhanced}"
+        head = "".join([more + line + "\r\n" for line in first])
+        return f"{head}{code} {enhanced}{last}\r\n".encode("utf-8")
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")

@@ -286,7 +286,7 @@ class Session:
     def _dispatch(self, raw: bytes) -> Tuple[str, Optional[Reply]]:
         """(the verb if known, else "", and the reply)."""
         line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-        verb_bytes = line.split(b" ", 1)[0].upper()
+        verb_bytes = line.partition(b" ")[0].upper()
         if verb_bytes in HTTP_VERBS:
             raise _Close(f"closed: HTTP request {quote(line, 60)}")
         if len(raw) > LINE_LIMITS.get(verb_bytes, COMMAND_LIMIT):
@@ -295,15 +295,15 @@ class Session:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             return "", replies.BAD_UTF8
-        verb, _, arg = text.partition(" ")
-        verb = verb.upper()
-        # ASCII only: str.upper() folds some other letters into ASCII ("quıt").
-        known = verb.isascii() and verb.isalpha()
-        method = getattr(self, "smtp_" + verb, None) if known else None
-        if method is None:
+        # Octets, so a non-ASCII letter that str.upper() folds into ASCII
+        # ("quıt") is no verb.
+        known = _VERBS.get(verb_bytes)
+        if known is None:
             # An unknown line may be a credential sent out of turn: never log it.
             self.log.debug("unrecognised command (%d octets)", len(raw))
             return "", replies.NOT_IMPLEMENTED
+        verb, method = known
+        arg = text[len(verb) + 1:]  # the verb is ASCII: as many characters as octets
         if self._debug:
             self.log.debug("command %s", "AUTH" if verb == "AUTH" else quote(text))
         for need in method.needs:
@@ -314,7 +314,7 @@ class Session:
                     need.record(self)
                 return verb, need.reply
         try:
-            return verb, method(arg)
+            return verb, method(self, arg)
         except SmtpError as e:
             return verb, e.reply
 
@@ -548,3 +548,8 @@ class Session:
     @requires()
     def smtp_HELP(self, arg: str) -> Reply:
         return replies.HELP
+
+
+# Each verb's method by its upper-cased octets: one lookup per command.
+_VERBS = {name[5:].encode("ascii"): (name[5:], method)
+          for name, method in vars(Session).items() if name.startswith("smtp_")}

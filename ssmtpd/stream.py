@@ -132,6 +132,13 @@ class ClientStream:
         """
         self._take_turns()
         buf = self._buf
+        if not buf:
+            # The usual command: nothing pipelined, and one read brings the
+            # whole line and no more.
+            data = self._recv()
+            if data.find(b"\n") == len(data) - 1 and len(data) <= limit:
+                return data
+            buf += data
         searched = 0
         while True:
             end = buf.find(b"\n", searched)

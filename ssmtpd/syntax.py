@@ -37,6 +37,12 @@ def has_unsafe_char(text: str) -> bool:
     return any(unicodedata.category(c) in _UNSAFE_CATEGORIES for c in text)
 
 
+# The usual path: <local@domain> of letters, digits and a few marks, nothing
+# quoted, escaped or routed, the local part not starting with "-".
+# _parse_path would accept it as it is; a property test holds the two together.
+_SIMPLE_PATH = re.compile(r"<([A-Za-z0-9_.+=][A-Za-z0-9_.+=-]*@[A-Za-z0-9.-]+)>")
+
+
 def parse_path(arg: str, keyword: str, bad: Reply,
                need_domain: bool = False) -> Tuple[str, Dict[str, str]]:
     """`FROM:<addr> PARAMS` -> (addr, {PARAM: value}).
@@ -45,6 +51,17 @@ def parse_path(arg: str, keyword: str, bad: Reply,
     part with spaces or '>' inside (RFC 5321 §4.1.2).  With `need_domain`, an
     address without `@domain` is refused, except postmaster (§4.1.1.3).
     """
+    start = len(keyword) + 1
+    if arg[:start].upper() == keyword + ":":
+        simple = _SIMPLE_PATH.match(arg, start)
+        if simple is not None and simple.end() - start <= MAX_PATH:
+            return simple.group(1), parse_params(arg[simple.end():])
+    return _parse_path(arg, keyword, bad, need_domain)
+
+
+def _parse_path(arg: str, keyword: str, bad: Reply,
+                need_domain: bool) -> Tuple[str, Dict[str, str]]:
+    """parse_path for every path, one check at a time."""
     head, colon, rest = arg.partition(":")
     if not colon or head.strip().upper() != keyword:
         raise SmtpError(replies.SYNTAX)

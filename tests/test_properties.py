@@ -367,6 +367,32 @@ def test_closing_bracket_and_unquoted_agree_with_the_walk(text):
     assert syntax._unquoted(text, " <") == any(c in " <" for _, c in walk)
 
 
+def _outcome(parse, arg, keyword, need_domain):
+    try:
+        return parse(arg, keyword, replies.BAD_RECIPIENT, need_domain)
+    except SmtpError as e:
+        return e.reply
+
+
+_path_piece = st.one_of(
+    st.text(alphabet=st.sampled_from('ab9_+=@.<>-" \\:\u00e9\x00'), max_size=12),
+    st.text(alphabet=st.sampled_from("ab9_+=.-"), max_size=6),  # mostly what the fast path takes
+    st.sampled_from(["a" * 126, "a" * 127]))  # a path of 256 octets, and of 257
+
+
+@PROPERTY
+@given(st.sampled_from(["TO:", "to:", "To: ", "FROM:", "TO", ""]),
+       st.one_of(_path_piece.map(lambda t: t * 3),
+                 st.tuples(_path_piece, _path_piece).map(lambda p: f"<{p[0]}@{p[1]}>")),
+       st.sampled_from(["", ">", " SIZE=10", " BODY=8BITMIME x", "  ", "x" * 250]),
+       st.booleans())
+def test_simple_path_agrees_with_the_general_parser(head, path, tail, need_domain):
+    arg = head + path + tail
+    for keyword in ("TO", "FROM"):
+        assert _outcome(syntax.parse_path, arg, keyword, need_domain) == \
+            _outcome(syntax._parse_path, arg, keyword, need_domain)
+
+
 @PROPERTY
 @given(st.text(max_size=300))
 def test_unsafe_char_means_control_format_or_separator(text):
