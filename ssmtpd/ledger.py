@@ -10,26 +10,30 @@ Messages are one line of ASCII each:
 
     worker -> master   A <id> <key>   take a connection slot; answered
                        R <key>        release a slot
-                       B <id> <key>   is the key blocked from AUTH?  answered
                        F <key>        record a failed login
-    master -> worker   <id> <answer>  "ok" or a refusal reason; "1" or "0"
+    master -> worker   <id> <answer>  "ok" or a refusal reason
                        P <0|1>        the server is (not) under pressure
+                       K <key> <s>    the key may not AUTH for <s> more seconds
 
 A connection costs one round trip to the master and one message back:
 about 100 µs of wall time, 85 µs of the worker's CPU and 65 µs of the
-master's (bench/ledger_cost.py), against about 1.7 ms of server CPU per
-message.  README "Scaling" says what else was weighed and why this won.
+master's (bench/ledger_cost.py), against about 3 ms of server CPU per
+message.  Whether a client may try AUTH is asked at every login, so the
+master tells every worker of each blocked key instead of being asked: a
+worker answers that from its own table.  README "Scaling" says what else
+was weighed and why this won.
 """
 
 import collections
 import itertools
 import socket
+import time
 from typing import Callable, Dict, Optional
 
 import gevent
 from gevent.event import AsyncResult
 
-from ssmtpd.limits import Limits, address_key
+from ssmtpd.limits import MAX_TRACKED_ADDRESSES, Limits, address_key
 
 MESSAGE_MAX = 512
 # Messages the master handles from one worker before it lets the others run.
@@ -59,6 +63,13 @@ class Ledger:
         channel.send(f"P {int(self._pressure)}")
         channel.reader = gevent.spawn(self._serve, channel)
 
+    def _tell_blocked(self, channel: "_Channel") -> None:
+        """A new worker learns the keys blocked before it started."""
+        for sent, (key, left) in enumerate(self.limits.blocked_keys(), 1):
+            channel.send(_blocked_notice(key, left))
+            if sent % YIELD_EVERY == 0:
+                gevent.sleep(0)
+
     def detach(self, worker_id: int) -> None:
         """A worker is gone: whatever slots it held are free again."""
         channel = self._channels.pop(worker_id, None)
@@ -72,6 +83,7 @@ class Ledger:
         self._broadcast_pressure()
 
     def _serve(self, channel: "_Channel") -> None:
+        self._tell_blocked(channel)
         for handled in itertools.count(1):
             # A read that finds a message waiting does not yield: a busy
             # worker must not keep the master from the others and its signals.
@@ -97,11 +109,12 @@ class Ledger:
                     del channel.held[rest]
                 self.limits.release(rest)
                 self._broadcast_pressure()
-            elif op == "B":
-                ident, _, key = rest.partition(" ")
-                channel.send(f"{ident} {int(self.limits.login_blocked(key))}")
             elif op == "F":
-                self.limits.login_failed(rest)
+                left = self.limits.login_failed(rest)
+                if left > 0:
+                    notice = _blocked_notice(rest, left)
+                    for other in list(self._channels.values()):
+                        other.send(notice, wait=False)
 
     def _broadcast_pressure(self) -> None:
         pressure = self.limits.under_pressure
@@ -109,6 +122,11 @@ class Ledger:
             self._pressure = pressure
             for channel in list(self._channels.values()):
                 channel.send(f"P {int(pressure)}", wait=False)
+
+
+def _blocked_notice(key: str, seconds: float) -> str:
+    # Seconds left rather than a time: the two processes need no common clock.
+    return f"K {key} {seconds:.3f}"
 
 
 class _Channel:
@@ -136,6 +154,8 @@ class RemoteLimits:
         self.under_pressure = False
         self._ids = itertools.count(1)
         self._answers: Dict[str, AsyncResult] = {}
+        # Blocked keys as the master told them: key -> time.monotonic() it ends.
+        self._blocked: Dict[str, float] = {}
         self._on_master_gone = on_master_gone
         self._gone = False
         self._reader = gevent.spawn(self._read)
@@ -152,10 +172,32 @@ class RemoteLimits:
 
     def login_blocked(self, key: str) -> bool:
         # Without a master there is no count to trust: refuse, the client retries.
-        return self._ask("B", key) != "0"
+        if self._gone:
+            return True
+        ends = self._blocked.get(key)
+        if ends is None:
+            return False
+        if ends > time.monotonic():
+            return True
+        del self._blocked[key]
+        return False
 
     def login_failed(self, key: str) -> None:
         self._tell(f"F {key}")
+
+    def _note_blocked(self, text: str) -> None:
+        key, _, seconds = text.rpartition(" ")
+        try:
+            ends = time.monotonic() + float(seconds)
+        except ValueError:
+            return
+        blocked = self._blocked
+        # Re-inserted, so the table stays in the order blocks were last told,
+        # and past the master's own bound the oldest goes first.
+        ends = max(ends, blocked.pop(key, 0.0))
+        if len(blocked) >= MAX_TRACKED_ADDRESSES:
+            del blocked[next(iter(blocked))]
+        blocked[key] = ends
 
     def _ask(self, op: str, key: str) -> str:
         if self._gone:
@@ -191,6 +233,8 @@ class RemoteLimits:
             head, _, value = data.decode("ascii", "replace").partition(" ")
             if head == "P":
                 self.under_pressure = value == "1"
+            elif head == "K":
+                self._note_blocked(value)
             else:
                 answer = self._answers.get(head)
                 if answer is not None:

@@ -113,10 +113,21 @@ class FailedLogins:
 
     def blocked(self, key: str) -> bool:
         """True while `key` has `limit` failures inside the window."""
+        return self.blocked_for(key) > 0
+
+    def blocked_for(self, key: str) -> float:
+        """Seconds until `key` is no longer blocked; 0 when it is not."""
         times = self._failures.get(key)
         if times is None or len(times) < self.limit:
-            return False
-        return times[0] > self._clock() - self.window
+            return 0.0
+        return max(0.0, times[0] + self.window - self._clock())
+
+    def blocked_keys(self):
+        """(key, seconds left) of every key blocked now."""
+        for key in list(self._failures):
+            left = self.blocked_for(key)
+            if left > 0:
+                yield key, left
 
     def count(self, key: str) -> int:
         """Failures of `key` inside the window (for logs and tests)."""
@@ -165,5 +176,11 @@ class Limits:
     def login_blocked(self, key: str) -> bool:
         return self.logins.blocked(key)
 
-    def login_failed(self, key: str) -> None:
+    def blocked_keys(self):
+        """(key, seconds left) of every key blocked from AUTH now."""
+        return self.logins.blocked_keys()
+
+    def login_failed(self, key: str) -> float:
+        """Record a failure; seconds `key` is now blocked for (0: not blocked)."""
         self.logins.record(key)
+        return self.logins.blocked_for(key)

@@ -193,6 +193,49 @@ def test_failed_logins_count_across_workers(make_server):
     raw.close()
 
 
+def test_replacement_workers_learn_the_blocked_addresses(make_server):
+    """README "Scaling": a worker started after an address was blocked from AUTH
+    refuses it too; the master tells new workers the blocks it holds."""
+    srv = make_server("--workers", "2", "--max-auth-failures-per-ip", "3")
+    assert wait_until(lambda: srv.log().count("accepting on") == 2)
+    for _ in range(3):
+        raw = srv.raw()
+        raw.hello(srv.tls_context())
+        assert raw.cmd(f"AUTH PLAIN {plain_token(USER, 'wrong')}")[0] == 535
+        raw.close()
+    old = worker_pids(srv)
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: srv.log().count("accepting on") == 4, timeout=30), srv.log()
+    for _ in range(4):  # the kernel spreads them over both new workers
+        raw = srv.raw()
+        raw.hello(srv.tls_context())
+        assert raw.cmd(f"AUTH PLAIN {plain_token(USER, PASSWORD)}")[0] == 421
+        raw.close()
+    assert len(srv.runs("auth")) == 3  # the auth program never ran for them
+
+
+def test_a_block_told_to_workers_ends_with_its_window(make_server):
+    """README "Limits and abuse": a worker lets the address log in again once
+    the failures have left --auth-failure-window."""
+    srv = make_server("--workers", "2", "--max-auth-failures-per-ip", "2",
+                      "--auth-failure-window", "2")
+    assert wait_until(lambda: srv.log().count("accepting on") == 2)
+
+    def auth(password):
+        raw = srv.raw()
+        raw.hello(srv.tls_context())
+        code = raw.cmd(f"AUTH PLAIN {plain_token(USER, password)}")[0]
+        raw.close()
+        return code
+
+    assert [auth("wrong"), auth("wrong")] == [535, 535]
+    blocked_at = time.monotonic()
+    assert [auth(PASSWORD) for _ in range(4)] == [421] * 4
+    time.sleep(max(0.0, blocked_at + 2.5 - time.monotonic()))
+    assert [auth(PASSWORD) for _ in range(4)] == [235] * 4
+
+
 def test_workers_stop_when_the_master_dies(workers):
     """README "Scaling": a worker notices its master is gone and drains and exits."""
     srv = workers()
