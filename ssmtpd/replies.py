@@ -7,7 +7,6 @@ status codes follow RFC 2034 / RFC 3463: their class digit equals the reply's.
 """
 
 from dataclasses import dataclass
-from typing import Tuple
 
 
 @dataclass(frozen=True)
@@ -23,9 +22,6 @@ class Reply:
     def closes(self) -> bool:
         """421 and 221 end the session (RFC 5321 §3.8, §4.1.1.10)."""
         return self.code in (221, 421)
-
-    def lines(self) -> Tuple[str, ...]:
-        return tuple(self.text.split("\n"))
 
     def encode(self) -> bytes:
         """Wire form; a text with newlines becomes a multi-line reply."""
