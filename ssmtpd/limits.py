@@ -113,10 +113,14 @@ class FailedLogins:
 
     def blocked(self, key: str) -> bool:
         """True while `key` has `limit` failures inside the window."""
-        return self.blocked_for(key) > 0
+        times = self._failures.get(key)
+        if times is None or len(times) < self.limit:
+            return False
+        return times[0] > self._clock() - self.window
 
     def blocked_for(self, key: str) -> float:
-        """Seconds until `key` is no longer blocked; 0 when it is not."""
+        """Seconds until `key` is no longer blocked; 0 when it is not (to
+        rounding: blocked() is the exact test)."""
         times = self._failures.get(key)
         if times is None or len(times) < self.limit:
             return 0.0
