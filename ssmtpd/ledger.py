@@ -136,8 +136,9 @@ class _Channel:
         self.reader: Optional[gevent.Greenlet] = None
 
     def send(self, text: str, wait: bool = True) -> None:
-        """An answer waits for room (only this worker's reader waits); a pressure
-        notice to a stuck worker is dropped rather than stall the master."""
+        """An answer waits for room (only this worker's reader waits); a notice
+        (pressure, a blocked address) to a stuck worker is dropped rather than
+        stall the master."""
         try:
             self.sock.send(text.encode("ascii"), 0 if wait else socket.MSG_DONTWAIT)
         except OSError:
@@ -145,7 +146,8 @@ class _Channel:
 
 
 class RemoteLimits:
-    """A worker's side: the methods of limits.Limits, answered by the master."""
+    """A worker's side: the methods of limits.Limits, answered by the master,
+    or for login_blocked from what the master has told."""
 
     def __init__(self, sock, ipv6_prefix_length: int, on_master_gone: Callable[[], None]):
         from gevent import socket as gsocket
