@@ -65,9 +65,12 @@ class Ledger:
 
     def _tell_blocked(self, channel: "_Channel") -> None:
         """A new worker learns the keys blocked before it started."""
-        for sent, (key, left) in enumerate(self.limits.blocked_keys(), 1):
-            channel.send(_blocked_notice(key, left))
-            if sent % YIELD_EVERY == 0:
+        # Counted per key looked at, blocked or not: the table may hold
+        # 100,000 addresses, and the master must not stall on them.
+        for looked_at, (key, left) in enumerate(self.limits.block_times(), 1):
+            if left > 0:
+                channel.send(_blocked_notice(key, left))
+            if looked_at % YIELD_EVERY == 0:
                 gevent.sleep(0)
 
     def detach(self, worker_id: int) -> None:
@@ -112,16 +115,17 @@ class Ledger:
             elif op == "F":
                 left = self.limits.login_failed(rest)
                 if left > 0:
-                    notice = _blocked_notice(rest, left)
-                    for other in list(self._channels.values()):
-                        other.send(notice, wait=False)
+                    self._tell_every_worker(_blocked_notice(rest, left))
 
     def _broadcast_pressure(self) -> None:
         pressure = self.limits.under_pressure
         if pressure != self._pressure:
             self._pressure = pressure
-            for channel in list(self._channels.values()):
-                channel.send(f"P {int(pressure)}", wait=False)
+            self._tell_every_worker(f"P {int(pressure)}")
+
+    def _tell_every_worker(self, notice: str) -> None:
+        for channel in list(self._channels.values()):
+            channel.send(notice, wait=False)
 
 
 def _blocked_notice(key: str, seconds: float) -> str:

@@ -113,25 +113,26 @@ class FailedLogins:
 
     def blocked(self, key: str) -> bool:
         """True while `key` has `limit` failures inside the window."""
-        times = self._failures.get(key)
-        if times is None or len(times) < self.limit:
-            return False
-        return times[0] > self._clock() - self.window
+        oldest = self._oldest_counted(key)
+        return oldest is not None and oldest > self._clock() - self.window
 
     def blocked_for(self, key: str) -> float:
         """Seconds until `key` is no longer blocked; 0 when it is not (to
         rounding: blocked() is the exact test)."""
+        oldest = self._oldest_counted(key)
+        return 0.0 if oldest is None else max(0.0, oldest + self.window - self._clock())
+
+    def block_times(self):
+        """(key, blocked_for(key)) of every key with failures on record."""
+        for key in list(self._failures):
+            yield key, self.blocked_for(key)
+
+    def _oldest_counted(self, key: str) -> Optional[float]:
+        """The oldest of the newest `limit` failures of `key`; None if fewer."""
         times = self._failures.get(key)
         if times is None or len(times) < self.limit:
-            return 0.0
-        return max(0.0, times[0] + self.window - self._clock())
-
-    def blocked_keys(self):
-        """(key, seconds left) of every key blocked now."""
-        for key in list(self._failures):
-            left = self.blocked_for(key)
-            if left > 0:
-                yield key, left
+            return None
+        return times[0]
 
     def count(self, key: str) -> int:
         """Failures of `key` inside the window (for logs and tests)."""
@@ -180,9 +181,9 @@ class Limits:
     def login_blocked(self, key: str) -> bool:
         return self.logins.blocked(key)
 
-    def blocked_keys(self):
-        """(key, seconds left) of every key blocked from AUTH now."""
-        return self.logins.blocked_keys()
+    def block_times(self):
+        """(key, seconds it is blocked from AUTH for, 0 if not) of every key with failures."""
+        return self.logins.block_times()
 
     def login_failed(self, key: str) -> float:
         """Record a failure; seconds `key` is now blocked for (0: not blocked)."""

@@ -42,7 +42,7 @@ def setup(level: str, stream=None) -> logging.Logger:
     root.setLevel(LEVELS[level])
     root.propagate = False
     # The format names no thread, process or caller: skip gathering them for
-    # every line, a third of a line's cost (the logging HOWTO, "Optimization").
+    # every record, a third of a line's cost (README "Performance").
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
     return root
