@@ -10,8 +10,9 @@ Messages are one line of ASCII each:
 
     worker -> master   A <id> <key>   take a connection slot; answered
                        R <key>        release a slot
-                       F <key>        record a failed login
-    master -> worker   <id> <answer>  "ok" or a refusal reason
+                       F <id> <key>   record a failed login; answered
+    master -> worker   <id> <answer>  "ok" or a refusal reason; after F, the
+                                      seconds the key is now blocked for
                        P <0|1>        the server is (not) under pressure
                        K <key> <s>    the key may not AUTH for <s> more seconds
 
@@ -20,8 +21,9 @@ about 100 µs of wall time, 85 µs of the worker's CPU and 65 µs of the
 master's (bench/ledger_cost.py), against about 3 ms of server CPU per
 message.  Whether a client may try AUTH is asked at every login, so the
 master tells every worker of each blocked key instead of being asked: a
-worker answers that from its own table.  README "Scaling" says what else
-was weighed and why this won.
+worker answers that from its own table.  A failure is answered, so the
+worker that saw it knows of the block it caused before its client's next
+command.  README "Scaling" says what else was weighed and why this won.
 """
 
 import collections
@@ -113,9 +115,11 @@ class Ledger:
                 self.limits.release(rest)
                 self._broadcast_pressure()
             elif op == "F":
-                left = self.limits.login_failed(rest)
+                ident, _, key = rest.partition(" ")
+                left = self.limits.login_failed(key)
+                channel.send(f"{ident} {left:.3f}")
                 if left > 0:
-                    self._tell_every_worker(_blocked_notice(rest, left))
+                    self._tell_every_worker(_blocked_notice(key, left))
 
     def _broadcast_pressure(self) -> None:
         pressure = self.limits.under_pressure
@@ -189,14 +193,19 @@ class RemoteLimits:
         return False
 
     def login_failed(self, key: str) -> None:
-        self._tell(f"F {key}")
+        # Asked, not told: the session's next AUTH may come at once.
+        self._note_blocked(key, self._ask("F", key))
 
-    def _note_blocked(self, text: str) -> None:
-        key, _, seconds = text.rpartition(" ")
+    def _note_blocked(self, key: str, seconds: str) -> None:
+        """The master said `key` is blocked for `seconds` more (text; "0" or
+        a master-gone answer note nothing)."""
         try:
-            ends = time.monotonic() + float(seconds)
+            left = float(seconds)
         except ValueError:
             return
+        if not left > 0:
+            return
+        ends = time.monotonic() + left
         blocked = self._blocked
         # Re-inserted, so the table stays in the order blocks were last told,
         # and past the master's own bound the oldest goes first.
@@ -240,7 +249,8 @@ class RemoteLimits:
             if head == "P":
                 self.under_pressure = value == "1"
             elif head == "K":
-                self._note_blocked(value)
+                key, _, seconds = value.rpartition(" ")
+                self._note_blocked(key, seconds)
             else:
                 answer = self._answers.get(head)
                 if answer is not None:

@@ -193,6 +193,22 @@ def test_failed_logins_count_across_workers(make_server):
     raw.close()
 
 
+def test_the_failure_that_blocks_refuses_the_next_auth_at_once(make_server):
+    """README "Scaling": the worker that saw the failure reaching the limit
+    refuses its client's very next AUTH, even one already sent with it."""
+    srv = make_server("--workers", "2", "--max-auth-failures-per-ip", "1",
+                      "--auth-failure-window", "1", "--auth-failure-delay", "0")
+    assert wait_until(lambda: srv.log().count("accepting on") == 2)
+    for _ in range(5):
+        raw = srv.raw()
+        raw.hello(srv.tls_context())
+        raw.send(f"AUTH PLAIN {plain_token(USER, 'wrong')}\r\n"
+                 f"AUTH PLAIN {plain_token(USER, PASSWORD)}\r\n".encode())
+        assert [raw.reply()[0], raw.reply()[0]] == [535, 421]
+        raw.close()
+        time.sleep(1.1)  # the window passes: the next round starts unblocked
+
+
 def test_replacement_workers_learn_the_blocked_addresses(make_server):
     """README "Scaling": a worker started after an address was blocked from AUTH
     refuses it too; the master tells new workers the blocks it holds."""
