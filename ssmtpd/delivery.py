@@ -4,6 +4,7 @@ README "The auth program" and "The process program", as data.
 """
 
 import email.utils
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -110,7 +111,11 @@ class Programs:
         self.process = tuple(process)
         self.auth_timeout = auth_timeout
         self.process_timeout = process_timeout
-        self.base_env = {k: v for k, v in base_env.items() if k not in _OWN_VARIABLES}
+        # Encoded once here, not by os.posix_spawn at every program start: it
+        # takes bytes as they are, and a shell's environment can hold fifty
+        # variables (README "Performance").  The few set per run stay str.
+        self.base_env = {os.fsencode(k): os.fsencode(v) for k, v in base_env.items()
+                         if k not in _OWN_VARIABLES}
         # An auth program may be expensive by design (scrypt: ~130 ms of CPU
         # and 16 MiB each); many logins at once must queue, not pile up.
         self._auth_slots = BoundedSemaphore(max_auth_programs)

@@ -12,10 +12,13 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import gevent
 from gevent.event import AsyncResult, Event
+
+# A program's environment: names and values as str or, already encoded, as bytes.
+Environment = Mapping[Union[str, bytes], Union[str, bytes]]
 
 # How much of a program's stdout we keep: only its last line matters.
 STDOUT_TAIL = 8192
@@ -70,7 +73,7 @@ def _kill_group(pid: int) -> None:
             raise
 
 
-def run(argv: Sequence[str], env: Mapping[str, str], timeout: float,
+def run(argv: Sequence[str], env: Environment, timeout: float,
         stdin=None, on_stderr: Callable[[str], None] = lambda line: None,
         capture_stdout: bool = True, started: Optional[float] = None) -> Outcome:
     """Run argv to completion within `timeout` seconds.
@@ -238,7 +241,7 @@ _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGIN
                     signal.SIGHUP)
 
 
-def _spawn(argv: Sequence[str], env: Mapping[str, str], stdin_fd: int, out_fd: int,
+def _spawn(argv: Sequence[str], env: Environment, stdin_fd: int, out_fd: int,
            err_fd: int) -> int:
     """posix_spawn in a new session: vfork-speed, whatever the size of the server.
 
@@ -249,5 +252,5 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], stdin_fd: int, out_fd: i
     """
     actions = [(os.POSIX_SPAWN_DUP2, stdin_fd, 0), (os.POSIX_SPAWN_DUP2, out_fd, 1),
                (os.POSIX_SPAWN_DUP2, err_fd, 2)]
-    return os.posix_spawnp(argv[0], list(argv), dict(env), file_actions=actions,
+    return os.posix_spawnp(argv[0], list(argv), env, file_actions=actions,
                            setsid=True, setsigmask=(), setsigdef=_DEFAULT_SIGNALS)

@@ -34,13 +34,18 @@ DATE_5322 = (r"(?:(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), )?\d{1,2} "
 
 # --- helpers -----------------------------------------------------------------
 
+INHERITED_OCTETS = b"caf\xe9 \xff\xfe \xc3\xa9"
+
+
 @pytest.fixture(scope="module")
 def open_server(tmp_path_factory, certs):
     """One server without the TLS and AUTH requirements, to reach every combination."""
     # Stale copies of the per-message variables in the server's own
     # environment must never reach the program.
     inherited = {"SSMTPD_USERNAME": "root", "SSMTPD_MAIL_FROM": "inherited@example.org",
-                 "SSMTPD_TLS": "TLSv9", "SSMTPD_RCPT_TO": "inherited@example.net"}
+                 "SSMTPD_TLS": "TLSv9", "SSMTPD_RCPT_TO": "inherited@example.net",
+                 # Octets that are not UTF-8 (os.environ's surrogateescape form).
+                 "SSMTPD_TEST_OCTETS": INHERITED_OCTETS.decode("utf-8", "surrogateescape")}
     srv = ServerProcess(str(tmp_path_factory.mktemp("open")), certs,
                         ["--no-require-tls", "--no-require-auth"], env=inherited).start()
     yield srv
@@ -189,6 +194,8 @@ def test_argv_and_environment_of_plain_anonymous_session(open_srv):
     assert env["SSMTPD_MAIL_FROM"] == ""
     assert env["SSMTPD_RCPT_TO"] == "a@example.net"
     assert env["SSMTPD_HELO"] == "plain.client"
+    # The rest of the server's environment reaches the program octet for octet.
+    assert env["SSMTPD_TEST_OCTETS"].encode("utf-8", "surrogateescape") == INHERITED_OCTETS
 
 
 MESSAGES = {
