@@ -177,20 +177,22 @@ def test_connection_limits_hold_for_the_whole_server(make_server, count):
             raw.close()
 
 
+def auth_code(srv, password: str) -> int:
+    """The reply code to one AUTH PLAIN as USER, on a connection of its own."""
+    raw = srv.raw()
+    raw.hello(srv.tls_context())
+    code = raw.cmd(f"AUTH PLAIN {plain_token(USER, password)}")[0]
+    raw.close()
+    return code
+
+
 def test_failed_logins_count_across_workers(make_server):
     """README "Scaling", "Limits and abuse": the failed-login count is the server's, whichever worker saw them."""
     srv = make_server("--workers", str(WORKERS), "--max-auth-failures-per-ip", "6")
     assert wait_until(lambda: srv.log().count("accepting on") == WORKERS)
     # One failure per connection: the kernel spreads them over the workers.
-    for _ in range(6):
-        raw = srv.raw()
-        raw.hello(srv.tls_context())
-        assert raw.cmd(f"AUTH PLAIN {plain_token(USER, 'wrong')}")[0] == 535
-        raw.close()
-    raw = srv.raw()
-    raw.hello(srv.tls_context())
-    assert raw.cmd(f"AUTH PLAIN {plain_token(USER, PASSWORD)}")[0] == 421
-    raw.close()
+    assert [auth_code(srv, "wrong") for _ in range(6)] == [535] * 6
+    assert auth_code(srv, PASSWORD) == 421
 
 
 def test_the_failure_that_blocks_refuses_the_next_auth_at_once(make_server):
@@ -214,20 +216,13 @@ def test_replacement_workers_learn_the_blocked_addresses(make_server):
     refuses it too; the master tells new workers the blocks it holds."""
     srv = make_server("--workers", "2", "--max-auth-failures-per-ip", "3")
     assert wait_until(lambda: srv.log().count("accepting on") == 2)
-    for _ in range(3):
-        raw = srv.raw()
-        raw.hello(srv.tls_context())
-        assert raw.cmd(f"AUTH PLAIN {plain_token(USER, 'wrong')}")[0] == 535
-        raw.close()
+    assert [auth_code(srv, "wrong") for _ in range(3)] == [535] * 3
     old = worker_pids(srv)
     for pid in old:
         os.kill(pid, signal.SIGKILL)
     assert wait_until(lambda: srv.log().count("accepting on") == 4, timeout=30), srv.log()
-    for _ in range(4):  # the kernel spreads them over both new workers
-        raw = srv.raw()
-        raw.hello(srv.tls_context())
-        assert raw.cmd(f"AUTH PLAIN {plain_token(USER, PASSWORD)}")[0] == 421
-        raw.close()
+    # The kernel spreads them over both new workers.
+    assert [auth_code(srv, PASSWORD) for _ in range(4)] == [421] * 4
     assert len(srv.runs("auth")) == 3  # the auth program never ran for them
 
 
@@ -237,19 +232,11 @@ def test_a_block_told_to_workers_ends_with_its_window(make_server):
     srv = make_server("--workers", "2", "--max-auth-failures-per-ip", "2",
                       "--auth-failure-window", "2")
     assert wait_until(lambda: srv.log().count("accepting on") == 2)
-
-    def auth(password):
-        raw = srv.raw()
-        raw.hello(srv.tls_context())
-        code = raw.cmd(f"AUTH PLAIN {plain_token(USER, password)}")[0]
-        raw.close()
-        return code
-
-    assert [auth("wrong"), auth("wrong")] == [535, 535]
+    assert [auth_code(srv, "wrong"), auth_code(srv, "wrong")] == [535, 535]
     blocked_at = time.monotonic()
-    assert [auth(PASSWORD) for _ in range(4)] == [421] * 4
+    assert [auth_code(srv, PASSWORD) for _ in range(4)] == [421] * 4
     time.sleep(max(0.0, blocked_at + 2.5 - time.monotonic()))
-    assert [auth(PASSWORD) for _ in range(4)] == [235] * 4
+    assert [auth_code(srv, PASSWORD) for _ in range(4)] == [235] * 4
 
 
 def test_workers_stop_when_the_master_dies(workers):
