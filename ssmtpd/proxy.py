@@ -27,6 +27,9 @@ MAX_HEADER = V2_MAX
 
 _V2_COMMANDS = {0x0: "LOCAL", 0x1: "PROXY"}
 _V2_INET, _V2_INET6 = 0x1, 0x2
+# Families UNSPEC, INET, INET6, UNIX and protocols UNSPEC, STREAM, DGRAM: the
+# spec says any other value must be rejected by a receiver, LOCAL or not.
+_V2_LAST_FAMILY, _V2_LAST_PROTOCOL = 0x3, 0x2
 _V2_STREAM = 0x1
 
 
@@ -112,6 +115,8 @@ def _parse_v2(data: bytes) -> Optional[Header]:
         return None
     block = data[V2_FIXED:total]
     family, protocol = family_protocol >> 4, family_protocol & 0xF
+    if family > _V2_LAST_FAMILY or protocol > _V2_LAST_PROTOCOL:
+        raise ProxyError(f"v2 address family or protocol 0x{family_protocol:02x} is undefined")
     if command == "LOCAL":
         return Header(total, 2, None)  # the proxy's own connection: health checks
     if family == _V2_INET:

@@ -128,6 +128,13 @@ def test_local_and_unknown_keep_the_connection_address():
     proxy.V2_SIGNATURE + bytes([0x10, 0x11]) + b"\x00\x0c" + b"\x00" * 12,  # version 1
     proxy.V2_SIGNATURE + bytes([0x22, 0x11]) + b"\x00\x0c" + b"\x00" * 12,  # command 2
     proxy.V2_SIGNATURE + bytes([0x21, 0x12]) + b"\x00\x0c" + b"\x00" * 12,  # DGRAM
+    # Undefined families (above UNIX) and protocols (above DGRAM), LOCAL or PROXY.
+    proxy.V2_SIGNATURE + bytes([0x21, 0x41]) + b"\x00\x0c" + b"\x00" * 12,
+    proxy.V2_SIGNATURE + bytes([0x21, 0xf1]) + b"\x00\x0c" + b"\x00" * 12,
+    proxy.V2_SIGNATURE + bytes([0x21, 0x13]) + b"\x00\x0c" + b"\x00" * 12,
+    proxy.V2_SIGNATURE + bytes([0x21, 0x0f]) + b"\x00\x00",
+    proxy.V2_SIGNATURE + bytes([0x20, 0x40]) + b"\x00\x00",
+    proxy.V2_SIGNATURE + bytes([0x20, 0x03]) + b"\x00\x00",
     proxy.V2_SIGNATURE + bytes([0x21, 0x11]) + b"\x00\x04" + b"\x00" * 4,   # block too short
     proxy.V2_SIGNATURE + bytes([0x21, 0x11]) + b"\xff\xff",                 # over V2_MAX
     b"\r\n\r\n\x00\r\nQUIX\n" + bytes(8),
@@ -177,7 +184,11 @@ def test_local_header_keeps_the_proxy_address(proxied):
     assert " 127.0.0.1 -: connected" in proxied.log()
 
 
-@pytest.mark.parametrize("first", [b"EHLO client.test\r\n", b"PROXY TCP4 garbage\r\n", b""])
+@pytest.mark.parametrize("first", [
+    b"EHLO client.test\r\n", b"PROXY TCP4 garbage\r\n", b"",
+    # A v2 header with an undefined address family: invalid, not "unspecified".
+    proxy.V2_SIGNATURE + bytes([0x21, 0x41]) + b"\x00\x0c" + bytes(12),
+], ids=["smtp", "v1-garbage", "nothing", "v2-family-4"])
 def test_missing_or_bad_header_is_closed_without_a_byte(make_server, first):
     """README "Scaling": from a trusted peer, no header, a bad one, or none within --timeout:
     closed without a byte."""
