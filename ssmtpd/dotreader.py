@@ -11,6 +11,7 @@ never split across two scans.
 """
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from ssmtpd.stream import ClientStream
 
@@ -32,20 +33,23 @@ class DataResult:
     size: int  # octets of the unstuffed message (counted even past the limit)
 
 
-def read_message(stream: ClientStream, limit: int, spool) -> DataResult:
+def read_message(stream: ClientStream, limit: int, spool,
+                 read: Optional[Callable[[], bytes]] = None) -> DataResult:
     """Read up to the terminator, write the unstuffed message to `spool`.
 
     Always consumes the whole DATA phase before returning, whatever goes wrong,
     so the next command is read from the right place.  Bytes after the
     terminator go back to the stream (PIPELINING).  Raises ClientGone if the
-    client vanishes first; the caller then must not deliver.
+    client vanishes first; the caller then must not deliver.  `read` takes the
+    place of stream.recv_some, so the caller can bound each wait.
     """
+    read = read or stream.recv_some
     size = 0
     bare = False
     after_crlf = True  # the DATA command line ended the previous line
     pending = b""
     while True:
-        data = stream.recv_some()
+        data = read()
         if pending:
             start = len(pending)
             pending = pending if isinstance(pending, bytearray) else bytearray(pending)

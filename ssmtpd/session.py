@@ -171,20 +171,26 @@ class Session:
         if g is not None and not g.dead and condition():
             g.throw(exception())
 
-    def _wait_for_client(self, seconds: float, call):
+    def _wait_for_client(self, seconds: float, call, phase: bool = False):
         """call(), where the session may be interrupted and times out after `seconds`."""
         self._waiting = True
         try:
-            with self._deadline(seconds):
+            with self._deadline(seconds, phase):
                 return call()
         finally:
             self._waiting = False
 
-    def _deadline(self, seconds: float) -> Deadline:
-        """IdleTimeout after `seconds` in the `with` block (README "Limits and abuse")."""
-        deadline = self._deadlines.get(seconds)
+    def _deadline(self, seconds: float, phase: bool = False) -> Deadline:
+        """IdleTimeout after `seconds` in the `with` block (README "Limits and abuse").
+
+        A `phase` deadline (--data-timeout) is a timer of its own: each wait
+        inside the phase holds another one, and sharing a timer between the
+        two would restart the phase's at every wait.
+        """
+        key = (seconds, phase)
+        deadline = self._deadlines.get(key)
         if deadline is None:
-            deadline = self._deadlines[seconds] = Deadline(seconds, IdleTimeout)
+            deadline = self._deadlines[key] = Deadline(seconds, IdleTimeout)
         return deadline
 
     def _wait_for_line(self, call):
@@ -207,6 +213,7 @@ class Session:
         self.log.info("connected%s", " (implicit TLS)" if self.implicit_tls else "")
         reason = "closed"
         clean_end = False
+        waited_enough = False
         try:
             if self.implicit_tls:
                 self._handshake()
@@ -225,6 +232,7 @@ class Session:
             self._send(replies.SHUTTING_DOWN)
         except (IdleTimeout, socket.timeout):
             reason = "timed out"
+            waited_enough = True
             self._send(replies.IDLE_TIMEOUT)
         except _Close as e:
             reason = str(e)
@@ -240,7 +248,7 @@ class Session:
                            exc_info=self._debug)
             self._send(replies.INTERNAL_ERROR)
         finally:
-            self._close(clean_end)
+            self._close(clean_end, waited_enough)
             self.log.info("disconnected: %s after %.3fs", reason, time.monotonic() - started)
 
     def _one_command(self) -> Optional[Reply]:
@@ -323,16 +331,20 @@ class Session:
     def _next_line(self) -> bytes:
         return self.stream.readline(READ_LIMIT)
 
+    def _read_data(self) -> bytes:
+        return self._wait_for_line(self.stream.recv_some)
+
     def _send(self, reply: Reply) -> None:
         self.stream.write(reply.encode())
 
-    def _close(self, clean_end: bool) -> None:
+    def _close(self, clean_end: bool, waited_enough: bool) -> None:
         # What is queued (the last reply, or the 421 an ending queued), then
         # over TLS a close_notify after a clean end; a client that stops
-        # reading holds us 5 s at most.
+        # reading holds us 5 s at most, and none after it has timed out:
+        # --timeout is all the wait a client gets (README "The dialogue").
         try:
             with self._deadline(5):
-                self.stream.close(notify=clean_end)
+                self.stream.close(notify=clean_end, wait=not waited_enough)
         except (IdleTimeout, ClientGone, OSError):
             pass
 
@@ -494,10 +506,14 @@ class Session:
             if self.settings.received_header:
                 message_spool.write(received_header(envelope, self.settings.hostname,
                                                     self.session_id, time.time()))
+            # The whole phase within --data-timeout, and each read within
+            # --timeout like a command line: RFC 5321 §4.5.3.2 times DATA
+            # blocks too, and a stranger stalled in DATA is a stranger.
             result = self._wait_for_client(
                 self.settings.data_timeout,
                 lambda: dotreader.read_message(self.stream, self.settings.max_message_size,
-                                               message_spool))
+                                               message_spool, self._read_data),
+                phase=True)
             if result.status == dotreader.TOO_BIG:
                 self.log.info("message refused: %d octets over the limit", result.size)
                 self.metrics.message(replies.TOO_BIG.code, result.size)

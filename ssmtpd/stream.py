@@ -200,7 +200,10 @@ class ClientStream:
             # A TLS send writes the whole record or waits; a plain one may
             # be short, and the loop sends the rest.
             while data:
-                data = data[self.sock.send(data):]
+                sent = self.sock.send(data)
+                if not sent:  # a TLS socket that must not wait says so by sending nothing
+                    raise ClientGone("client not reading")
+                data = data[sent:]
         except (ConnectionError, socket.error) as e:
             if isinstance(e, socket.timeout):
                 raise
@@ -208,10 +211,13 @@ class ClientStream:
 
     # --- the end -----------------------------------------------------------
 
-    def close(self, notify: bool = False) -> None:
-        """Send what is queued, then close; over TLS, `notify` sends a close_notify first."""
+    def close(self, notify: bool = False, wait: bool = True) -> None:
+        """Send what is queued, then close; over TLS, `notify` sends a close_notify first.
+        Without `wait`, only what the socket takes at once is sent."""
         sock = self.sock
         try:
+            if not wait:
+                sock.settimeout(0.0)
             self.flush()
             if notify and self._tls:
                 # close_notify, so the client can tell our end from a

@@ -289,11 +289,13 @@ def test_timeouts_bound_each_wait_not_the_session(drip_server):
     for _ in range(3):  # 3.6 s of waits in all, each 1.2 s
         time.sleep(1.2)
         assert client.cmd("NOOP")[0] == 250
-    for n in range(2):  # 4 s of DATA in all, each phase 2 s
+    for n in range(2):  # 4 s of DATA in all, each phase 2 s of two 1 s waits
         transaction(client, f"long{n}@example.test")
         client.send("Subject: long\r\n\r\n")
-        time.sleep(2.0)
-        client.send("hello\r\n.\r\n")
+        time.sleep(1.0)
+        client.send("hello\r\n")
+        time.sleep(1.0)
+        client.send(".\r\n")
         assert client.reply()[0] == 250
     assert client.cmd("QUIT")[0] == 221
     assert [r["env"]["SSMTPD_MAIL_FROM"] for r in srv.runs()] == \
@@ -326,6 +328,48 @@ def test_slow_drip_data_cut_off_at_data_timeout(drip_server):
     assert drip.eof_at - drip.reply_at <= 3.0
     time.sleep(0.5)
     assert [r["env"]["SSMTPD_MAIL_FROM"] for r in srv.runs()] == ["normal@example.test"]
+
+
+def test_client_silent_in_data_is_cut_at_timeout(make_server):
+    """README "The dialogue": a client that goes silent in the middle of DATA gets
+    421 4.4.2 at --timeout (2 s), not only at --data-timeout (30 s), and no program runs."""
+    srv = make_server("--timeout", "2", "--data-timeout", "30")
+    client = login(srv)
+    transaction(client, "silent@example.test")
+    client.send("Subject: silent\r\n\r\none line, then nothing\r\n")
+    started = time.monotonic()
+    code, lines = client.reply()
+    waited = time.monotonic() - started
+    assert lines[0].startswith("421 4.4.2 "), lines
+    assert 1.5 <= waited < 15, waited
+    assert client.closed(timeout=5)
+    assert wait_until(lambda: "disconnected: timed out" in srv.log(), 5)
+    assert srv.runs() == []
+
+
+def test_stranger_silent_in_data_gets_busy_timeout(make_server):
+    """README "Limits and abuse" busy timeout: without --require-auth, strangers that stall
+    in DATA while the server is nearly full are cut at --busy-timeout, like idle ones."""
+    srv = make_server("--no-require-auth", "--max-connections", "4", "--timeout", "60",
+                      "--busy-timeout", "1")
+    stalled = []
+    for n in range(3):
+        raw = srv.raw(timeout=30)
+        raw.hello(srv.tls_context())
+        transaction(raw, f"stranger{n}@example.test")
+        raw.send("Subject: stalled\r\n\r\n")
+        stalled.append(raw)
+    # The fourth of four slots, logged in: it is no stranger, and it keeps
+    # the server over three quarters full while the strangers wait.
+    member = login(srv, timeout=30)
+    started = time.monotonic()
+    for raw in stalled:
+        code, lines = raw.reply()
+        assert lines[0].startswith("421 4.4.2 "), lines
+    # --timeout 60: only the busy timeout can have ended them this soon.
+    assert time.monotonic() - started < 30
+    assert member.cmd("NOOP")[0] == 250
+    assert srv.runs() == []
 
 
 def _refused_at_once(raw) -> None:
@@ -671,17 +715,22 @@ def test_client_that_never_reads_is_cut_off(drip_server):
     raw = srv.raw(timeout=30)
     assert raw.reply()[0] == 220
     started = time.monotonic()
-    failed = None
-    try:
-        # Far more replies than socket buffers hold, and we never read one.
-        for _ in range(60):
+    raw.sock.settimeout(0.5)
+    failed = stalled_at = None
+    # Far more replies than socket buffers hold, and we never read one; a
+    # send that finds no room means the server has stopped reading us.
+    while failed is None and time.monotonic() - started < 40:
+        try:
             raw.sock.sendall(b"EHLO x\r\n" * 40000)
-    except (ConnectionResetError, BrokenPipeError) as e:
-        failed = e
-    except socket.timeout:
-        pass
+        except (ConnectionResetError, BrokenPipeError) as e:
+            failed = e
+        except socket.timeout:
+            stalled_at = stalled_at or time.monotonic()
     assert failed is not None, "the server kept reading a client that reads nothing"
-    assert time.monotonic() - started < 40
+    # The server stopped reading before our sends stalled, and lets us go at
+    # --timeout (2 s) from then: not 5 s later for the 421 it cannot send.
+    assert stalled_at is not None
+    assert time.monotonic() - stalled_at < 6, time.monotonic() - stalled_at
     raw.close()
     assert send_message(login(srv))[0] == 250
 
