@@ -20,14 +20,15 @@ from ssmtpd.sasl import Credentials
 EX_TEMPFAIL = 75
 EX_OSERR = 71
 
-# README "The auth program", as data.  Exit 0 -> 235; tempfail / signal / timeout / no start -> 454;
+# README "The auth program", as data.  Exit 0 -> 235; tempfail / signal / timeout / no start
+# (126 and 127 from a wrapper included) -> 454;
 # any other exit -> 535.
 AUTH_EXIT = {0: replies.AUTH_OK, EX_TEMPFAIL: replies.AUTH_TEMPFAIL}
 AUTH_OTHER_EXIT = replies.BAD_CREDENTIALS
 AUTH_ABNORMAL = replies.AUTH_TEMPFAIL
 
 # README "The process program", as data.  Exit 0 -> 250; 75, 71 / signal /
-# timeout / no start -> 451;
+# timeout / no start (126 and 127 from a wrapper included) -> 451;
 # any other exit -> 554.
 PROCESS_EXIT = {0: replies.ACCEPTED, EX_TEMPFAIL: replies.PROCESS_TEMPFAIL,
                 EX_OSERR: replies.PROCESS_TEMPFAIL}
@@ -64,7 +65,7 @@ class Envelope:
 
 def reply_for(outcome: Outcome, by_exit: Mapping[int, Reply], other: Reply,
               abnormal: Reply, use_text: bool) -> Reply:
-    if outcome.status != programs.EXITED:
+    if outcome.status != programs.EXITED or outcome.not_started:
         reply = abnormal
     else:
         reply = by_exit.get(outcome.code, other)

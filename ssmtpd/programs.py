@@ -34,6 +34,10 @@ SIGNALLED = "signalled"
 TIMED_OUT = "timed-out"
 NOT_STARTED = "not-started"
 NO_SLOT = "no-slot"
+# What a shell or wrapper exits with when the command it runs cannot start
+# (126: found but not executable, 127: not found): the program did not start
+# all the same, a temporary failure (README "The process program").
+CANNOT_EXEC_EXITS = (126, 127)
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,11 @@ class Outcome:
     last_line: str = ""  # last non-empty printable stdout line, at most 200 chars
     seconds: float = 0.0
     error: str = ""  # why it could not start
+
+    @property
+    def not_started(self) -> bool:
+        return self.status == NOT_STARTED or \
+            (self.status == EXITED and self.code in CANNOT_EXEC_EXITS)
 
     def describe(self) -> str:
         if self.status == EXITED:

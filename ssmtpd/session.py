@@ -368,8 +368,9 @@ class Session:
     def _log_if_not_started(self, what: str, argv, outcome) -> None:
         # Every login or message fails the same way until someone looks: say
         # so at error level, with the path (README "Monitoring").
-        if outcome.status == programs.NOT_STARTED:
-            self.log.error("%s %s could not start: %s", what, argv[0], outcome.error)
+        if outcome.not_started:
+            self.log.error("%s %s could not start: %s", what, argv[0],
+                           outcome.error or f"{outcome.describe()}, a command it runs did not start")
 
     def _stderr_logger(self, program: str):
         def log_line(line: str) -> None:

@@ -351,6 +351,22 @@ def test_auth_program_cannot_start(make_server, tmp_path):
     assert f"auth program {broken} could not start: Permission denied" in srv.log()
 
 
+def test_auth_wrapper_whose_command_cannot_start(make_server, tmp_path):
+    """README "The auth program": a wrapper exiting 127 (its command not found) is
+    "cannot start": 454 4.7.0, not a failed login (535)."""
+    wrapper = tmp_path / "auth-wrapper"
+    wrapper.write_text("#!/bin/sh\nexec /nonexistent/auth\n")
+    wrapper.chmod(0o755)
+    srv = make_server("--auth", str(wrapper))
+    raw = open_tls(srv)
+    try:
+        code, lines = raw.cmd(f"AUTH PLAIN {plain_token()}")
+        assert code == 454 and lines[0].startswith("454 4.7.0"), lines
+    finally:
+        raw.close()
+    assert f"auth program {wrapper} could not start: exit 127, " in srv.log()
+
+
 # --- what the auth program receives -----------------------------------------------
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])

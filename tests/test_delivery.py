@@ -350,6 +350,26 @@ def test_program_that_cannot_start(make_server, tmp_path):
     assert f"process program {script} could not start: Exec format error" in srv.log()
 
 
+@pytest.mark.parametrize("inner, code", [("/nonexistent/deliver", 127),
+                                         ("not-executable", 126)])
+def test_wrapper_whose_command_cannot_start(make_server, tmp_path, inner, code):
+    """README "The process program": a wrapper whose inner exec fails exits 126 or 127,
+    which is "cannot start": 451 4.3.0 (the client keeps the message), and an ERROR line."""
+    if inner == "not-executable":
+        inner = tmp_path / inner
+        inner.write_text("#!/bin/sh\nexit 0\n")
+        inner.chmod(0o644)
+    wrapper = tmp_path / "wrapper"
+    wrapper.write_text(f"#!/bin/bash\nexec {inner} \"$@\"\n")
+    wrapper.chmod(0o755)
+    srv = make_server("--process", str(wrapper), "--log-level", "warning")
+    raw = session(srv)
+    reply, line = transaction(raw, b"body\r\n")
+    assert line.startswith("451 4.3.0"), line
+    raw.close()
+    assert f"process program {wrapper} could not start: exit {code}, " in srv.log()
+
+
 # --- the reply text (README "The process program") -----------------------------------------------
 
 def test_reply_text_from_last_stdout_line(server):
