@@ -5,7 +5,7 @@
 #         -e SSMTPD_HOSTNAME=mail.example.org \
 #         -e SSMTPD_SSL_CERT=/certs/fullchain.pem -e SSMTPD_SSL_KEY=/certs/privkey.pem \
 #         -v /etc/letsencrypt/live/mail.example.org:/certs:ro ssmtpd
-#     docker exec -i CONTAINER ssmtpd-auth-users --users /var/lib/ssmtpd/users add alice
+#     docker exec -it CONTAINER ssmtpd-auth-users --users /var/lib/ssmtpd/users add alice
 FROM python:3.11-slim
 
 RUN useradd --system --create-home --home-dir /var/lib/ssmtpd ssmtpd
@@ -26,9 +26,12 @@ WORKDIR /var/lib/ssmtpd
 VOLUME /var/lib/ssmtpd
 EXPOSE 8025 8465
 
-# Healthy means it answers SMTP: a greeting, then NOOP.
+# Healthy means every port answers SMTP: a greeting, then NOOP.  The check
+# reads the same SSMTPD_* variables as the server; with --proxy-protocol it
+# speaks from a --proxy-trusted address of the container's own, after a PROXY
+# LOCAL header (README "In a container").
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s \
-    CMD ["python", "-c", "import os, smtplib; s = smtplib.SMTP('127.0.0.1', int(os.environ.get('SSMTPD_PORT', '8025')), timeout=8); s.noop(); s.quit()"]
+    CMD ["python", "-m", "ssmtpd.healthcheck"]
 
 # SIGTERM (docker stop) drains as under supervisord; give it the time to:
 #     docker stop --time 360 CONTAINER

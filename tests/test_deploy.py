@@ -6,13 +6,17 @@ paths changed; the test delivers through it, renews the certificate with
 message is being processed.
 """
 
+import contextlib
+import ipaddress
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -189,14 +193,15 @@ def dockerfile():
     return env, workdir, cmd, health
 
 
-def test_dockerfile_command_runs_on_its_environment_alone(tmp_path, certs):
-    """README "Deploying": the image's command, with only the Dockerfile's environment
-    (its state directory moved into a temporary one), serves mail with the example
-    programs, and its HEALTHCHECK passes by speaking SMTP."""
+@contextlib.contextmanager
+def image_command(tmp_path, **extra):
+    """The image's command with only the Dockerfile's environment (its state directory
+    moved into a temporary one) plus `extra`; yields what the tests need of it."""
     env_file, workdir, cmd, health = dockerfile()
     assert cmd == ["ssmtpd"] and workdir == "/var/lib/ssmtpd" and health
     assert all(k.startswith("SSMTPD_") or k == "PYTHONUNBUFFERED" for k in env_file)
-    state = str(tmp_path)
+    state = str(tmp_path / "state")
+    os.makedirs(state)
     port, smtps = free_port(), free_port()
     env = {k: v.replace(workdir, state) for k, v in env_file.items()}
     env.update(SSMTPD_PORT=str(port), SSMTPD_SMTPS_PORT=str(smtps),
@@ -204,24 +209,200 @@ def test_dockerfile_command_runs_on_its_environment_alone(tmp_path, certs):
                SSMTPD_BIND="127.0.0.1", SSMTPD_HOSTNAME=HOSTNAME,
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
                PYTHONPATH=ROOT)
-    log = open(tmp_path / "ssmtpd.log", "wb")
+    env.update(extra)
+    if env["SSMTPD_SMTPS_PORT"] == "0":  # off
+        smtps = None
+    log_path = tmp_path / "ssmtpd.log"
+    log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, env=env, cwd=state, stdin=subprocess.DEVNULL, stdout=log,
                             stderr=subprocess.STDOUT)
+    # The engine runs the HEALTHCHECK in the container: its environment, its WORKDIR.
+    health_cmd = [sys.executable if health[0] == "python" else health[0]] + health[1:]
+
+    def run_health(timeout=30):
+        return subprocess.run(health_cmd, env=env, cwd=state, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def listening():
+        # Not by connecting: with --proxy-protocol that is a refused stranger.
+        assert proc.poll() is None, log_path.read_text(errors="replace")
+        text = log_path.read_text(errors="replace")
+        return all(f"port {p} (" in text for p in (port, smtps) if p is not None)
+
     try:
-        wait_for_port(port, proc=proc)
-        health_env = dict(env, PATH=env["PATH"])
-        health_cmd = [sys.executable if health[0] == "python" else health[0]] + health[1:]
-        assert subprocess.run(health_cmd, env=health_env, timeout=30).returncode == 0
+        assert wait_until(listening, timeout=30), log_path.read_text(errors="replace")
+        yield dict(proc=proc, env=env, state=state, port=port, smtps=smtps,
+                   log=lambda: log_path.read_text(errors="replace"), health=run_health)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        log.close()
+
+
+def test_dockerfile_command_runs_on_its_environment_alone(tmp_path):
+    """README "Deploying": the image's command, with only the Dockerfile's environment
+    (its state directory moved into a temporary one), serves mail with the example
+    programs, and its HEALTHCHECK passes by speaking SMTP."""
+    with image_command(tmp_path) as image:
+        health = image["health"]()
+        assert health.returncode == 0, health.stdout + health.stderr
+        state = image["state"]
         added = subprocess.run(["ssmtpd-auth-users", "--users", f"{state}/users", "add",
-                                "alice"], env=env, input=b"a long passphrase\n",
+                                "alice"], env=image["env"], input=b"a long passphrase\n",
                                capture_output=True, timeout=60)
         assert added.returncode == 0, added.stderr
-        submit_self_signed(port, "alice", "a long passphrase")
+        submit_self_signed(image["port"], "alice", "a long passphrase")
         assert len(os.listdir(os.path.join(state, "mail", "alice", "new"))) == 1
+
+
+def test_readme_docker_exec_add_asks_for_the_password_on_a_terminal(tmp_path):
+    """README "In a container": `docker exec -it ... add alice` gives the users tool a
+    terminal, so it prompts twice, echoes nothing and needs no end-of-file (with -i
+    alone it would read the password, echoed, until Ctrl-D)."""
+    import pty
+    import select
+    import termios
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        head = f.read()
+    for text in (readme, head):
+        execs = re.findall(r"docker exec (-\w+) \S+ (ssmtpd-auth-users [^\n]*add alice)", text)
+        assert execs, "no `docker exec ... add alice`"
+        for flags, command in execs:
+            # -i alone only where the password is piped in.
+            assert flags == "-it" or re.search(
+                rf"\| docker exec {flags} \S+ {re.escape(command)}", text), (flags, command)
+    command = re.search(r"docker exec -it ssmtpd (ssmtpd-auth-users [^\n]*)", readme).group(1)
+    argv = command.replace("/var/lib/ssmtpd", str(tmp_path)).split()
+    argv[0] = shutil.which(argv[0], path=os.path.dirname(sys.executable))
+    master, slave = pty.openpty()
+
+    def controlling_terminal():
+        import fcntl
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True, preexec_fn=controlling_terminal)
+    os.close(slave)
+    seen = b""
+
+    def until(text, timeout=60):
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            try:
+                chunk = os.read(master, 4096) if ready else b""
+            except OSError:  # the child has closed its side
+                chunk = b""
+            if ready and not chunk:
+                break
+            seen += chunk
+        assert text in seen, seen
+
+    try:
+        until(b"Password: ")
+        os.write(master, b"a long passphrase\n")
+        until(b"Again: ")
+        os.write(master, b"a long passphrase\n")
+        until(b"added alice")
+        assert proc.wait(timeout=60) == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        log.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert b"a long passphrase" not in seen, seen
+    env = dict(os.environ, SSMTPD_USERNAME="alice", SSMTPD_PASSWORD="a long passphrase")
+    assert subprocess.run(argv[:3], env=env, timeout=60).returncode == 0
+
+
+def readme_proxy_trusted():
+    """Every --proxy-trusted value the README shows, on a command line or as
+    SSMTPD_PROXY_TRUSTED."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    values = re.findall(r"(?:--proxy-trusted[ =]|SSMTPD_PROXY_TRUSTED=)([0-9A-Fa-f.:/,]+)",
+                        text)
+    assert values, "the README shows no --proxy-trusted value"
+    return sorted(set(values))
+
+
+def health_configurations():
+    """The configurations the README shows: the image's own (STARTTLS and implicit
+    TLS), STARTTLS alone, and behind a load balancer with each --proxy-trusted value."""
+    yield pytest.param({}, id="image")
+    yield pytest.param({"SSMTPD_SMTPS_PORT": "0"}, id="starttls-only")
+    for trusted in readme_proxy_trusted():
+        yield pytest.param({"SSMTPD_PROXY_PROTOCOL": "true", "SSMTPD_PROXY_TRUSTED": trusted},
+                           id=f"proxy-trusted={trusted}")
+
+
+@pytest.mark.parametrize("extra", list(health_configurations()))
+def test_dockerfile_healthcheck_passes_without_a_warning(tmp_path, certs, extra):
+    """README "In a container": the HEALTHCHECK, exactly as the Dockerfile gives it,
+    passes in every configuration the README shows, --proxy-protocol included, and the
+    server logs no warning about it however often it runs."""
+    with image_command(tmp_path, SSMTPD_SSL_CERT=certs[1], SSMTPD_SSL_KEY=certs[2],
+                       **extra) as image:
+        started = len(image["log"]())
+        for _ in range(3):  # the engine runs it every 30 s, for as long as it runs
+            health = image["health"]()
+            assert health.returncode == 0, health.stdout + health.stderr
+            assert health.stdout.startswith("ssmtpd healthy: "), health.stdout
+        caused = image["log"]()[started:]
+        assert "WARNING" not in caused and "ERROR" not in caused, caused
+        trusted = extra.get("SSMTPD_PROXY_TRUSTED")
+        if trusted is None or any(ipaddress.ip_address("127.0.0.1") in
+                                  ipaddress.ip_network(n, strict=False)
+                                  for n in trusted.split(",")):
+            # It spoke SMTP on every port (a LOCAL header keeps its own address).
+            assert caused.count("127.0.0.1 -: disconnected: closed after 221") == \
+                3 * (1 if image["smtps"] is None else 2), caused
+        else:
+            # No address here is trusted: it must not connect (the server would close
+            # it, with a warning); it looked at the listening ports instead.
+            assert caused == "", caused
+            assert "not spoken to" in health.stdout, health.stdout
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param({}, id="spoken-to"),
+    pytest.param({"SSMTPD_PROXY_PROTOCOL": "true", "SSMTPD_PROXY_TRUSTED": "10.0.0.0/8"},
+                 id="listening-only")])
+def test_dockerfile_healthcheck_fails_when_the_server_does_not_accept(tmp_path, certs, extra):
+    """README "In a container": a server that has stopped answering is unhealthy, within
+    the HEALTHCHECK's --timeout; so is one that is gone."""
+    import resource
+    with image_command(tmp_path, SSMTPD_SSL_CERT=certs[1], SSMTPD_SSL_KEY=certs[2],
+                       **extra) as image:
+        os.kill(image["proc"].pid, signal.SIGSTOP)
+        waiting = []
+        try:
+            if extra:
+                # Unspoken to, the check sees a stopped server by the connections
+                # piling up unaccepted: fill the queue as clients would.
+                from ssmtpd.healthcheck import accept_queue_limit
+                limit = accept_queue_limit()
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                if hard != resource.RLIM_INFINITY and hard < limit + 100:
+                    pytest.skip(f"{limit} connections need more descriptors than {hard}")
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, limit + 100), hard))
+                for _ in range(limit):
+                    waiting.append(socket.create_connection(("127.0.0.1", image["port"]),
+                                                            timeout=10))
+            health = image["health"](timeout=30)
+            assert health.returncode == 1, health.stdout + health.stderr
+            assert health.stdout.startswith("ssmtpd unhealthy: port "), health.stdout
+        finally:
+            for sock in waiting:
+                sock.close()
+            os.kill(image["proc"].pid, signal.SIGCONT)
+    gone = image["health"]()
+    assert gone.returncode == 1, gone.stdout + gone.stderr
 
 
 # --- Postfix relaying through ssmtpd as its smarthost --------------------------------
