@@ -195,6 +195,13 @@ class Arbiter:
                 for sock, _ in self.listeners:
                     sock.close()  # the workers' copies keep serving until they drain
                 self._kill_all(signal.SIGTERM)
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                # Passed on as a second SIGTERM: each worker closes every
+                # session that is not running a program.
+                self.log.warning("master %d: %s again: %d workers still draining; each closes "
+                                 "its sessions that are not running a program",
+                                 os.getpid(), signal.Signals(signum).name, len(self._live()))
+                self._kill_all(signal.SIGTERM)
             elif signum == signal.SIGHUP and not self.stopping:
                 self.log.info("master %d: SIGHUP: passed on to %d workers", os.getpid(),
                               len(self._live()))

@@ -160,10 +160,18 @@ class Server:
         `on_bound()` runs between binding and accepting: where root is given up.
         """
         # Before the port opens: a supervisor may signal as soon as it can connect.
+        # A worker of --workers leaves SIGINT to its master: a Ctrl-C reaches
+        # the whole process group, and the master's SIGTERM must not count as
+        # the worker's second signal.
+        stop_signals = (signal.SIGTERM,) if listeners is not None \
+            else (signal.SIGTERM, signal.SIGINT)
         self._signal_handlers = [
-            gevent.signal_handler(signal.SIGTERM, self.begin_shutdown, "SIGTERM"),
-            gevent.signal_handler(signal.SIGINT, self.begin_shutdown, "SIGINT"),
-            gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.tls.reload))]
+            gevent.signal_handler(signum, self.begin_shutdown, signal.Signals(signum).name)
+            for signum in stop_signals]
+        self._signal_handlers.append(
+            gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.tls.reload)))
+        if listeners is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         # A worker of --workers starts with SIGHUP blocked, so that one sent
         # before the handler above existed waits instead of killing it.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
@@ -293,12 +301,23 @@ class Server:
 
     def begin_shutdown(self, why: str = "request") -> None:
         if self.stopping:
+            self._stop_now(why)
             return
         self.stopping = True
         self.log.info("%s: shutting down, %d sessions open", why, len(self.sessions))
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
         gevent.spawn(self._drain)
+
+    def _stop_now(self, why: str) -> None:
+        """A second SIGTERM or SIGINT while draining: close every session that
+        is not running a program now, and say what is still running."""
+        sessions = list(self.sessions)
+        running = sum(session.running_program for session in sessions)
+        self.log.warning("%s again: closing %d sessions now; %d running a program are "
+                         "answered when it ends", why, len(sessions) - running, running)
+        for session in sessions:
+            session.interrupt(now=True)
 
     def _drain(self) -> None:
         for server in self._servers:

@@ -127,6 +127,10 @@ class Session:
         self.auth_failures = 0
         self.stopping = False
         self._waiting = False
+        # A running program is never interrupted: its client gets its answer
+        # (README "Signals"); nor is the session's own closing.
+        self.running_program = False
+        self._closing = False
         # When the session began waiting for its next line (None: not waiting
         # for one); the server's pressure sweep reads it (README "busy timeout").
         self.waiting_for_line_since: Optional[float] = None
@@ -149,10 +153,15 @@ class Session:
 
     # --- ending a session from outside: only while it waits for input ------
 
-    def interrupt(self) -> None:
-        """Ask the session to end: now if it waits for the client, else after its reply."""
+    def interrupt(self, now: bool = False) -> None:
+        """Ask the session to end: at once if it waits for the client (with
+        `now`, whatever it does but run a program), else after its reply."""
         self.stopping = True
-        gevent.get_hub().loop.run_callback(self._throw_if, lambda: self._waiting, Shutdown)
+        gevent.get_hub().loop.run_callback(
+            self._throw_if, self._interruptible if now else lambda: self._waiting, Shutdown)
+
+    def _interruptible(self) -> bool:
+        return not self.running_program and not self._closing
 
     def expire_if_stranger(self, busy_timeout: float) -> None:
         """The server is under pressure: end this session if it has not logged
@@ -248,6 +257,7 @@ class Session:
                            exc_info=self._debug)
             self._send(replies.INTERNAL_ERROR)
         finally:
+            self._closing = True
             self._close(clean_end, waited_enough)
             self.log.info("disconnected: %s after %.3fs", reason, time.monotonic() - started)
 
@@ -433,8 +443,12 @@ class Session:
         if creds.foreign_authzid:
             reply, result = replies.BAD_CREDENTIALS, f"authzid {quote(creds.authzid, 64)} refused"
         else:
-            reply, outcome = self.programs.authenticate(
-                creds, mechanism, self.client_addr, self._stderr_logger("auth program"))
+            self.running_program = True
+            try:
+                reply, outcome = self.programs.authenticate(
+                    creds, mechanism, self.client_addr, self._stderr_logger("auth program"))
+            finally:
+                self.running_program = False
             self._log_if_not_started("auth program", self.programs.auth, outcome)
             result = f"{outcome.describe()} in {outcome.seconds:.3f}s"
             ran = outcome.seconds if outcome.status != programs.NO_SLOT else None
@@ -529,8 +543,12 @@ class Session:
                 self.log.error("message refused: cannot spool it: %s", e.strerror or e)
                 self.metrics.message(replies.SPOOL_FAILED.code, result.size)
                 return replies.SPOOL_FAILED
-            reply, outcome = self.programs.deliver(envelope, message,
-                                                   self._stderr_logger("process program"))
+            self.running_program = True
+            try:
+                reply, outcome = self.programs.deliver(envelope, message,
+                                                       self._stderr_logger("process program"))
+            finally:
+                self.running_program = False
             self._log_if_not_started("process program", self.programs.process, outcome)
         finally:
             message_spool.close()

@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from conftest import STOP_TIMEOUT, ServerProcess, client_context, wait_for_port, wait_until
+from conftest import (STOP_TIMEOUT, ServerProcess, client_context, plain_token, wait_for_port,
+                      wait_until)
 from ssmtpd import replies
 
 STOP_SIGNALS = [pytest.param(signal.SIGTERM, id="SIGTERM"),
@@ -138,6 +139,56 @@ def test_idle_session_told_421(make_server, sig, state):
         raw.close()
     assert stopped(srv) == 0
     assert srv.runs() == []
+
+
+def process_group(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[2])
+
+
+def ctrl_c(srv) -> None:
+    """What a terminal's Ctrl-C does: SIGINT to every process in the server's process
+    group (the server, or the master and its workers; programs run in groups of their own)."""
+    master = srv.proc.pid
+    with open(f"/proc/{master}/task/{master}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    for pid in [master] + [c for c in children if process_group(c) == process_group(master)]:
+        os.kill(pid, signal.SIGINT)
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one-process", "workers"])
+def test_second_ctrl_c_closes_every_session_not_running_a_program(make_server, workers):
+    """README "Signals": one Ctrl-C drains (a session in its failed-login pause is left to
+    finish it); a second one closes at once every session not running a program, and
+    says what still runs; the running program's message is still answered 250."""
+    srv = make_server("--auth-failure-delay", "60", *workers)
+    pausing = srv.raw(timeout=30)
+    pausing.hello(client_context(srv.ca))
+    pausing.send(f"AUTH PLAIN {plain_token(password='wrong')}\r\n")
+    srv.wait_log(": 535, ")  # logged, then the 60 s pause before the reply
+    busy = logged_in(srv)
+    try:
+        send_message(busy, "sleep5@example.org")
+        assert wait_until(lambda: srv.runs(), timeout=10), "process program never started"
+        ctrl_c(srv)
+        srv.wait_log("shutting down")
+        pausing.sock.settimeout(1.5)
+        with pytest.raises(socket.timeout):
+            pausing.sock.recv(1024)  # the first Ctrl-C leaves the pause be
+        pausing.sock.settimeout(20)
+        ctrl_c(srv)
+        assert_shutting_down(pausing)
+        assert srv.runs()[0]["done"] is False  # told while the program still ran
+        code, lines = busy.reply()
+        assert code == 250, lines
+    finally:
+        busy.close()
+        pausing.close()
+    assert stopped(srv) == 0
+    assert "SIGINT again: " in srv.log()
+    if not workers:
+        assert "SIGINT again: closing 1 sessions now; 1 running a program are answered " \
+            "when it ends" in srv.log()
 
 
 @pytest.mark.parametrize("sig", STOP_SIGNALS)
