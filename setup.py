@@ -8,8 +8,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["ssmtpd", "ssmtpd.*"]),
-    # The configuration `ssmtpd --example-config` prints.
-    package_data={"ssmtpd.examples": ["ssmtpd.ini"]},
+    # The files `ssmtpd --example NAME` prints: a configuration, the systemd
+    # unit, the supervisord section, the fail2ban filter and jail.
+    package_data={"ssmtpd.examples": ["*.ini", "*.service", "*.conf", "*.local"]},
     python_requires=">=3.9",
     install_requires=[
         "gevent>=22.10",

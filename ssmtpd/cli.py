@@ -2,6 +2,7 @@
 
 import gc
 import os
+import shlex
 import socket
 import sys
 from typing import Optional, Sequence
@@ -58,6 +59,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TLSError as e:
         return _fail(f"--ssl-cert: {e}")
     if settings.check_config:
+        # Which file a bare program name found is what tells two installations apart.
+        for option, program in (("--auth", settings.auth), ("--process", settings.process)):
+            if program is not None:
+                print(f"ssmtpd: {option} runs {shlex.join(program)}")
         print("ssmtpd: configuration OK")
         return 0
     if worker is not None:

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import socket
 import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, Sequence, Tuple
@@ -153,16 +154,29 @@ def _program(value):
             raise ValueError(f"{exe} is not an executable file")
         path = exe
     else:
-        # Then next to the Python running us: a virtualenv's bin/ holds the
-        # example commands even when the venv is not on PATH (README "Deploying").
-        path = shutil.which(exe)
+        path = _which(exe)
         if path is None:
-            path = shutil.which(exe, path=os.path.dirname(sys.executable))
-            if path is None:
-                raise ValueError(f"{exe} not found in PATH")
-            argv = (path,) + argv[1:]
+            raise ValueError(f"{exe} not found in PATH")
+        # The program that runs is the one found now, not whatever PATH
+        # holds when it is started (README "Configuration").
+        argv = (path,) + argv[1:]
     _check_startable(exe, path)
     return argv
+
+
+def _which(name: str) -> Optional[str]:
+    """A bare program name as README "Configuration" says it is looked up.
+
+    First among the commands installed with this ssmtpd (its own
+    ssmtpd-auth-users before another installation's earlier in PATH), then
+    PATH, then next to the Python running us, where a virtualenv's commands
+    are even when it was never activated.
+    """
+    for directory in (sysconfig.get_path("scripts"), None, os.path.dirname(sys.executable)):
+        path = shutil.which(name, path=directory)
+        if path is not None:
+            return os.path.abspath(path)
+    return None
 
 
 def _check_startable(exe: str, path: str) -> None:
@@ -210,8 +224,33 @@ def _bind(value):
     raise ValueError(f"{value!r} is not an IPv4 or IPv6 address")
 
 
+# Names /etc/hosts commonly gives the loopback addresses (with or without a domain).
+_LOOPBACK_NAMES = ("", "localhost", "localhost4", "localhost6", "ip6-localhost", "ip6-loopback")
+
+
+def _default_hostname() -> str:
+    """The machine's name as `hostname -f` gives it, never "localhost" if it has another.
+
+    socket.getfqdn() takes the first name of the hostname's address, which is
+    "localhost" where /etc/hosts lists the hostname on a loopback line after
+    it; `hostname -f` asks the resolver for the hostname's canonical name.  A
+    name with a domain is preferred to one without (README "Configuration").
+    """
+    name = socket.gethostname()
+    candidates = []
+    try:
+        candidates += [info[3] for info in socket.getaddrinfo(
+            name, None, flags=socket.AI_CANONNAME) if info[3]]
+    except OSError:
+        pass  # a hostname the resolver does not know: what follows still holds
+    candidates += [socket.getfqdn(name), name]
+    real = [c for c in candidates if c.split(".")[0].lower() not in _LOOPBACK_NAMES]
+    qualified = [c for c in real if "." in c]
+    return (qualified or real or ["localhost"])[0]
+
+
 def _hostname(value):
-    value = value or socket.getfqdn()
+    value = value or _default_hostname()
     if not value or any(c.isspace() or not c.isprintable() for c in value):
         raise ValueError(f"{value!r} is not a host name")
     return value
@@ -344,16 +383,16 @@ class _IniParser(configargparse.ConfigFileParser):
         return f"An ini file with an [{INI_SECTION}] section; keys are the long option names."
 
     def parse(self, stream):
+        where = getattr(stream, "name", "the config file")
         ini = configparser.ConfigParser(interpolation=None)
         try:
-            ini.read_string(stream.read())
+            ini.read_string(stream.read(), source=where)
         except configparser.Error as e:
             raise configargparse.ConfigFileParserException(
                 f"--config: cannot parse: {' '.join(str(e).split())}") from None
         if not ini.has_section(INI_SECTION):
             raise configargparse.ConfigFileParserException(
-                f"--config: no [{INI_SECTION}] section")
-        where = getattr(stream, "name", "the config file")
+                f"--config: no [{INI_SECTION}] section in {where}")
         items = {}
         for key, value in ini.items(INI_SECTION):
             name = key.replace("_", "-")
@@ -391,20 +430,37 @@ class _Parser(configargparse.ArgParser):
         # argparse prints usage plus the message; the contract wants one line.
         raise ConfigError(message.replace("\n", " "))
 
+    def get_possible_config_keys(self, action):
+        # Printing an example is asked for on the command line only: no
+        # SSMTPD_EXAMPLE variable or ini key that would make every start print.
+        if isinstance(action, _PrintExample):
+            return []
+        return super().get_possible_config_keys(action)
+
 
 def _env_name(opt: Option) -> str:
     return ENV_PREFIX + opt.attr.upper()
+
+
+# Variables the server sets for its programs (README "The auth program", "The
+# process program"): a program that starts an ssmtpd of its own passes them on.
+PROGRAM_VARIABLES = ("SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_MECHANISM", "SSMTPD_TOKEN",
+                     "SSMTPD_CLIENT_ADDR", "SSMTPD_MAIL_FROM", "SSMTPD_RCPT_TO", "SSMTPD_HELO",
+                     "SSMTPD_TLS")
+# Left to test set-ups for their own programs' settings (README "Configuration").
+TEST_PREFIX = ENV_PREFIX + "TEST_"
 
 
 def _check_environment() -> None:
     """What argparse would say without naming the variable, said with its name.
 
     A boolean must be a boolean word (argparse takes any word: a typo would be
-    "false"), a number a number; an SSMTPD_ variable that is one typo away
-    from an option's (SSMTPD_PORTS) is refused rather than silently ignored.
-    Other SSMTPD_ variables are left alone: programs may have their own.
+    "false"), a number a number.  Every other SSMTPD_ variable is refused,
+    naming the nearest option, unless README "Configuration" reserves it: a
+    misspelt SSMTPD_SSL_CERTIFICATE would otherwise leave the server on a
+    self-signed certificate without a word.
     """
-    known = {_env_name(opt): opt for opt in OPTIONS}
+    known = {_env_name(opt): opt.flag for opt in OPTIONS}
     for opt in OPTIONS:
         raw = os.environ.get(_env_name(opt))
         if raw is None:
@@ -416,21 +472,39 @@ def _check_environment() -> None:
         if opt.kind in _KIND_WORDS and not _parses(raw, opt.kind):
             raise ConfigError(f"{opt.flag}: {_env_name(opt)}={raw!r} "
                               f"is not {_KIND_WORDS[opt.kind]}")
-    extra = {ENV_PREFIX + "CONFIG", ENV_PREFIX + "CHECK_CONFIG"}
-    for name in os.environ:
-        if name.startswith(ENV_PREFIX) and name not in known and name not in extra:
-            near = difflib.get_close_matches(name, known, n=1, cutoff=0.9)
-            if near:
-                raise ConfigError(f"{known[near[0]].flag}: unknown variable {name}; "
-                                  f"did you mean {near[0]}?")
+    known[ENV_PREFIX + "CONFIG"] = "--config"
+    allowed = set(known) | {ENV_PREFIX + "CHECK_CONFIG"} | set(PROGRAM_VARIABLES)
+    for name in sorted(os.environ):
+        if not name.startswith(ENV_PREFIX) or name in allowed or name.startswith(TEST_PREFIX):
+            continue
+        # Compared without the prefix that every one of them shares.
+        suffix = {known_name[len(ENV_PREFIX):]: known_name for known_name in known}
+        (near,) = difflib.get_close_matches(name[len(ENV_PREFIX):], suffix, n=1, cutoff=0)
+        near = suffix[near]
+        if difflib.SequenceMatcher(None, name, near).ratio() >= 0.8:
+            raise ConfigError(f"{known[near]}: unknown variable {name}; did you mean {near}?")
+        raise ConfigError(f"unknown variable {name}: no option reads it (the nearest is "
+                          f"{known[near]}, {near}; ssmtpd --help lists them all)")
+
+
+# What --example prints: name -> file of the ssmtpd.examples package (README "Deploying").
+EXAMPLES = {
+    "config": "ssmtpd.ini",
+    "systemd": "ssmtpd.service",
+    "supervisord": "supervisord.conf",
+    "fail2ban-filter": "fail2ban-filter.conf",
+    "fail2ban-jail": "fail2ban-jail.local",
+}
 
 
 class _PrintExample(argparse.Action):
-    """--example-config: like --version, print and exit before anything is checked."""
+    """--example NAME, --example-config: like --version, print and exit before anything is checked."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         from importlib import resources
-        sys.stdout.write(resources.files("ssmtpd.examples").joinpath("ssmtpd.ini").read_text())
+        name = values if isinstance(values, str) else self.const
+        text = resources.files("ssmtpd.examples").joinpath(EXAMPLES[name]).read_text()
+        sys.stdout.write(text)
         parser.exit(0)
 
 
@@ -441,15 +515,23 @@ def build_parser() -> configargparse.ArgParser:
                     "program, each message piped to a process program.",
         auto_env_var_prefix=ENV_PREFIX,
         config_file_parser_class=_IniParser(OPTIONS),
+        # --max-recipient would be --max-recipients until an option named
+        # --max-recipient-... made it ambiguous, or another option altogether.
+        allow_abbrev=False,
     )
     # Added by hand, not through args_for_setting_config_path, so that a
     # container can name its config file in the environment too.
     parser.add_argument("-c", "--config", is_config_file_arg=True, env_var=ENV_PREFIX + "CONFIG",
                         metavar="FILE", help=f"ini file with an [{INI_SECTION}] section")
     parser.add_argument("--version", action="version", version=f"ssmtpd {__version__}")
-    parser.add_argument("--example-config", action=_PrintExample, nargs=0,
-                        help="print a first configuration file for an installed ssmtpd "
-                             "(the example programs, state in ./var) and exit")
+    parser.add_argument("--example", action=_PrintExample, choices=list(EXAMPLES),
+                        metavar="NAME",
+                        help="print an example file and exit: config (a first ini file for an "
+                             "installed ssmtpd: the example programs, state in ./var), "
+                             "systemd (a unit), supervisord (a [program:ssmtpd] section), "
+                             "fail2ban-filter, fail2ban-jail")
+    parser.add_argument("--example-config", action=_PrintExample, nargs=0, const="config",
+                        help="the same as --example config")
     parser.add_argument("--check-config", action="store_true",
                         help="check every setting, the certificate and both programs as a "
                              "start would, print 'ssmtpd: configuration OK' and exit; binds "

@@ -7,9 +7,11 @@ program ever runs as root.  Workers of --workers are started after the
 switch and inherit it.
 """
 
+import errno
 import grp
 import os
 import pwd
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -62,3 +64,18 @@ def drop(identity: Optional[Identity]) -> bool:
             return True
         raise PrivilegeError("--user: root could be regained after the switch")
     return True
+
+
+def bind_advice(error: OSError) -> str:
+    """The fix to add to a bind error, or "": the two ways README "Configuration" gives.
+
+    The kernel refuses ports below 1024 (ip_unprivileged_port_start) with
+    EACCES to a process without CAP_NET_BIND_SERVICE.
+    """
+    if error.errno != errno.EACCES:
+        return ""
+    python = os.path.realpath(sys.executable)
+    return ("; a port below 1024 needs root: start ssmtpd as root with --user NAME (it gives "
+            "up root once the ports are bound), or give it CAP_NET_BIND_SERVICE "
+            f"(systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE; otherwise: setcap "
+            f"cap_net_bind_service=+ep {python})")

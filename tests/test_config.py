@@ -92,7 +92,7 @@ CLI_VALUES = ["--hostname", "cli.test", "--max-message-size", "3333", "--no-requ
 
 LEVELS = {
     # name: (ini, env, cli, expected hostname, size, AUTH offered before TLS)
-    "default": (None, None, [], socket.getfqdn(), 26214400, False),
+    "default": (None, None, [], None, 26214400, False),
     "ini": (INI_VALUES, None, [], "ini.test", 1111, True),
     "env-over-ini": (INI_VALUES, ENV_VALUES, [], "env.test", 2222, False),
     "cli-over-env": (INI_VALUES, ENV_VALUES, CLI_VALUES, "cli.test", 3333, True),
@@ -105,6 +105,9 @@ def test_precedence(make_server, level):
     ini, env, cli, hostname, size, auth_offered = level
     srv = start(make_server, cli, env=env, ini=ini)
     greeting, keywords = probe(srv)
+    if hostname is None:
+        from ssmtpd import config
+        hostname = config._default_hostname()
     assert greeting == f"220 {hostname} ESMTP ssmtpd"
     assert size_of(keywords) == size
     assert auth_before_tls(keywords) is auth_offered
@@ -288,7 +291,9 @@ def bad_files(tmp_path, certs):
         files[name] = str(path)
     for name, text in [("ini_typo", "[ssmtpd]\nprot = 25\n"),
                        ("ini_dashes", "[ssmtpd]\n--port = 25\n"),
-                       ("ini_port_word", "[ssmtpd]\nport = x25\n")]:
+                       ("ini_port_word", "[ssmtpd]\nport = x25\n"),
+                       ("ini_no_header", "port = 25\n"),
+                       ("ini_other_section", "[smtpd]\nport = 25\n")]:
         path = tmp_path / f"{name}.ini"
         path.write_text(text)
         files[name] = str(path)
@@ -342,6 +347,20 @@ BAD_CONFIGS = {
                            "--port: SSMTPD_PORT='abc' is not a whole number"),
     "env-one-typo-away": ((), [], {"SSMTPD_PORTS": "25"},
                           "--port: unknown variable SSMTPD_PORTS; did you mean SSMTPD_PORT?"),
+    "env-several-edits-away": ((), [], {"SSMTPD_SSL_CERTIFICATE": "/etc/ssl/mail.pem"},
+                               "--ssl-cert: unknown variable SSMTPD_SSL_CERTIFICATE; "
+                               "did you mean SSMTPD_SSL_CERT?"),
+    "env-like-no-option": ((), [], {"SSMTPD_DEBUG": "1"}, "unknown variable SSMTPD_DEBUG: no "
+                           "option reads it (the nearest is --"),
+    "env-example": ((), [], {"SSMTPD_EXAMPLE": "config"}, "unknown variable SSMTPD_EXAMPLE"),
+    "abbreviated-option": ((), ["--max-recipient", "5"], None,
+                           "unrecognized arguments: --max-recipient 5"),
+    "abbreviated-boolean": ((), ["--no-require-t"], None, "unrecognized arguments: --no-require-t"),
+    "ini-without-section": ((), ["-c", "{ini_no_header}"], None,
+                            "--config: cannot parse: File contains no section headers. file: "
+                            "'{ini_no_header}'"),
+    "ini-other-section": ((), ["-c", "{ini_other_section}"], None,
+                          "--config: no [ssmtpd] section in {ini_other_section}"),
     "ini-key-typo": ((), ["-c", "{ini_typo}"], None, "unknown key 'prot' in [ssmtpd] of"),
     "ini-key-typo-hint": ((), ["-c", "{ini_typo}"], None, "did you mean port?"),
     "ini-key-with-dashes": ((), ["-c", "{ini_dashes}"], None,
@@ -376,7 +395,7 @@ def test_bad_config(tmp_path, certs, bad_files, case):
     port = free_port()
     args = without(valid_args(certs, port), *drop) + add
     args = [a.format(port=port, **bad_files) for a in args]
-    assert_refused(run_ssmtpd(args, tmp_path, env), option)
+    assert_refused(run_ssmtpd(args, tmp_path, env), option.format(**bad_files))
 
 
 def test_address_not_on_this_machine_names_bind(tmp_path, certs):
@@ -394,8 +413,7 @@ def test_one_pem_with_certificate_and_key(tmp_path, certs):
     args = without(valid_args(certs), "--ssl-cert", "--ssl-key") + ["--ssl-cert", str(both),
                                                                     "--check-config"]
     result = run_ssmtpd(args, tmp_path)
-    assert (result.returncode, result.stdout, result.stderr) == (
-        0, "ssmtpd: configuration OK\n", "")
+    assert (result.returncode, result.stdout, result.stderr) == (0, CHECKED_OK, "")
 
 
 def test_quoted_ini_value_loses_its_quotes(tmp_path, monkeypatch):
@@ -422,6 +440,11 @@ def test_version(tmp_path):
         0, f"ssmtpd {__version__}\n", "")
 
 
+# What --check-config prints for valid_args(): the file each program option runs, then OK.
+CHECKED_OK = (f"ssmtpd: --auth runs {AUTH}\nssmtpd: --process runs {RECORD}\n"
+              "ssmtpd: configuration OK\n")
+
+
 def test_check_config(tmp_path, certs):
     """README "Configuration": --check-config checks as a start would, binds nothing, and
     says OK (exit 0) or the usual one line (exit 2)."""
@@ -430,8 +453,7 @@ def test_check_config(tmp_path, certs):
         taken.listen(1)
         port = taken.getsockname()[1]
         result = run_ssmtpd(valid_args(certs, port) + ["--check-config"], tmp_path)
-    assert (result.returncode, result.stdout, result.stderr) == (
-        0, "ssmtpd: configuration OK\n", "")
+    assert (result.returncode, result.stdout, result.stderr) == (0, CHECKED_OK, "")
     bad = without(valid_args(certs), "--process") + ["--process", "/nonexistent/x",
                                                      "--check-config"]
     assert_refused(run_ssmtpd(bad, tmp_path), "--process")
@@ -459,6 +481,110 @@ def test_port_error_comes_before_any_warning(tmp_path, certs):
         args = without(valid_args(certs, port), "--ssl-cert", "--ssl-key")
         result = run_ssmtpd(args, tmp_path)
     assert_refused(result, "--port")
+
+
+def free_port_below_1024() -> int:
+    for port in range(990, 700, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.skip("no free port below 1024")
+
+
+def test_port_below_1024_says_how(tmp_path, certs):
+    """README "Configuration", "Deploying": a port below 1024 refused for want of privilege
+    is one line that names the port and both ways to get it: root with --user, or
+    CAP_NET_BIND_SERVICE."""
+    # Whoever runs the tests: a process without the capability, as a plain user is.
+    wrapper = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv(1) is needed to drop CAP_NET_BIND_SERVICE as root")
+        wrapper = ["setpriv", "--inh-caps=-net_bind_service",
+                   "--bounding-set=-net_bind_service"]
+    port = free_port_below_1024()
+    argv = wrapper + [sys.executable, "-m", "ssmtpd"] + valid_args(certs, port)
+    result = subprocess.run(argv, cwd=str(tmp_path), env=clean_env(), stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert_refused(result, f"--port: cannot listen on port {port}: Permission denied; ")
+    assert "--user" in result.stderr and "CAP_NET_BIND_SERVICE" in result.stderr
+
+
+def test_reserved_variables_are_accepted(tmp_path, certs):
+    """README "Configuration": the SSMTPD_ variables the server sets for its programs,
+    and those of test set-ups (SSMTPD_TEST_*), do not stop a start."""
+    env = {name: "x" for name in (
+        "SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_MECHANISM", "SSMTPD_TOKEN",
+        "SSMTPD_CLIENT_ADDR", "SSMTPD_MAIL_FROM", "SSMTPD_RCPT_TO", "SSMTPD_HELO",
+        "SSMTPD_TLS", "SSMTPD_TEST_ANYTHING")}
+    result = run_ssmtpd(valid_args(certs) + ["--check-config"], tmp_path, env)
+    assert (result.returncode, result.stdout, result.stderr) == (0, CHECKED_OK, "")
+
+
+def test_full_option_names_still_work_everywhere(tmp_path, certs):
+    """README "Configuration": without abbreviations, the full names still come from the
+    command line (also as --name=value), the environment and the ini file."""
+    ini = tmp_path / "full.ini"
+    ini.write_text("[ssmtpd]\nmax-recipients = 5\n")
+    env = {"SSMTPD_MAX_CONNECTIONS": "7"}
+    for args in (["--max-recipients", "5"], ["--max-recipients=5"], ["-c", str(ini)], []):
+        result = run_ssmtpd(valid_args(certs) + args + ["--check-config"], tmp_path, env)
+        assert (result.returncode, result.stderr) == (0, ""), args
+
+
+# --- the default --hostname -------------------------------------------------------------
+
+LOOPBACK_NAMES = ("localhost", "localhost4", "localhost6", "ip6-localhost", "ip6-loopback")
+
+
+def default_greeting_name(make_server, wrapper=()):
+    """The name a server started without --hostname greets with."""
+    srv = make_server(defaults=False, start=False)
+    srv.argv = list(wrapper) + srv.argv + [
+        "--bind", "127.0.0.1", "--port", str(srv.port), "--auth", AUTH, "--process", RECORD,
+        "--ssl-cert", srv.cert, "--ssl-key", srv.key]
+    srv.start()
+    greeting = probe(srv)[0]
+    assert greeting.startswith("220 ") and greeting.endswith(" ESMTP ssmtpd"), greeting
+    return greeting[4:-len(" ESMTP ssmtpd")]
+
+
+def test_default_hostname_is_this_machines_name(make_server):
+    """README "Configuration": without --hostname the greeting names the machine as
+    `hostname -f` does, never a loopback name while the machine has another."""
+    name = default_greeting_name(make_server)
+    if socket.gethostname().split(".")[0] not in LOOPBACK_NAMES:
+        assert name.split(".")[0] not in LOOPBACK_NAMES, name
+    if shutil.which("hostname"):
+        full = subprocess.run(["hostname", "-f"], capture_output=True, text=True,
+                              timeout=RUN_TIMEOUT).stdout.strip()
+        if "." in full and full.split(".")[0] not in LOOPBACK_NAMES:
+            assert name == full
+
+
+@pytest.mark.parametrize("hosts,expected", [
+    # The hostname on 127.0.0.1 after localhost: the address's first name is
+    # localhost, the hostname's canonical name is the full one.
+    ("127.0.0.1 localhost\n127.0.0.1 mail.example.test mail\n", "mail.example.test"),
+    # Only loopback names and the bare hostname: the bare hostname.
+    ("127.0.0.1 localhost\n127.0.1.1 localhost mail\n", "mail"),
+], ids=["canonical-name", "bare-hostname"])
+def test_default_hostname_where_hosts_file_says_localhost_first(make_server, tmp_path, hosts,
+                                                                expected):
+    """README "Configuration": the default --hostname under an /etc/hosts that makes a
+    reverse lookup answer localhost (a host of its own: UTS and mount namespaces)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "--uts", "--mount", "true"], capture_output=True,
+            timeout=RUN_TIMEOUT).returncode != 0:
+        pytest.skip("needs root and unshare(1) for a hostname and /etc/hosts of its own")
+    hosts_file = tmp_path / "hosts"
+    hosts_file.write_text(hosts)
+    script = f'hostname mail && mount --bind {hosts_file} /etc/hosts && exec "$@"'
+    wrapper = ["unshare", "--uts", "--mount", "sh", "-c", script, "sh"]
+    assert default_greeting_name(make_server, wrapper) == expected
 
 
 def test_port_in_use(tmp_path, certs):

@@ -1,0 +1,135 @@
+"""The package as a wheel installs it, without the source tree (README "Quick start").
+
+One wheel is built with the command the README gives and installed into a fresh
+virtualenv; every test here runs that installation's commands from a directory
+outside the clone, with neither the venv nor this Python on PATH.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+
+import pytest
+
+from conftest import ROOT, free_port, submit_self_signed, wait_for_port
+
+# `ssmtpd --example NAME` -> the file of the clone it must print, at the path
+# README "Deploying" names.
+EXAMPLES = {
+    "config": "ssmtpd/examples/ssmtpd.ini",
+    "systemd": "conf/ssmtpd.service",
+    "supervisord": "supervisord.conf.example",
+    "fail2ban-filter": "conf/fail2ban/filter.d/ssmtpd.conf",
+    "fail2ban-jail": "conf/fail2ban/jail.d/ssmtpd.local",
+}
+PASSPHRASE = "a long passphrase"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """(bin directory of a venv holding only the wheel, a home outside the clone, its env)."""
+    tmp = tmp_path_factory.mktemp("package")
+    # Built from a copy: other builds in the clone (pip -e, other tests) share its build/.
+    source = tmp / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist")
+    shutil.copytree(os.path.join(ROOT, "ssmtpd"), source / "ssmtpd", ignore=ignore)
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(ROOT, name), source / name)
+    wheels = tmp / "wheels"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                            str(wheels), "."], cwd=source, capture_output=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = wheels.glob("ssmtpd-*.whl")
+    # The dependencies come from this Python's site-packages, not from the network.
+    env_dir = tmp / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    bindir = env_dir / "bin"
+    done = subprocess.run([str(bindir / "python"), "-m", "pip", "install", "-q", "--no-deps",
+                           "--no-index", str(wheel)], capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    home = tmp / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SSMTPD_") and k != "PYTHONPATH"}
+    env["PATH"] = "/usr/bin:/bin"
+    return bindir, home, env
+
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_example_printed_from_the_installed_package(installed, name):
+    """README "Quick start", "Deploying": `ssmtpd --example NAME` prints each file the
+    README points to in the clone, byte for byte, from the installed package alone."""
+    bindir, home, env = installed
+    printed = subprocess.run([str(bindir / "ssmtpd"), "--example", name], env=env, cwd=home,
+                             capture_output=True, timeout=60)
+    assert (printed.returncode, printed.stderr) == (0, b"")
+    with open(os.path.join(ROOT, EXAMPLES[name]), "rb") as f:
+        assert printed.stdout == f.read()
+
+
+def test_example_config_is_example_config(installed):
+    """README "Quick start": --example-config still prints the first configuration."""
+    bindir, home, env = installed
+    old, new = (subprocess.run([str(bindir / "ssmtpd"), *args], env=env, cwd=home,
+                               capture_output=True, timeout=60)
+                for args in (["--example-config"], ["--example", "config"]))
+    assert old.returncode == 0 and old.stdout == new.stdout
+
+
+def test_unknown_example_is_refused(installed):
+    """README "Configuration": an unknown --example name is one line naming --example, exit 2."""
+    bindir, home, env = installed
+    result = subprocess.run([str(bindir / "ssmtpd"), "--example", "nginx"], env=env, cwd=home,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("ssmtpd: argument --example: invalid choice: 'nginx'")
+    assert len(result.stderr.splitlines()) == 1
+
+
+DECOY = "#!/bin/sh\n# another installation's command: refuses every login\nexit 1\n"
+
+
+def test_own_commands_come_before_path(installed, tmp_path):
+    """README "Configuration": a bare name among ssmtpd's own commands is the installed
+    package's even when another ssmtpd-auth-users comes first in PATH; other names are
+    still looked up in PATH; --check-config prints what each option runs, and that is
+    what runs."""
+    bindir, home, env = installed
+    decoys = tmp_path / "decoys"
+    decoys.mkdir()
+    for name in ("ssmtpd-auth-users", "ssmtpd-deliver-maildir", "my-deliver"):
+        (decoys / name).write_text(DECOY)
+        (decoys / name).chmod(0o755)
+    env = dict(env, PATH=f"{decoys}:/usr/bin:/bin")
+    users = tmp_path / "users"
+    port = free_port()
+    args = [str(bindir / "ssmtpd"), "--bind", "127.0.0.1", "--port", str(port),
+            "--auth", f"ssmtpd-auth-users --users {users}",
+            "--process", f"ssmtpd-deliver-maildir {tmp_path / 'mail'}"]
+    checked = subprocess.run(args + ["--check-config"], env=env, cwd=home,
+                             capture_output=True, text=True, timeout=60)
+    assert (checked.returncode, checked.stderr) == (0, "")
+    assert checked.stdout == (
+        f"ssmtpd: --auth runs {bindir}/ssmtpd-auth-users --users {users}\n"
+        f"ssmtpd: --process runs {bindir}/ssmtpd-deliver-maildir {tmp_path / 'mail'}\n"
+        "ssmtpd: configuration OK\n")
+    other = subprocess.run(args + ["--process", "my-deliver", "--check-config"], env=env,
+                           cwd=home, capture_output=True, text=True, timeout=60)
+    assert f"ssmtpd: --process runs {decoys}/my-deliver\n" in other.stdout, other
+
+    added = subprocess.run([str(bindir / "ssmtpd-auth-users"), "--users", str(users), "add",
+                            "alice"], env=env, input=f"{PASSPHRASE}\n".encode(),
+                           capture_output=True, timeout=60)
+    assert added.returncode == 0, added.stderr
+    proc = subprocess.Popen(args, env=env, cwd=home, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, proc=proc, timeout=30)
+        submit_self_signed(port, "alice", PASSPHRASE)  # the decoy would refuse the login
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert len(os.listdir(tmp_path / "mail" / "alice" / "new")) == 1
