@@ -21,7 +21,7 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from ssmtpd import metrics, proxy, replies
+from ssmtpd import metrics, privileges, proxy, replies
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Programs
 from ssmtpd.limits import TOO_MANY, TOO_MANY_FROM_ADDRESS, Limits
@@ -118,7 +118,7 @@ def bind_listeners(settings: Settings) -> List[Tuple[socket.socket, bool]]:
                     raise ListenError(f"--bind: cannot listen on {settings.bind}: "
                                       f"{e.strerror or e}") from None
                 raise ListenError(f"{option}: cannot listen on port {port}: "
-                                  f"{e.strerror or e}") from None
+                                  f"{e.strerror or e}{privileges.bind_advice(e)}") from None
     except ListenError:
         for listener, _ in listeners:
             listener.close()
