@@ -1,26 +1,30 @@
 """Deployment paths, with the real thing (README "Deploying").
 
 supervisord (Debian's `supervisor`) runs supervisord.conf.example with only its
-paths changed; the test delivers through it, renews the certificate with
-`supervisorctl signal HUP`, and stops it with `supervisorctl stop` while a
-message is being processed.
+paths and user changed, as a system user the test creates; the test logs in and
+delivers through it, renews the certificate with `supervisorctl signal HUP`, and
+stops it with `supervisorctl stop` while a message is being processed.
 """
 
 import contextlib
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import pytest
 
-from conftest import (AUTH, HOSTNAME, RECORD, ROOT, client_context, free_port,
+from conftest import (HOSTNAME, PASSWORD, RECORD, ROOT, USER, client_context, free_port,
                       shared_tmp_dir, stop_process, submit_self_signed, two_certificates,
                       wait_for_port, wait_until)
 
@@ -43,56 +47,134 @@ serverurl=unix://{tmp}/supervisor.sock
 """
 
 
-def example_with_paths(tmp, ini, command) -> str:
-    """supervisord.conf.example with its paths pointed into `tmp`, nothing else changed
-    but the user= line: the test runs as whoever runs it."""
+def example_with_paths(tmp, state, ini, command, user) -> str:
+    """supervisord.conf.example with its paths pointed into `tmp` and `state`, and its
+    user= line naming the test's dedicated user; nothing else changed."""
     with open(os.path.join(ROOT, "supervisord.conf.example")) as f:
         text = f.read()
     text = text.replace("command=ssmtpd --config /etc/ssmtpd/ssmtpd.ini",
                         f"command={command} --config {ini}")
-    text = text.replace("directory=/var/lib/ssmtpd", f"directory={tmp}")
+    text = text.replace("directory=/var/lib/ssmtpd", f"directory={state}")
     text = text.replace("stdout_logfile=/var/log/ssmtpd/ssmtpd.log",
                         f"stdout_logfile={tmp}/ssmtpd.log")
-    text = re.sub(r"(?m)^user=.*$", "", text)
-    assert f"command={command}" in text and f"directory={tmp}" in text
+    text = text.replace("\nuser=ssmtpd\n", f"\nuser={user}\n")
+    for line in (f"command={command}", f"directory={state}", f"user={user}"):
+        assert f"\n{line}" in text, line
     return text
 
 
 @pytest.fixture
-def supervised(tmp_path):
+def dedicated_user():
+    """A throwaway system user and group, as README "Deploying" creates `ssmtpd`."""
+    if os.geteuid() != 0:
+        pytest.skip("a dedicated user needs root: to create it, and for supervisord to "
+                    "switch to it")
+    name = "ssmtpd-t" + os.urandom(3).hex()
+    created = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                              "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
+                              name], capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=60)
+
+
+def searchable(user, directory) -> bool:
+    st = os.stat(directory)
+    groups = {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem} | {user.pw_gid}
+    if st.st_uid == user.pw_uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def as_seen_by(user, scratch):
+    """argv prefix that runs a command where `user` can run this Python.
+
+    README "Deploying" installs into /opt/ssmtpd, which any user can enter; the
+    Python running the tests may live under a directory only root enters (/root,
+    for a pyenv).  Then the command runs in a mount namespace of its own where that
+    one directory is a bare tmpfs holding only the way down to this Python.
+    """
+    blocked = []
+    for path in {os.path.realpath(sys.executable), os.path.realpath(sys.prefix),
+                 os.path.realpath(sys.base_prefix), ROOT}:
+        parts = path.split(os.sep)
+        for depth in range(2, len(parts) + 1):
+            directory = os.sep.join(parts[:depth - 1]) or os.sep
+            if os.path.isdir(directory) and not searchable(user, directory):
+                blocked.append((directory, parts[depth - 1]))
+    blocked = sorted(set(blocked))
+    if not blocked:
+        return []
+    if len(blocked) > 1 or not shutil.which("unshare"):
+        pytest.skip(f"{user.pw_name} cannot run {sys.executable}: install ssmtpd where "
+                    "any user can enter (README \"Deploying\")")
+    (directory, child), = blocked
+    stash = tempfile.mkdtemp(prefix="view-", dir=scratch)
+    script = ('set -e; mount --bind "$1/$2" "$3"; mount -t tmpfs -o mode=0755 tmpfs "$1"; '
+              'mkdir "$1/$2"; mount --bind "$3" "$1/$2"; shift 3; exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+            directory, child, stash]
+
+
+@pytest.fixture
+def supervised(dedicated_user):
+    """README "Deploying" with a dedicated user: its state directory, a users file made
+    by root with the example users tool, and supervisord.conf.example's user= line."""
     supervisord, supervisorctl = shutil.which("supervisord"), shutil.which("supervisorctl")
     if not (supervisord and supervisorctl):
         pytest.fail("supervisor is not installed (.ci/run installs Debian's supervisor)")
-    tmp = str(tmp_path)
-    first, second, cert, key = two_certificates(os.path.join(tmp, "certs"))
-    port = free_port()
-    ini = os.path.join(tmp, "ssmtpd.ini")
-    with open(ini, "w") as f:
-        f.write(f"[ssmtpd]\nbind = 127.0.0.1\nport = {port}\nhostname = {HOSTNAME}\n"
-                f"auth = {AUTH}\nprocess = {RECORD}\nssl-cert = {cert}\nssl-key = {key}\n"
-                "auth-failure-delay = 0\n")
-    command = shutil.which("ssmtpd", path=os.path.dirname(sys.executable)) or \
-        f"{sys.executable} -m ssmtpd"
-    config = os.path.join(tmp, "supervisord.conf")
-    with open(config, "w") as f:
-        f.write(SUPERVISOR_MAIN.format(tmp=tmp) + example_with_paths(tmp, ini, command))
-    records = os.path.join(tmp, "records")
-    os.makedirs(records)
-    env = dict(os.environ, SSMTPD_TEST_RECORD=records,
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([supervisord, "-c", config], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    user = dedicated_user
+    bindir = os.path.dirname(sys.executable)
+    users_tool = shutil.which("ssmtpd-auth-users", path=bindir)
+    assert users_tool, "pip install did not install the ssmtpd-auth-users command"
+    with shared_tmp_dir("ssmtpd-supervised-", 0o755) as tmp:
+        # install -d -o ssmtpd -g ssmtpd -m 0750 /var/lib/ssmtpd
+        state = os.path.join(tmp, "state")
+        os.mkdir(state, 0o750)
+        os.chown(state, user.pw_uid, user.pw_gid)
+        first, second, cert, key = two_certificates(os.path.join(tmp, "certs"))
+        port = free_port()
+        users = os.path.join(state, "users")
+        # As root, as an administrator would without sudo -u: the file must still be
+        # the server's to read.
+        added = subprocess.run([users_tool, "--users", users, "add", USER],
+                               input=PASSWORD.encode() + b"\n", capture_output=True,
+                               timeout=60)
+        assert added.returncode == 0, added.stderr
+        ini = os.path.join(tmp, "ssmtpd.ini")
+        with open(ini, "w") as f:
+            f.write(f"[ssmtpd]\nbind = 127.0.0.1\nport = {port}\nhostname = {HOSTNAME}\n"
+                    f"auth = {users_tool} --users {users}\nprocess = {RECORD}\n"
+                    f"ssl-cert = {cert}\nssl-key = {key}\nauth-failure-delay = 0\n")
+        command = shutil.which("ssmtpd", path=bindir) or f"{sys.executable} -m ssmtpd"
+        config = os.path.join(tmp, "supervisord.conf")
+        with open(config, "w") as f:
+            f.write(SUPERVISOR_MAIN.format(tmp=tmp)
+                    + example_with_paths(tmp, state, ini, command, user.pw_name))
+        records = os.path.join(state, "records")
+        os.mkdir(records)
+        os.chown(records, user.pw_uid, user.pw_gid)
+        env = dict(os.environ, SSMTPD_TEST_RECORD=records,
+                   PATH=bindir + os.pathsep + os.environ["PATH"],
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.Popen(as_seen_by(user, tmp) + [supervisord, "-c", config], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
 
-    def ctl(*args):
-        return subprocess.run([supervisorctl, "-c", config, *args], capture_output=True,
-                              text=True, timeout=120)
+        def ctl(*args):
+            return subprocess.run([supervisorctl, "-c", config, *args], capture_output=True,
+                                  text=True, timeout=120)
 
-    try:
-        wait_for_port(port, timeout=30, proc=proc)
-        yield dict(port=port, tmp=tmp, ctl=ctl, first=first, second=second, cert=cert,
-                   key=key, records=records)
-    finally:
-        stop_process(proc, timeout=60)
+        try:
+            wait_for_port(port, timeout=30, proc=proc)
+            yield dict(port=port, tmp=tmp, ctl=ctl, first=first, second=second, cert=cert,
+                       key=key, records=records, user=user)
+        finally:
+            stop_process(proc, timeout=60)
 
 
 def log(s) -> str:
@@ -114,8 +196,16 @@ def submit(s, ca, sender, results=None):
     return code, peer
 
 
+def uids(pid) -> set:
+    """Real, effective, saved and filesystem user ids of a process."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("Uid:"))
+    return {int(n) for n in line.split()[1:]}
+
+
 def test_supervisord_runs_the_example(supervised):
-    """README "Deploying": under supervisord with the shipped example: delivery, a
+    """README "Deploying": under supervisord with the shipped example, as a dedicated
+    user whose users file root made with the example users tool: logins, delivery, a
     certificate renewed with `supervisorctl signal HUP`, and `supervisorctl stop`
     draining a message in progress, then exit 0."""
     s = supervised
@@ -123,6 +213,13 @@ def test_supervisord_runs_the_example(supervised):
     assert submit(s, ca_first, "one@example.org") == (250, "ssmtpd first")
     # startsecs=3 in the example: RUNNING once it has stayed up that long.
     assert wait_until(lambda: "RUNNING" in s["ctl"]("status", "ssmtpd").stdout, timeout=20)
+    # user= in the example: the master, its workers and their programs are that user's.
+    master = int(s["ctl"]("pid", "ssmtpd").stdout)
+    assert uids(master) == {s["user"].pw_uid}
+    workers = [int(p) for p in open(f"/proc/{master}/task/{master}/children").read().split()]
+    assert len(workers) == 2 and all(uids(w) == {s["user"].pw_uid} for w in workers)
+    assert all(os.stat(os.path.join(s["records"], n)).st_uid == s["user"].pw_uid
+               for n in os.listdir(s["records"]))
 
     shutil.copyfile(s["second"][1], s["cert"])
     shutil.copyfile(s["second"][2], s["key"])

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import HOSTNAME, ROOT, client_context, plain_token
+from conftest import HOSTNAME, ROOT, client_context, plain_token, shared_tmp_dir
 
 CONF = os.path.join(ROOT, "conf")
 AUTH_USERS = os.path.join(CONF, "auth-users")
@@ -177,6 +177,104 @@ def test_auth_users_default_file_is_var_users(tmp_path):
     assert check(str(tmp_path / "var" / "users"), "alice", PASSWORD) == 0
     proc = auth_users(None, "list", cwd=str(tmp_path))
     assert proc.stdout == b"alice\n"
+
+
+# --- auth-users and a dedicated user (README "Deploying") -------------------------
+
+@pytest.fixture
+def dedicated():
+    """A throwaway system user (and its group), and a state directory it owns that
+    every user can reach, as README "Deploying" sets up; both removed after."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a system user and acting as root need root")
+    if not (shutil.which("useradd") and shutil.which("runuser")):
+        pytest.skip("useradd and runuser (Debian's passwd and util-linux) are not installed")
+    name = "ssmtpd-t" + os.urandom(3).hex()
+    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                    "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+                   check=True, capture_output=True, timeout=RUN_TIMEOUT)
+    try:
+        user = pwd.getpwnam(name)
+        with shared_tmp_dir("ssmtpd-examples-", 0o755) as top:
+            state = os.path.join(top, "state")
+            os.mkdir(state, 0o750)
+            os.chown(state, user.pw_uid, user.pw_gid)
+            yield user, state
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=RUN_TIMEOUT)
+
+
+def as_user(user, *argv, env=None):
+    return subprocess.run(["runuser", "-u", user.pw_name, "--", *argv], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=RUN_TIMEOUT)
+
+
+def python_for(user):
+    """A Python `user` can run the example from (this one may live under /root)."""
+    for python in (sys.executable, "/usr/bin/python3"):
+        if os.path.exists(python) and as_user(user, python, "-c", "").returncode == 0:
+            return python
+    pytest.skip(f"no Python that {user.pw_name} may run")
+
+
+def test_auth_users_as_root_gives_new_files_the_state_directory_owner(dedicated):
+    """README "Deploying": root running `add` on the dedicated user's state directory
+    makes a users file (and a directory above it) that user owns and can read, so its
+    logins are not answered 454."""
+    user, state = dedicated
+    users = os.path.join(state, "var", "users")
+    add(users, "alice")
+    for path in (users, os.path.dirname(users)):
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid) == (user.pw_uid, user.pw_gid), path
+    assert stat.S_IMODE(os.stat(users).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(users)).st_mode) == 0o700
+    env = dict(os.environ, SSMTPD_USERNAME="alice", SSMTPD_PASSWORD=PASSWORD)
+    proc = as_user(user, python_for(user), AUTH_USERS, "--users", users, env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_auth_users_keeps_owner_group_and_mode(dedicated):
+    """conf/auth-users add/delete: a rewritten file keeps its owner, group and mode,
+    whoever rewrites it."""
+    user, state = dedicated
+    users = os.path.join(state, "users")
+    add(users, "alice")
+    group = grp.getgrnam("nogroup" if "nogroup" in {g.gr_name for g in grp.getgrall()}
+                         else "nobody")
+    os.chown(users, user.pw_uid, group.gr_gid)
+    os.chmod(users, 0o640)
+    add(users, "bob")
+    assert auth_users(users, "delete", "alice").returncode == 0
+    st = os.stat(users)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == \
+        (user.pw_uid, group.gr_gid, 0o640)
+    assert auth_users(users, "list").stdout == b"bob\n"
+
+
+def test_auth_users_as_root_in_roots_directory_says_who_can_read(users):
+    """conf/auth-users add: a new file that stays root's (its directory is root's) is
+    pointed out, for a server that runs as another user could not read it."""
+    proc = add(users, "alice")
+    assert os.stat(users).st_uid == os.geteuid()
+    if os.geteuid() == 0:
+        assert b"belongs to root, mode 0600" in proc.stderr, proc.stderr
+    else:
+        assert proc.stderr == b""
+
+
+def test_auth_users_unreadable_file_says_whose_it_is(dedicated):
+    """README "The auth program" exit 75 -> 454: a users file the server's user cannot
+    read says in the log whose it is and as whom the program ran."""
+    user, state = dedicated
+    users = os.path.join(state, "users")
+    add(users, "alice")
+    os.chown(users, 0, 0)
+    env = dict(os.environ, SSMTPD_USERNAME="alice", SSMTPD_PASSWORD=PASSWORD)
+    proc = as_user(user, python_for(user), AUTH_USERS, "--users", users, env=env)
+    assert proc.returncode == 75, proc.stderr
+    assert (f"cannot read {users}: Permission denied (it belongs to root, mode 0600; "
+            f"this program runs as {user.pw_name})").encode() in proc.stderr, proc.stderr
 
 
 # --- conf/deliver-maildir ---------------------------------------------------------

@@ -14,9 +14,12 @@ rather than "wrong password" while the file is missing or broken.
 The users file holds one user a line, `name:scrypt$N$r$p$salt$hash`, salt and
 hash in base64.  `add` reads the password from stdin when that is not a
 terminal (one trailing newline is dropped), else asks twice.  The file is
-replaced atomically and kept at mode 0600 (an existing file keeps its owner,
-so root may edit the server user's file; a new one belongs to whoever ran
-`add`).  Default file: var/users, relative to the working directory.
+replaced atomically.  A new file is made mode 0600; an existing one keeps its
+owner, group and mode.  Run as root, what the tool creates (the file, and any
+directory above it) belongs to the owner of the directory it is created in:
+the server's user owns its state directory (README "Deploying"), and a users
+file that only root can read would answer every login with 454.  Default
+file: var/users, relative to the working directory.
 """
 
 import argparse
@@ -26,6 +29,8 @@ import getpass
 import hashlib
 import hmac
 import os
+import pwd
+import stat
 import sys
 import tempfile
 
@@ -100,6 +105,22 @@ def read_users(path: str) -> dict:
     return users
 
 
+def owner_of(directory: str):
+    """(uid, gid) that what root creates in `directory` gets: the directory's own,
+    or None when that is root's or we are not root (the new file is then ours)."""
+    if os.geteuid() != 0:
+        return None
+    st = os.stat(directory)
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def write_users(path: str, users: dict) -> None:
     """Replace the file atomically: readers see the old or the new one, never half."""
     directory = os.path.dirname(path) or "."
@@ -112,12 +133,21 @@ def write_users(path: str, users: dict) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
             if old is not None:
-                # When root edits a file the server's user owns, keep it readable
-                # to that user.
+                # The server's user must still read the file when root edits it;
+                # chown first, as it may clear mode bits.
                 try:
                     os.fchown(f.fileno(), old.st_uid, old.st_gid)
                 except PermissionError:
                     pass
+                os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode))
+            else:
+                owner = owner_of(directory)
+                if owner is not None:
+                    os.fchown(f.fileno(), *owner)
+                elif os.geteuid() == 0:
+                    print(f"auth-users: note: {path} belongs to root, mode 0600: a server "
+                          "running as another user (--user, User=) cannot read it; chown "
+                          "it to that user", file=sys.stderr)
             for name, entry in users.items():
                 f.write(f"{name}:{entry}\n")
             f.flush()
@@ -136,6 +166,21 @@ def write_users(path: str, users: dict) -> None:
         os.close(dir_fd)
 
 
+def make_directories(directory: str) -> None:
+    """os.makedirs(mode 0700), each new directory owned as a new users file is."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    if os.path.isdir(directory):
+        return
+    make_directories(parent)
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        return  # another `add` made it first
+    owner = owner_of(parent)
+    if owner is not None:
+        os.chown(directory, *owner)
+
+
 class Locked:
     """Serialises writers on the users file's directory; readers need no lock."""
 
@@ -145,7 +190,7 @@ class Locked:
 
     def __enter__(self):
         if self.create:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            make_directories(self.directory)
         self.fd = os.open(self.directory, os.O_RDONLY)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
@@ -167,6 +212,9 @@ def verify(path: str) -> int:
                     "(this mode is run by ssmtpd for each AUTH)", EX_USAGE)
     try:
         users = read_users(path)
+    except PermissionError as e:
+        return fail(f"cannot read {path}: {e.strerror} ({whose(path)}; this program runs "
+                    f"as {user_name(os.geteuid())})", EX_TEMPFAIL)
     except OSError as e:
         return fail(f"cannot read {path}: {e.strerror}", EX_TEMPFAIL)
     # Environment strings carry undecodable bytes as surrogates; hash the
@@ -178,6 +226,15 @@ def verify(path: str) -> int:
     except UsersFileError as e:
         return fail(f"{path}: user {name!r}: {e}", EX_TEMPFAIL)
     return 0 if good and entry is not None else 1
+
+
+def whose(path: str) -> str:
+    """Who may read `path`, for the log line of an auth that could not."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "its directory cannot be entered"
+    return f"it belongs to {user_name(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}"
 
 
 def read_new_password() -> bytes:
