@@ -167,12 +167,13 @@ def _program(value):
 def _which(name: str) -> Optional[str]:
     """A bare program name as README "Configuration" says it is looked up.
 
-    First among the commands installed with this ssmtpd (its own
-    ssmtpd-auth-users before another installation's earlier in PATH), then
-    PATH, then next to the Python running us, where a virtualenv's commands
-    are even when it was never activated.
+    One of ssmtpd's own commands (ssmtpd-...) first among the commands
+    installed with this ssmtpd, so another installation's earlier in PATH
+    cannot take its place; then PATH, then next to the Python running us,
+    where a virtualenv's commands are even when it was never activated.
     """
-    for directory in (sysconfig.get_path("scripts"), None, os.path.dirname(sys.executable)):
+    own = (sysconfig.get_path("scripts"),) if name.startswith("ssmtpd-") else ()
+    for directory in own + (None, os.path.dirname(sys.executable)):
         path = shutil.which(name, path=directory)
         if path is not None:
             return os.path.abspath(path)
