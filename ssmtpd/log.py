@@ -102,10 +102,16 @@ class SessionLog(logging.LoggerAdapter):
         super().__init__(logger, {})
         self.session_id = session_id
         self.client = client
-        self.user = "-"
+        self.set_user(None)
 
     def set_user(self, name) -> None:
         self.user = "-" if name is None else quote(name, 64)
+        self._prefix = f"[{self.session_id}] {self.client} {self.user}: "
+        # The prefix goes in front of a format string: a "%" in a username
+        # ("user%domain") must stay a character, not become a conversion.
+        self._prefix_in_format = self._prefix.replace("%", "%%")
 
-    def process(self, msg, kwargs):
-        return f"[{self.session_id}] {self.client} {self.user}: {msg}", kwargs
+    def log(self, level, msg, *args, **kwargs):
+        if self.logger.isEnabledFor(level):
+            prefix = self._prefix_in_format if args else self._prefix
+            self.logger.log(level, prefix + msg, *args, **kwargs)

@@ -120,10 +120,12 @@ def run(argv: Sequence[str], env: Environment, timeout: float,
         exited = AsyncResult()
         watcher = loop.child(pid, False)
         watcher.start(lambda: exited.set(watcher.rstatus))
-    except OSError as e:  # no such program, or out of descriptors or processes
+    except (OSError, ValueError) as e:
+        # No such program, out of descriptors or processes; ValueError: a NUL
+        # in an argument or variable, which exec cannot take.
         for fd in ours:
             os.close(fd)
-        return Outcome(NOT_STARTED, error=e.strerror or str(e),
+        return Outcome(NOT_STARTED, error=getattr(e, "strerror", None) or str(e),
                        seconds=time.monotonic() - started)
     finally:
         for fd in child_ends:

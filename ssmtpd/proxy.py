@@ -83,6 +83,12 @@ def _parse_v1(data: bytes) -> Optional[Header]:
 
 
 def _v1_address(text: str, family: int) -> str:
+    # ipaddress takes an IPv6 scope id ("fe80::1%eth0"), and the scope may be
+    # any octets but a space: LF, TAB, NUL, "%".  A client address never has
+    # one (Postfix and Go's net.ParseIP refuse it too), and it would reach
+    # logs, the Received header and the programs' environment.
+    if "%" in text:
+        raise ProxyError(f"v1 address is not an IPv{family} address")
     try:
         address = ipaddress.ip_address(text)
     except ValueError:

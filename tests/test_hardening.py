@@ -737,6 +737,18 @@ def test_client_that_never_reads_is_cut_off(drip_server):
 
 # === The two programs =========================================================
 
+def test_value_exec_cannot_take_is_a_program_that_cannot_start():
+    """SECURITY.md: a NUL in a program's argument or variable (exec cannot take
+    one) is "cannot start", never an exception that leaks the run's pipes."""
+    from ssmtpd import programs
+    programs.run(["/bin/true"], {}, timeout=5)  # the event loop's own descriptors, once
+    before = fd_count(os.getpid())
+    for argv, env in [(["/bin/true"], {"X": "a\0b"}), (["/bin/true", "a\0b"], {})] * 10:
+        outcome = programs.run(argv, env, timeout=5)
+        assert outcome.status == programs.NOT_STARTED, outcome
+    assert fd_count(os.getpid()) == before
+
+
 def _timed_message(raw, mail_from, body):
     transaction(raw, mail_from)
     raw.send(body)

@@ -7,6 +7,7 @@ in front.
 """
 
 import ipaddress
+import os
 import socket
 import struct
 
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import HOSTNAME, PASSWORD, USER, Raw, plain_token
+from conftest import HOSTNAME, PASSWORD, USER, Raw, plain_token, wait_until
 from ssmtpd import proxy
 from ssmtpd.proxy import Header, ProxyError
 
@@ -146,6 +147,21 @@ def test_malformed_headers_are_refused(data):
         proxy.parse(data)
 
 
+# An IPv6 scope id may hold any octet but a space: these would reach the
+# Received header, SSMTPD_CLIENT_ADDR and the log (README "Scaling").
+SCOPED_SOURCES = [b"fe80::1%\nX-Injected:\tyes", b"fe80::1%\r\nX-Injected: yes",
+                  b"fe80::1%\x00", b"fe80::1%\x1b[31m", b"fe80::1%s%s%s", b"fe80::1%eth0",
+                  b"::ffff:192.0.2.1%1"]
+
+
+@pytest.mark.parametrize("source", SCOPED_SOURCES)
+def test_scoped_ipv6_source_is_refused(source):
+    with pytest.raises(ProxyError):
+        proxy.parse(b"PROXY TCP6 " + source + b" ::1 1234 25\r\n")
+    with pytest.raises(ProxyError):
+        proxy.parse(b"PROXY TCP6 ::1 " + source + b" 1234 25\r\n")
+
+
 # --- against a real server --------------------------------------------------------
 
 @pytest.fixture
@@ -242,3 +258,48 @@ def test_per_address_limit_counts_the_real_clients(make_server):
     assert code == 421 and "from your address" in lines[-1]
     for raw in held:
         raw.close()
+
+
+def test_injection_through_a_trusted_proxy_is_closed_without_a_trace(proxied):
+    """SECURITY.md: a trusted peer's v1 header with a scoped IPv6 source (LF, CR, TAB,
+    ESC, NUL, "%" in the scope) is closed without a byte, each with one log line, and
+    200 of them leak no descriptor."""
+    def attempt(source: bytes) -> None:
+        raw = connect(proxied)
+        raw.send(b"PROXY TCP6 " + source + b" ::1 1234 25\r\n")
+        assert raw.closed(timeout=5)
+        assert raw.buf == b""
+        raw.close()
+
+    # The start-up probe's connection has its own line; wait for it first.
+    assert wait_until(lambda: "connection closed before a complete header" in proxied.log())
+    before = proxied.log()
+    for source in SCOPED_SOURCES:
+        attempt(source)
+    assert wait_until(lambda: proxied.log().count("closed: PROXY header") - before.count(
+        "closed: PROXY header") == len(SCOPED_SOURCES), timeout=10), proxied.log()
+    new = proxied.log()[len(before):]
+    assert len(new.splitlines()) == len(SCOPED_SOURCES), new
+    assert "X-Injected" not in new and "Logging error" not in new
+
+    pid = proxied.proc.pid
+    descriptors = len(os.listdir(f"/proc/{pid}/fd"))
+    for n in range(200):
+        attempt(SCOPED_SOURCES[n % len(SCOPED_SOURCES)])
+    assert wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= descriptors, timeout=10), \
+        (descriptors, os.listdir(f"/proc/{pid}/fd"))
+    assert proxied.runs() == []
+
+
+def test_percent_in_a_username_is_logged_as_a_character(make_server, tmp_path):
+    """README "Logging": a "%" in a username is part of the quoted name, on every line
+    of its session, not a conversion that breaks them."""
+    srv = make_server()
+    raw = srv.raw()
+    raw.login(srv.tls_context(), "user%s%d", PASSWORD)  # the test auth program takes any name
+    assert raw.send_message()[0] == 250
+    assert raw.cmd("QUIT")[0] == 221
+    raw.close()
+    assert wait_until(lambda: '"user%s%d": disconnected' in srv.log(), timeout=10), srv.log()
+    assert '"user%s%d": MAIL FROM:' in srv.log()
+    assert "Logging error" not in srv.log() and "Traceback" not in srv.log()
