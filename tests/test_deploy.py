@@ -9,9 +9,11 @@ stops it with `supervisorctl stop` while a message is being processed.
 import contextlib
 import grp
 import ipaddress
+import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -74,10 +76,23 @@ def dedicated_user():
                               "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
                               name], capture_output=True, text=True, timeout=60)
     assert created.returncode == 0, created.stderr
+    user = pwd.getpwnam(name)
     try:
-        yield pwd.getpwnam(name)
+        yield user
     finally:
+        # Whatever the test started as the user and outlived its server.
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and uids_or_none(int(pid)) == {user.pw_uid}:
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["userdel", name], capture_output=True, timeout=60)
+
+
+def uids_or_none(pid):
+    try:
+        return uids(pid)
+    except (OSError, StopIteration):
+        return None
 
 
 def searchable(user, directory) -> bool:
@@ -264,6 +279,291 @@ def test_systemd_unit_verifies(tmp_path):
     result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,
                             timeout=60, cwd=str(tmp_path))
     assert (result.returncode, result.stderr.strip()) == (0, ""), result.stderr
+
+
+# What systemd does with the unit's [Service] settings, done by hand: systemd does
+# not run as PID 1 in the test's machine, so `systemctl start` is not to be had.
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
+SANDBOX_REPRODUCED = {"ExecStart", "User", "Group", "NoNewPrivileges", "StateDirectory",
+                      "WorkingDirectory", "Environment", "ProtectSystem", "ReadWritePaths"}
+SANDBOX_LEFT_OUT = {
+    # Only for ports below 1024; the test's are above.
+    "AmbientCapabilities", "CapabilityBoundingSet",
+    # They hide /home, /root and the host's /tmp, and this test's directories (and
+    # perhaps its Python) live there; the programs tried here write to neither.
+    "ProtectHome", "PrivateTmp",
+    # Starting, stopping, reloading: not what the programs may do.
+    "Type", "ExecReload", "KillMode", "TimeoutStopSec", "Restart", "RestartPreventExitStatus",
+}
+
+# Run as root inside `unshare --mount`: each step is what systemd does before it
+# starts ExecStart, in the same order.
+SANDBOX = """
+import json, os, subprocess, sys
+spec = json.loads(sys.argv[1])
+
+def mount(*args):
+    subprocess.run(["mount", *args], check=True)
+
+for directory, child, stash in spec["views"]:
+    mount("--bind", directory + "/" + child, stash)
+    mount("-t", "tmpfs", "-o", "mode=0755", "tmpfs", directory)
+    os.mkdir(directory + "/" + child)
+    mount("--bind", stash, directory + "/" + child)
+for target, source in spec["binds"]:
+    mount("--bind", source, target)
+# ProtectSystem=strict: every mount read-only but /dev, /proc and /sys; then
+# StateDirectory= and ReadWritePaths= writable again.
+for path in spec["writable"]:
+    mount("--bind", path, path)
+with open("/proc/self/mountinfo") as f:
+    points = [line.split()[4] for line in f]
+for point in points:
+    if point.split("/")[1] not in ("dev", "proc", "sys"):
+        subprocess.run(["mount", "-o", "remount,bind,ro", point], capture_output=True,
+                       check=point == "/")
+for path in spec["writable"]:
+    mount("-o", "remount,bind,rw", path)
+try:
+    open(spec["probe"], "w").close()
+    sys.exit("ProtectSystem=strict is not reproduced: " + spec["probe"] + " is writable")
+except OSError:
+    pass
+os.chdir(spec["cwd"])
+os.execvp(spec["argv"][0], spec["argv"])
+"""
+
+
+def unit_settings(text):
+    """[(key, value)] of the unit's [Service] section."""
+    settings, section = [], None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]":
+            key, _, value = line.partition("=")
+            settings.append((key, value))
+    return settings
+
+
+@contextlib.contextmanager
+def under_unit(unit, user, paths, top, binds=()):
+    """ExecStart of `unit` as systemd would start it, with its sandbox: the unit's
+    paths moved by `paths` (/var/lib/ssmtpd to a temporary directory, ...).  Yields
+    the server's log (a function)."""
+    for old, new in paths.items():
+        unit = unit.replace(old, new)
+    settings = unit_settings(unit)
+    keys = {k for k, _ in settings}
+    assert keys <= SANDBOX_REPRODUCED | SANDBOX_LEFT_OUT, \
+        f"teach this test what {keys - SANDBOX_REPRODUCED - SANDBOX_LEFT_OUT} do"
+    one = dict(settings)
+    assert one["ProtectSystem"] == "strict" and one["User"] == "ssmtpd"
+    env = {"PATH": SYSTEMD_PATH, "USER": user.pw_name, "LOGNAME": user.pw_name,
+           "HOME": user.pw_dir, "SHELL": user.pw_shell, "LANG": "C.UTF-8",
+           # The code under test, wherever pip put the package.
+           "PYTHONPATH": ROOT}
+    writable = []
+    for key, value in settings:
+        if key == "Environment":
+            env.update(item.split("=", 1) for item in shlex.split(value))
+        elif key == "StateDirectory":
+            state = paths["/var/lib/ssmtpd"]
+            assert value == "ssmtpd"
+            os.makedirs(state, exist_ok=True)  # systemd makes it, owned by User=
+            os.chown(state, user.pw_uid, user.pw_gid)
+            writable.append(state)
+        elif key == "ReadWritePaths":
+            for path in value.split():
+                if not (path.startswith("-") and not os.path.exists(path[1:])):
+                    writable.append(path.lstrip("-"))
+    argv = ["setpriv", "--reuid", str(user.pw_uid), "--regid", str(user.pw_gid),
+            "--init-groups"]
+    if one.get("NoNewPrivileges") == "true":
+        argv.append("--no-new-privs")
+    argv += ["--"] + shlex.split(one["ExecStart"])
+    prefix = as_seen_by(user, top)
+    views = [prefix[-3:]] if prefix else []
+    spec = dict(views=views, binds=list(binds), writable=writable, argv=argv,
+                cwd=one["WorkingDirectory"], probe=os.path.join(top, "probe"))
+    log_path = os.path.join(top, "ssmtpd.log")
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", sys.executable,
+                             "-c", SANDBOX, json.dumps(spec)], env=env, cwd="/",
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    def read_log():
+        with open(log_path, errors="replace") as f:
+            return f.read()
+
+    try:
+        assert wait_until(lambda: proc.poll() is not None or "listening on" in read_log(),
+                          timeout=30), read_log()
+        assert proc.poll() is None, read_log()
+        yield read_log
+    finally:
+        stop_process(proc, timeout=60)
+        log.close()
+
+
+def readme_minimal_process_program() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    m = re.search(r"A minimal process program[^\n]*\n\n```sh\n(.*?)```", text, re.S)
+    assert m, "README: no minimal process program"
+    return m.group(1)
+
+
+@pytest.fixture
+def unit_machine(dedicated_user):
+    """A host laid out as README "Deploying" and the unit's head say, in a temporary
+    directory: the unit's paths moved into it, a users file root made with alice."""
+    if not (shutil.which("unshare") and shutil.which("setpriv")):
+        pytest.skip("unshare and setpriv (util-linux) are not installed")
+    with open(os.path.join(ROOT, "conf", "ssmtpd.service")) as f:
+        unit = f.read()
+    bindir = os.path.dirname(sys.executable)
+    command = shutil.which("ssmtpd", path=bindir)
+    assert command, "pip install did not install the ssmtpd command"
+    with shared_tmp_dir("ssmtpd-unit-", 0o755) as top:
+        paths = {"/opt/ssmtpd/bin/ssmtpd": command,
+                 "/etc/ssmtpd/ssmtpd.ini": os.path.join(top, "ssmtpd.ini"),
+                 "/var/lib/ssmtpd": os.path.join(top, "var-lib-ssmtpd"),
+                 "/var/spool/submitted": os.path.join(top, "var-spool-submitted")}
+        os.mkdir(paths["/var/lib/ssmtpd"], 0o750)
+        os.chown(paths["/var/lib/ssmtpd"], dedicated_user.pw_uid, dedicated_user.pw_gid)
+        users = os.path.join(paths["/var/lib/ssmtpd"], "users")
+        added = subprocess.run([os.path.join(bindir, "ssmtpd-auth-users"), "--users", users,
+                                "add", "alice"], input=b"a long passphrase\n",
+                               capture_output=True, timeout=60)
+        assert added.returncode == 0, added.stderr
+        port = free_port()
+
+        def configure(process, *more):
+            text = (f"[ssmtpd]\nbind = 127.0.0.1\nport = {port}\nhostname = {HOSTNAME}\n"
+                    f"auth = {bindir}/ssmtpd-auth-users --users /var/lib/ssmtpd/users\n"
+                    f"process = {process}\nauth-failure-delay = 0\n" + "".join(more))
+            with open(paths["/etc/ssmtpd/ssmtpd.ini"], "w") as f:
+                f.write(text.replace("/var/lib/ssmtpd", paths["/var/lib/ssmtpd"]))
+
+        yield dict(unit=unit, user=dedicated_user, top=top, paths=paths, port=port,
+                   configure=configure)
+
+
+def test_systemd_unit_runs_the_readme_minimal_process_program(unit_machine):
+    """README "Under systemd": the unit as shipped, with its sandbox (everything
+    read-only but its ReadWritePaths=), runs the minimal process program of README
+    "The process program" once its directory is made as README "Under systemd" says."""
+    m = unit_machine
+    spool = m["paths"]["/var/spool/submitted"]
+    # install -d -o ssmtpd -g ssmtpd -m 0750 /var/spool/submitted
+    os.mkdir(spool, 0o750)
+    os.chown(spool, m["user"].pw_uid, m["user"].pw_gid)
+    program = os.path.join(m["top"], "process")
+    with open(program, "w") as f:
+        f.write(readme_minimal_process_program().replace("/var/spool/submitted", spool))
+    os.chmod(program, 0o755)
+    m["configure"](program)
+    with under_unit(m["unit"], m["user"], m["paths"], m["top"]) as log:
+        submit_self_signed(m["port"], "alice", "a long passphrase")
+        (name,) = os.listdir(os.path.join(spool, "alice"))
+        assert name.startswith("msg."), log()
+
+
+def test_systemd_unit_runs_the_example_programs(unit_machine):
+    """README "Under systemd": the unit as shipped runs the example programs as
+    installed, their state in its state directory."""
+    m = unit_machine
+    m["configure"](f"{os.path.dirname(sys.executable)}/ssmtpd-deliver-maildir "
+                   "/var/lib/ssmtpd/mail")
+    with under_unit(m["unit"], m["user"], m["paths"], m["top"]):
+        submit_self_signed(m["port"], "alice", "a long passphrase")
+        new = os.path.join(m["paths"]["/var/lib/ssmtpd"], "mail", "alice", "new")
+        assert len(os.listdir(new)) == 1
+
+
+def readme_unit_changes(program: str):
+    """The lines README "Under systemd" says to delete from the unit and to add to
+    it, for `program`."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("### Under systemd"):text.index("### In a container")]
+    item = next(line for line in section.split("\n- ") if program in line)
+    deleted = re.findall(r"delete\s+`([A-Za-z]+=[^`]*)`", item)
+    added = re.findall(r"add\s+`([A-Za-z]+=[^`]*)`", item)
+    return deleted, added
+
+
+def changed_unit(unit: str, deleted=(), added=()) -> str:
+    for line in deleted:
+        assert f"\n{line}\n" in unit, line
+        unit = unit.replace(f"\n{line}\n", "\n")
+    for line in added:
+        unit = unit.replace("\nProtectSystem=strict\n", f"\nProtectSystem=strict\n{line}\n")
+    return unit
+
+
+POSTFIX_DROP_MAIN = "compatibility_level = 3.6\n"
+
+
+def test_systemd_unit_pipes_to_postfix_sendmail_once_changed_as_the_readme_says(
+        unit_machine):
+    """README "Under systemd": Postfix's sendmail as the process program fails under the
+    unit as shipped (NoNewPrivileges= keeps its setgid postdrop from writing the
+    maildrop, which ProtectSystem= has made read-only), and works with the changes the
+    README gives for it."""
+    if not (os.path.exists("/usr/sbin/sendmail") and shutil.which("postdrop")):
+        pytest.fail("postfix is not installed (.ci/run installs Debian's postfix)")
+    m = unit_machine
+    top = m["top"]
+    # Postfix's own paths, private to the sandbox: its default configuration
+    # directory and an empty queue (the machine's Postfix, if any, sees neither).
+    etc, queue = os.path.join(top, "postfix-etc"), os.path.join(top, "postfix-queue")
+    os.mkdir(etc)
+    with open(os.path.join(etc, "main.cf"), "w") as f:
+        f.write(POSTFIX_DROP_MAIN)
+    for name in ("master.cf", "dynamicmaps.cf"):
+        if os.path.exists(os.path.join("/etc/postfix", name)):
+            shutil.copyfile(os.path.join("/etc/postfix", name), os.path.join(etc, name))
+    for sub, mode in (("", 0o755), ("maildrop", 0o1730), ("public", 0o2710)):
+        path = os.path.join(queue, sub)
+        os.makedirs(path, exist_ok=True)
+        os.chmod(path, mode)
+        if sub:
+            shutil.chown(path, "postfix", "postdrop")
+    binds = [("/etc/postfix", etc), ("/var/spool/postfix", queue)]
+    program = os.path.join(top, "to-sendmail")
+    with open(program, "w") as f:
+        f.write('#!/bin/sh\nexec /usr/sbin/sendmail -i -f "$SSMTPD_MAIL_FROM" -- '
+                '$SSMTPD_RCPT_TO\n')
+    os.chmod(program, 0o755)
+    m["configure"](program, "process-timeout = 3\n")
+    maildrop = os.path.join(queue, "maildrop")
+
+    import smtplib
+    deleted, added = readme_unit_changes("sendmail")
+    assert deleted == ["NoNewPrivileges=true"] and added, (deleted, added)
+    # As shipped, and with only one of the two changes: postdrop cannot write the
+    # maildrop and retries until the process program is killed.
+    for unit, why in ((m["unit"], ("Permission denied", "Read-only file system")),
+                      (changed_unit(m["unit"], added=added), ("Permission denied",)),
+                      (changed_unit(m["unit"], deleted), ("Read-only file system",))):
+        with under_unit(unit, m["user"], m["paths"], top, binds) as log:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                submit_self_signed(m["port"], "alice", "a long passphrase")
+            assert refused.value.smtp_code == 451, log()
+            assert re.search(rf"create file maildrop/\S+: ({'|'.join(why)})", log()), log()
+            assert os.listdir(maildrop) == []
+    with under_unit(changed_unit(m["unit"], deleted, added), m["user"], m["paths"], top,
+                    binds) as log:
+        try:
+            submit_self_signed(m["port"], "alice", "a long passphrase")
+        except smtplib.SMTPDataError:
+            pytest.fail(log())
+        assert len(os.listdir(maildrop)) == 1, log()
 
 
 # --- the Dockerfile, without a container engine -------------------------------------
