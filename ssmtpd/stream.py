@@ -19,10 +19,19 @@ import gevent
 from gevent import ssl
 
 CHUNK = 65536
+# Reads for command lines are smaller: what is read and not yet answered
+# stays with us while a client that pipelines does not read its replies.
+# A TLS record holds at most 16 KiB; the longest line (AUTH) takes one more read.
+LINE_CHUNK = 16384
 # Long enough that a busy session pays for the yield about once per 5 ms (a
 # few microseconds), short enough that ten busy sessions still answer an
 # interactive client within a tenth of a second.
 TURN = 0.005
+# Replies owed to a pipelining client are sent once this many are waiting,
+# before another command is read: a client that never reads its replies holds
+# this much of ours, not a reply for every command it sent (RFC 2920 groups
+# are a few commands).
+MAX_UNSENT = 8192
 # Any delay above zero is a timer: the loop must poll for I/O, run due timers
 # and signal handlers before it resumes us (sleep(0) may resume us first).
 YIELD = 0.0001
@@ -104,7 +113,7 @@ class ClientStream:
             self._turn_iteration = self._loop.iteration
             self._turn_ends = time.monotonic() + TURN
 
-    def _recv(self) -> bytes:
+    def _recv(self, size: int = CHUNK) -> bytes:
         answered = bool(self._out)
         self.flush()
         try:
@@ -115,7 +124,7 @@ class ClientStream:
                 # with its traceback, for as long as the session waits).  A
                 # pipelining client's waiting bytes cost one loop pass.
                 self._hub.wait(self._readable)
-            data = self._read(CHUNK)
+            data = self._read(size)
         except (ConnectionError, socket.error) as e:
             if isinstance(e, socket.timeout):
                 raise
@@ -131,11 +140,13 @@ class ClientStream:
         arrives (RFC 5321 §4.5.3.1.4) and LineTooLong is raised.
         """
         self._take_turns()
+        if len(self._out) > MAX_UNSENT:
+            self.flush()
         buf = self._buf
         if not buf:
             # The usual command: nothing pipelined, and one read brings the
             # whole line and no more.
-            data = self._recv()
+            data = self._recv(LINE_CHUNK)
             if data.find(b"\n") == len(data) - 1 and len(data) <= limit:
                 return data
             buf += data
@@ -154,12 +165,12 @@ class ClientStream:
                 self._discard_to_newline()
                 raise LineTooLong()
             searched = len(buf)
-            buf += self._recv()
+            buf += self._recv(LINE_CHUNK)
 
     def _discard_to_newline(self) -> None:
         while True:
             self._take_turns()
-            data = self._recv()
+            data = self._recv(LINE_CHUNK)
             end = data.find(b"\n")
             if end >= 0:
                 self._buf += data[end + 1:]
@@ -192,8 +203,10 @@ class ClientStream:
     def flush(self) -> None:
         if not self._out:
             return
-        data = memoryview(bytes(self._out))
-        self._out.clear()
+        # Sent from the buffer itself, not a copy of it; replies written
+        # meanwhile go to a new one.
+        data = memoryview(self._out)
+        self._out = bytearray()
         try:
             # send() rather than sendall(): gevent's sendall asks the kernel
             # for the buffer size (a getsockopt call) before every reply.

@@ -735,6 +735,58 @@ def test_client_that_never_reads_is_cut_off(drip_server):
     assert send_message(login(srv))[0] == 250
 
 
+def _fill_without_reading(socks, seconds=15.0) -> int:
+    """Pipeline EHLOs on every socket, never reading a reply, until the server
+    stops taking them on each (its replies have filled the socket buffers)."""
+    chunk = b"EHLO x\r\n" * 8192
+    sent = 0
+    for sock in socks:
+        sock.setblocking(False)
+    deadline = time.monotonic() + seconds
+    quiet_rounds = 0
+    while quiet_rounds < 3 and time.monotonic() < deadline:
+        moved = 0
+        for sock in socks:
+            try:
+                moved += sock.send(chunk)
+            except BlockingIOError:
+                pass
+        sent += moved
+        quiet_rounds = quiet_rounds + 1 if moved == 0 else 0
+        time.sleep(0.2)
+    return sent
+
+
+def test_clients_that_pipeline_and_never_read_hold_little_memory(make_server):
+    """SECURITY.md: a client that pipelines commands and never reads the replies
+    pins a few KiB of server memory, not its replies: the server stops reading
+    its commands while unsent replies pass a small bound.  100 such clients."""
+    srv = make_server("--timeout", "60", "--max-connections-per-ip", "200")
+    pid = srv.proc.pid
+    # Warm up: the same abuse once, so lazily made state is in the baseline.
+    warm = [srv.raw().sock for _ in range(5)]
+    _fill_without_reading(warm)
+    for sock in warm:
+        sock.close()
+    assert wait_until(lambda: sessions_settled(srv), 20)
+    time.sleep(0.5)
+    base_rss = status_kb(pid, "VmRSS")
+
+    socks = [srv.raw().sock for _ in range(100)]
+    try:
+        sent = _fill_without_reading(socks)
+        time.sleep(1.0)
+        grown = status_kb(pid, "VmRSS") - base_rss
+        print(f"\n{sent // 1024} KiB of commands sent, server RSS +{grown} KiB "
+              f"({grown / 100:.1f} KiB per client)")
+        assert grown / 100 < 64, f"{grown / 100:.1f} KiB per client"
+        # Still serving everyone else.
+        assert send_message(login(srv))[0] == 250
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 # === The two programs =========================================================
 
 def test_value_exec_cannot_take_is_a_program_that_cannot_start():
