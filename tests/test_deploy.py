@@ -3,7 +3,11 @@
 supervisord (Debian's `supervisor`) runs supervisord.conf.example with only its
 paths and user changed, as a system user the test creates; the test logs in and
 delivers through it, renews the certificate with `supervisorctl signal HUP`, and
-stops it with `supervisorctl stop` while a message is being processed.
+stops it with `supervisorctl stop` while a message is being processed.  The
+systemd unit is checked by `systemd-analyze verify`, and its ExecStart run in
+its sandbox, reproduced with a mount namespace and setpriv.  The Dockerfile's
+command runs on its environment alone, and its HEALTHCHECK in every
+configuration the README shows.  Postfix relays through ssmtpd.
 """
 
 import contextlib
