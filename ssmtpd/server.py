@@ -32,8 +32,6 @@ from ssmtpd.tls import TLSHolder
 BACKLOG = 1024
 # After SIGTERM, how long beyond the longest program run we wait for busy sessions.
 SHUTDOWN_GRACE = 15.0
-# While a PROXY header is incomplete, how long to wait before looking again.
-PROXY_POLL = 0.01
 # How often, while the server is nearly full, sessions that already wait for a
 # line are checked against --busy-timeout (new waits get it directly).
 PRESSURE_SWEEP = 0.5
@@ -151,6 +149,7 @@ class Server:
         self._stopped = Event()
         self._servers: List[StreamServer] = []
         self._signal_handlers = []
+        self._awaiting_header = 0
 
     # --- start ---------------------------------------------------------------
 
@@ -247,13 +246,22 @@ class Server:
         if not any(address in network for network in self.settings.proxy_trusted):
             log.warning("closed: not a --proxy-trusted address")
             return None
+        # Connections still owing their header hold descriptors as sessions
+        # do: no more of them than --max-connections at once.
+        if self._awaiting_header >= self.settings.max_connections:
+            log.warning("closed: %d connections already wait for their PROXY header",
+                        self._awaiting_header)
+            return None
         deadline = time.monotonic() + self.settings.timeout
+        self._awaiting_header += 1
         try:
             header = _read_proxy_header(sock, deadline)
         except (proxy.ProxyError, OSError, gevent.Timeout) as e:
             why = str(e) if isinstance(e, proxy.ProxyError) else "no complete header in time"
             log.warning("closed: PROXY header: %s", why)
             return None
+        finally:
+            self._awaiting_header -= 1
         return peer if header.client is None else client_ip(header.client)
 
     def _admit(self, key: str) -> Tuple[str, Optional[replies.Reply]]:
@@ -348,23 +356,33 @@ def serve_metrics(settings: Settings, of=None):
 def _read_proxy_header(sock, deadline: float) -> proxy.Header:
     """Take exactly the PROXY header off the socket, nothing after it.
 
-    Peeked, not read: on the implicit-TLS port the bytes that follow are the
-    TLS handshake, which must stay in the socket for the TLS layer.  A header
-    normally arrives in one segment; a partial one is looked at again shortly.
+    Looked at before it is read: on the implicit-TLS port the bytes that
+    follow are the TLS handshake, which must stay in the socket for the TLS
+    layer.  A header normally arrives in one segment; the part of one that
+    came alone is read (it can only be header), so waiting for the rest is a
+    wait for new bytes or the client's end, never a poll.
     """
     with gevent.Timeout(max(0.0, deadline - time.monotonic())):
+        taken = b""
         while True:
-            data = sock.recv(proxy.MAX_HEADER, socket.MSG_PEEK)
+            data = sock.recv(proxy.MAX_HEADER - len(taken), socket.MSG_PEEK)
             if not data:
                 raise proxy.ProxyError("connection closed before a complete header")
-            header = proxy.parse(data)
+            header = proxy.parse(taken + data)
             if header is not None:
-                break
-            gevent.sleep(PROXY_POLL)
-        left = header.length
-        while left:
-            left -= len(sock.recv(left))
-        return header
+                _read_exactly(sock, header.length - len(taken))
+                return header
+            taken += _read_exactly(sock, len(data))
+
+
+def _read_exactly(sock, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise proxy.ProxyError("connection closed before a complete header")
+        data += chunk
+    return data
 
 
 def _socket(address, family, dualstack: bool = False):

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -303,3 +304,45 @@ def test_percent_in_a_username_is_logged_as_a_character(make_server, tmp_path):
     assert wait_until(lambda: '"user%s%d": disconnected' in srv.log(), timeout=10), srv.log()
     assert '"user%s%d": MAIL FROM:' in srv.log()
     assert "Logging error" not in srv.log() and "Traceback" not in srv.log()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_partial_headers_cost_no_polling_and_end_with_their_client(make_server):
+    """README "Scaling": a connection that has sent part of its header waits for the rest
+    without the server looking again and again (500 of them cost next to no CPU), ends
+    as soon as its client leaves, and counts against --max-connections."""
+    srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
+                      "--timeout", "60", "--max-connections", "600",
+                      "--max-connections-per-ip", "600")
+    pid = srv.proc.pid
+    partial = []
+    try:
+        for _ in range(500):
+            raw = connect(srv)
+            raw.send(b"PROXY TCP4 198.51.100.1 ")
+            partial.append(raw)
+        assert wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) >= 500, timeout=20)
+        before, started = cpu_seconds(pid), time.monotonic()
+        time.sleep(3)
+        busy = (cpu_seconds(pid) - before) / (time.monotonic() - started)
+        # Looking again every 10 ms cost about a fifth of a core here.
+        assert busy < 0.05, f"server CPU {busy:.0%} while 500 headers wait"
+        # Over --max-connections (600) waiting: closed without a byte.
+        extra = [connect(srv) for _ in range(100)]
+        over = connect(srv)
+        over.send(b"PROXY ")
+        assert over.closed(timeout=10) and over.buf == b""
+        assert wait_until(lambda: "already wait for their PROXY header" in srv.log(), 10)
+        for raw in extra:
+            raw.close()
+    finally:
+        for raw in partial:
+            raw.close()
+    # Each ended with its client, long before --timeout 60.
+    assert wait_until(lambda: srv.log().count("connection closed before a complete header")
+                      >= 500, timeout=20), srv.log()[-2000:]
