@@ -35,7 +35,7 @@ from typing import Callable, Dict, Optional
 import gevent
 from gevent.event import AsyncResult
 
-from ssmtpd.limits import MAX_TRACKED_ADDRESSES, Limits, address_key
+from ssmtpd.limits import MAX_TRACKED_ADDRESSES, UNANSWERED, Limits, address_key
 
 MESSAGE_MAX = 512
 # Messages the master handles from one worker before it lets the others run.
@@ -219,14 +219,30 @@ class RemoteLimits:
             return REFUSED_MASTER_GONE
         ident = str(next(self._ids))
         answer = self._answers[ident] = AsyncResult()
+        late = False
         try:
             self._sock.send(f"{op} {ident} {key}".encode("ascii"))
             return answer.get(timeout=ASK_TIMEOUT)
-        except (OSError, gevent.Timeout):
+        except OSError:
             self._lost()
             return REFUSED_MASTER_GONE
+        except gevent.Timeout:
+            # A slow master is not a dead one (that is EOF, which _read sees):
+            # this one question is given up and the worker goes on.  An
+            # admission the master makes later is given back at once, since
+            # its client was refused.
+            if op == "A":
+                late = True
+                answer.rawlink(lambda result: self._answered_late(ident, key, result.value))
+            return UNANSWERED
         finally:
-            self._answers.pop(ident, None)
+            if not late:
+                self._answers.pop(ident, None)
+
+    def _answered_late(self, ident: str, key: str, answer: str) -> None:
+        self._answers.pop(ident, None)
+        if answer == "ok":
+            self.release(key)
 
     def _tell(self, text: str) -> None:
         if self._gone:

@@ -17,6 +17,8 @@ from typing import Callable, Deque, Dict, Optional
 # Refusal reasons of ConnectionCount.admit (also the metrics' labels).
 TOO_MANY = "max-connections"
 TOO_MANY_FROM_ADDRESS = "max-connections-per-ip"
+# With --workers: the master, which keeps the counts, did not answer in time.
+UNANSWERED = "master-unanswered"
 
 # Postfix enters its stress mode when the process limit is nearly reached;
 # we do when more than this share of --max-connections is in use.

@@ -289,3 +289,30 @@ def test_sighup_at_once_after_start_kills_no_worker(make_server):
     time.sleep(1)
     assert "killed by signal" not in srv.log(), srv.log()
     assert len(worker_pids(srv)) == WORKERS
+
+
+def test_a_stalled_master_is_not_a_dead_one(make_server):
+    """README "Scaling": a master that does not answer for longer than a worker waits
+    (here: stopped 12 s) costs new clients a 421 "try again later", not the workers:
+    they keep their logged-in sessions, and count with the master again once it answers."""
+    srv = make_server("--workers", "2")
+    assert wait_until(lambda: srv.log().count("accepting on") == 2), srv.log()
+    member = srv.raw(timeout=30)
+    member.login(srv.tls_context())
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    try:
+        newcomer = srv.raw(timeout=30)
+        code, lines = newcomer.reply()  # the worker's question goes unanswered
+        assert code == 421 and "try again later" in lines[-1], lines
+        newcomer.close()
+        assert member.cmd("NOOP")[0] == 250
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
+    assert member.send_message()[0] == 250
+    assert "master gone" not in srv.log()
+    # The late admission was given back: the per-address count is whole again.
+    for _ in range(3):
+        raw = srv.raw(timeout=30)
+        raw.login(srv.tls_context())
+        assert raw.send_message()[0] == 250
+        raw.close()
