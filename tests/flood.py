@@ -4,11 +4,13 @@
     python3 flood.py data PORT SECONDS SIZE       # MAIL, RCPT, DATA of SIZE octets, over and over
 
 Runs in its own process so that the test's measuring client does not share its
-interpreter.  Reconnects whenever the server closes, stops after SECONDS and
-prints one JSON line: {"connections": n, "sent": octets}.
+interpreter.  Prints "flooding" once its first block is in the server's socket,
+reconnects whenever the server closes, stops after SECONDS or at SIGTERM, and
+then prints one JSON line: {"connections": n, "sent": octets}.
 """
 
 import json
+import signal
 import socket
 import sys
 import threading
@@ -39,20 +41,36 @@ def connect(port: int):
     return sock
 
 
-def session(port: int, deadline: float, payload) -> int:
-    """One connection: sends until the deadline or the server closes; returns octets sent."""
+class Stop(Exception):
+    """SIGTERM: the test has measured what it needed."""
+
+
+def on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one Stop, raised once
+    raise Stop()
+
+
+# What the final JSON line reports; kept up to date, as SIGTERM may come at any point.
+totals = {"connections": 0, "sent": 0}
+
+
+def session(port: int, deadline: float, payload) -> None:
+    """One connection: sends until the deadline or the server closes."""
     sock = connect(port)
+    totals["connections"] += 1
     stop = threading.Event()
     reading = sock.dup()
     reader = threading.Thread(target=drain, args=(reading, stop), daemon=True)
     reader.start()
-    sent = 0
     try:
         for block in payload():
             if time.monotonic() >= deadline:
                 break
             sock.sendall(block)
-            sent += len(block)
+            totals["sent"] += len(block)
+            if totals["sent"] >= BLOCK and not totals.get("started"):
+                totals["started"] = True
+                print("flooding", flush=True)
     except OSError:
         pass
     finally:
@@ -64,7 +82,6 @@ def session(port: int, deadline: float, payload) -> int:
         sock.close()
         reader.join(2)
         reading.close()
-    return sent
 
 
 def main() -> None:
@@ -92,14 +109,21 @@ def main() -> None:
                     left -= len(chunk)
                 yield b".\r\nRSET\r\n"
 
-    connections = sent = 0
-    while time.monotonic() < deadline and connections < 10000:
-        try:
-            sent += session(port, deadline, payload)
-        except OSError:
-            time.sleep(0.01)
-        connections += 1
-    print(json.dumps({"connections": connections, "sent": sent}))
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        # A NOOP flooder is cut after 110 commands and reconnects: up to a
+        # thousand connections a second.
+        for _ in range(1000000):
+            if time.monotonic() >= deadline:
+                break
+            try:
+                session(port, deadline, payload)
+            except OSError:
+                time.sleep(0.01)
+    except Stop:
+        pass
+    print(json.dumps({"connections": totals["connections"], "sent": totals["sent"]}),
+          flush=True)
 
 
 if __name__ == "__main__":
