@@ -28,8 +28,11 @@ AUTH = os.path.join(PROGRAMS, "auth")
 RECORD = os.path.join(PROGRAMS, "record")
 HOSTNAME = "mx.test"
 USER, PASSWORD = "alice", "secret"
-START_TIMEOUT = 10.0
-STOP_TIMEOUT = 20.0
+# Bounds on waits for something that does happen, only slowly on a busy
+# machine: generous, as a wait ends as soon as its condition holds.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+WAIT_TIMEOUT = 30.0
 
 
 def free_port() -> int:
@@ -181,7 +184,7 @@ class ServerProcess:
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
 
-    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
+    def wait_log(self, needle: str, timeout: float = WAIT_TIMEOUT) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log()
@@ -397,7 +400,7 @@ def shared_tmp_dir(prefix: str, mode: int):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def wait_until(predicate, timeout=10.0, interval=0.05):
+def wait_until(predicate, timeout=WAIT_TIMEOUT, interval=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
