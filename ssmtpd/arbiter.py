@@ -5,8 +5,9 @@ The master serves no client itself (README "Scaling").  It binds the ports
 posix_spawn: each is a fresh `python -m ssmtpd` with the same arguments and
 environment, plus SSMTPD_WORKER naming the descriptors it inherits: the
 listening sockets, which every worker accepts on (the kernel hands each new
-connection to one of them), and its channel to the master's ledger of
-per-address counts (ledger.py).  A fresh interpreter, rather than a fork of
+connection to one of them), its channel to the master's ledger of
+per-address counts (ledger.py), and the socket its settings and certificate
+come through (handover.py).  A fresh interpreter, rather than a fork of
 this one, shares no event loop, greenlet or lock with the master.
 
 Signals are queued by their handlers and acted on in the master's loop:
@@ -19,11 +20,8 @@ cannot start does not spin.
 
 import collections
 import os
-import pickle
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Deque, List, Optional, Tuple
@@ -31,7 +29,7 @@ from typing import Callable, Deque, List, Optional, Tuple
 import gevent
 from gevent.event import Event
 
-from ssmtpd import ledger, metrics
+from ssmtpd import handover, ledger, metrics
 from ssmtpd.limits import Limits
 from ssmtpd.server import SHUTDOWN_GRACE, ListenError, bind_listeners, serve_metrics
 from ssmtpd.tls import refresh_pem
@@ -52,46 +50,33 @@ class WorkerSpec:
     index: int
     listeners: List[Tuple[int, bool]]  # (descriptor, implicit TLS)
     ledger: int
-    state: int  # memfd: the master's settings and certificate, pickled
+    handover: int  # a socket: the sealed memfd of handover.py comes through it
 
     def encode(self) -> str:
-        return ";".join([f"index={self.index}", f"ledger={self.ledger}", f"state={self.state}",
+        return ";".join([f"index={self.index}", f"ledger={self.ledger}",
+                         f"handover={self.handover}",
                          "listen=" + ",".join(f"{fd}:{int(tls)}"
                                               for fd, tls in self.listeners)])
 
     @classmethod
     def decode(cls, text: str) -> "WorkerSpec":
-        fields_ = dict(part.split("=", 1) for part in text.split(";"))
-        listeners = [(int(fd), tls == "1") for fd, tls in
-                     (item.split(":") for item in fields_["listen"].split(","))]
-        return cls(int(fields_["index"]), listeners, int(fields_["ledger"]),
-                   int(fields_["state"]))
+        """Raises handover.HandoverError: a master of another version of ssmtpd
+        (an upgrade installed under a running one) names other descriptors."""
+        try:
+            fields_ = dict(part.split("=", 1) for part in text.split(";"))
+            listeners = [(int(fd), tls == "1") for fd, tls in
+                         (item.split(":") for item in fields_["listen"].split(","))]
+            return cls(int(fields_["index"]), listeners, int(fields_["ledger"]),
+                       int(fields_["handover"]))
+        except (KeyError, ValueError):
+            raise handover.HandoverError(
+                f"{WORKER_ENV} is not what this version's master sets: restart the "
+                "master") from None
 
     def inherited(self):
-        """(settings, (certificate PEM, key PEM)) as the master holds them.
-
-        A worker takes these rather than reading the configuration and the
-        certificate again: after --user it may not be allowed to, and a
-        worker started later must not run on a configuration edited since.
-        """
-        blob = b""
-        while True:  # pread: every worker shares the descriptor's offset
-            chunk = os.pread(self.state, 65536, len(blob))
-            if not chunk:
-                break
-            blob += chunk
-        os.close(self.state)
-        return pickle.loads(blob)
-
-
-def _state_memfd(settings, pem) -> int:
-    """A memfd holding what WorkerSpec.inherited() returns: nothing touches a disk."""
-    fd = os.memfd_create("ssmtpd-worker-state", os.MFD_CLOEXEC)
-    blob = pickle.dumps((settings, pem))
-    written = 0
-    while written < len(blob):
-        written += os.write(fd, blob[written:])
-    return fd
+        """(settings, (certificate PEM, key PEM)) as the master holds them; raises
+        handover.HandoverError.  Only once this process is non-dumpable."""
+        return handover.receive(self.handover)
 
 
 def worker_spec_from_env() -> Optional[WorkerSpec]:
@@ -134,27 +119,28 @@ class Arbiter:
         self._signals: Deque[int] = collections.deque()
         self._wake = Event()
         self._state: Optional[int] = None
+        self._metrics_dir: Optional[metrics.Directory] = None
 
     def run(self, on_bound: Callable[[], None]) -> int:
         """Bind, start the workers and supervise them until SIGTERM/SIGINT; the exit status.
 
         `on_bound()` runs once the ports are bound, before any worker starts
-        (where root is given up).  Raises server.ListenError, or what
-        on_bound raises, before any worker starts.
+        (where root and the capability to bind are given up).  Raises
+        server.ListenError, or what on_bound raises, before any worker starts.
         """
         # No SIGCHLD: libev's default loop owns that signal; dead workers are
         # found by polling waitpid every TICK instead.
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             gevent.signal_handler(signum, self._queue, signum)
         self.listeners = bind_listeners(self.settings)
-        metrics_dir = self._serve_metrics()
+        self._metrics_dir = self._serve_metrics()
         on_bound()
         for sock, implicit in self.listeners:
             host, port = sock.getsockname()[:2]
             self.log.info("master %d: listening on %s port %d (%s), %d workers", os.getpid(),
                           host, port, "implicit TLS" if implicit else "STARTTLS",
                           self.settings.workers)
-        self._state = _state_memfd(self.settings, self.tls.pem)
+        self._state = handover.seal(handover.encode(self.settings, self.tls.pem))
         stop_deadline = None
         killed = False
         while True:
@@ -173,8 +159,8 @@ class Arbiter:
             self._wake.wait(TICK)
             self._wake.clear()
         self.log.info("master %d: all workers stopped", os.getpid())
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if self._metrics_dir is not None:
+            self._metrics_dir.remove()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return 0
@@ -209,7 +195,7 @@ class Arbiter:
                 # Workers started from now on must show the renewed certificate too.
                 refresh_pem(self.tls)
                 os.close(self._state)
-                self._state = _state_memfd(self.settings, self.tls.pem)
+                self._state = handover.seal(handover.encode(self.settings, self.tls.pem))
 
     def _kill_all(self, signum, why: str = "") -> None:
         for slot in self._live():
@@ -266,10 +252,19 @@ class Arbiter:
         except OSError as e:
             self._retry_later(slot, f"no channel for it: {e.strerror or e}")
             return
+        try:
+            handed = self._hand_over()
+        except OSError as e:
+            master_end.close()
+            worker_end.close()
+            self._retry_later(slot, f"cannot hand it its settings: {e.strerror or e}")
+            return
         spec = WorkerSpec(slot.index, [(sock.fileno(), implicit)
                                        for sock, implicit in self.listeners],
-                          worker_end.fileno(), self._state)
-        inherited = [fd for fd, _ in spec.listeners] + [spec.ledger, spec.state]
+                          worker_end.fileno(), handed.fileno())
+        inherited = [fd for fd, _ in spec.listeners] + [spec.ledger, spec.handover]
+        if self._metrics_dir is not None:
+            inherited.append(self._metrics_dir.fd)
         env = dict(os.environ)
         env[WORKER_ENV] = spec.encode()
         argv = [sys.executable, "-m", "ssmtpd", *self.argv]
@@ -290,32 +285,43 @@ class Arbiter:
             for fd in inherited:
                 os.set_inheritable(fd, False)
             worker_end.close()
+            handed.close()
         slot.started = time.monotonic()
         self.ledger.attach(slot.pid, master_end)
         self.log.info("worker %d (pid %d) started", slot.index, slot.pid)
+
+    def _hand_over(self):
+        """The worker's end of a channel holding the sealed state (handover.py).
+
+        Queued now, taken by the worker once it is non-dumpable: until then no
+        descriptor of its can show the state to another process of the user.
+        """
+        handing, handed = handover.channel()
+        try:
+            with handing:
+                handover.send(handing, self._state)
+        except OSError:
+            handed.close()
+            raise
+        return handed
 
     def _retry_later(self, slot: _Slot, why: str) -> None:
         slot.restart_later(crashed=True)
         self.log.error("worker %d: cannot start: %s; trying again in %.0fs", slot.index, why,
                        slot.backoff)
 
-    def _serve_metrics(self) -> Optional[str]:
+    def _serve_metrics(self) -> Optional[metrics.Directory]:
         """With --metrics-bind: the directory the workers write their metrics to,
         named in their environment, and the master serving the sum."""
         if not self.settings.metrics_bind:
             return None
-        directory = tempfile.mkdtemp(prefix="ssmtpd-metrics-")
-        identity = self.settings.identity
-        if identity is not None and os.geteuid() == 0:
-            # The workers, and this master after --user, write and read it.
-            os.chown(directory, identity.uid, identity.gid)
-        os.environ[metrics.MULTIPROC_ENV] = directory
+        directory = metrics.Directory(self.settings.identity)  # before root is given up
         try:
             serve_metrics(self.settings)
         except ListenError:
             for sock, _ in self.listeners:
                 sock.close()
-            shutil.rmtree(directory, ignore_errors=True)
+            directory.remove()
             raise
         return directory
 

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from gevent import socket as gsocket
 
-from ssmtpd import arbiter, config, ledger, log, metrics, privileges
+from ssmtpd import arbiter, config, handover, ledger, log, metrics, privileges
 from ssmtpd.delivery import Programs
 from ssmtpd.server import ListenError, Server
 from ssmtpd.tls import TLSError, TLSHolder
@@ -43,15 +43,23 @@ def _descriptor_hygiene() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        # Before the key, a worker's state or a client's message is in memory.
+        privileges.forbid_dumps()
+    except privileges.PrivilegeError as e:
+        return _fail(str(e))
     _descriptor_hygiene()
-    worker = arbiter.worker_spec_from_env()
     pem = None
     try:
+        worker = arbiter.worker_spec_from_env()
         if worker is not None:
             settings, pem = worker.inherited()
+            # Its master gave up the capability to bind before starting it; a
+            # Python given it by setcap(8) would give it to the worker again.
+            privileges.give_up_capabilities()
         else:
             settings = config.parse(argv)
-    except config.ConfigError as e:
+    except (config.ConfigError, handover.HandoverError, privileges.PrivilegeError) as e:
         return _fail(str(e))
     logger = log.setup(settings.log_level)
     try:
@@ -79,12 +87,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _after_binding(settings, tls, logger) -> None:
-    """Once the ports are bound: give up root, then warn about what deserves it.
+    """Once the ports are bound: give up root and the capability to bind, then
+    warn about what deserves it.
 
     Raises ConfigError or PrivilegeError naming the option.
     """
     identity = settings.identity
-    if privileges.drop(identity):
+    dropped = privileges.drop(identity)
+    # Nothing binds again (a reload does not), and no program or worker may
+    # inherit the capability to.
+    privileges.give_up_capabilities()
+    if dropped:
         config.recheck_as_user(settings)
         logger.info("running as user %s (uid %d), group %s (gid %d)", identity.user,
                     identity.uid, identity.group, identity.gid)
