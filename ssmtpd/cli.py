@@ -1,7 +1,9 @@
 """Entry point: settings, logging, TLS, server; every start-up error is one line + exit 2."""
 
+import dataclasses
 import gc
 import os
+import resource
 import shlex
 import socket
 import sys
@@ -11,7 +13,7 @@ from gevent import socket as gsocket
 
 from ssmtpd import arbiter, config, handover, ledger, log, metrics, privileges
 from ssmtpd.delivery import Programs
-from ssmtpd.server import ListenError, Server
+from ssmtpd.server import ListenError, Server, fit_descriptor_limit
 from ssmtpd.tls import TLSError, TLSHolder
 
 EXIT_CONFIG = 2
@@ -75,6 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if worker is not None:
         return _serve(settings, logger, tls, worker)
+    settings = _fit_descriptor_limit(settings, logger)
     bound = lambda: _after_binding(settings, tls, logger)  # noqa: E731
     if settings.workers > 1:
         master = arbiter.Arbiter(settings, tls, logger,
@@ -84,6 +87,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (ListenError, config.ConfigError, privileges.PrivilegeError) as e:
             return _fail(str(e))
     return _serve(settings, logger, tls, on_bound=bound)
+
+
+def _fit_descriptor_limit(settings, logger):
+    """Settings whose --max-connections the open file limit can hold: past it,
+    accepting would fail before the busy timeout of three quarters full
+    ever began (README "Limits and abuse")."""
+    fits = fit_descriptor_limit(settings.max_connections)
+    if fits >= settings.max_connections:
+        return settings
+    logger.warning("--max-connections %d lowered to %d: the open file limit (%d) allows no "
+                   "more; raise it (ulimit -n, LimitNOFILE=) for more",
+                   settings.max_connections, fits,
+                   resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    return dataclasses.replace(settings, max_connections=fits)
 
 
 def _after_binding(settings, tls, logger) -> None:

@@ -71,20 +71,29 @@ class _Listener(StreamServer):
         return result
 
 
-def raise_descriptor_limit(max_connections: int, log) -> None:
-    """Each client costs up to ~4 descriptors (socket, program pipes, spool)."""
-    want = 4 * max_connections + 64
+# Descriptors a client may cost (socket, program pipes, spool), and those the
+# server needs whatever the clients (listeners, logs, the loop's own).
+DESCRIPTORS_PER_CLIENT = 4
+DESCRIPTORS_SPARE = 64
+
+
+def fit_descriptor_limit(max_connections: int) -> int:
+    """Raise the open file limit towards what `max_connections` clients need;
+    how many clients it allows (README "Limits and abuse").
+
+    Workers started later inherit the raised limit.
+    """
+    want = DESCRIPTORS_PER_CLIENT * max_connections + DESCRIPTORS_SPARE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-            soft = new
-        except (ValueError, OSError):
-            pass
-    if soft != resource.RLIM_INFINITY and soft < want:
-        log.warning("open file limit %d is low for --max-connections %d (want %d)",
-                    soft, max_connections, want)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return max_connections
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    except (ValueError, OSError):
+        pass
+    return min(max_connections, max(1, (soft - DESCRIPTORS_SPARE) // DESCRIPTORS_PER_CLIENT))
 
 
 def client_ip(address) -> str:
@@ -174,7 +183,6 @@ class Server:
         # A worker of --workers starts with SIGHUP blocked, so that one sent
         # before the handler above existed waits instead of killing it.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-        raise_descriptor_limit(self.settings.max_connections, self.log)
         inherited = listeners is not None
         if not inherited:
             listeners = bind_listeners(self.settings)

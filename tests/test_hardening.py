@@ -681,6 +681,36 @@ def test_two_hundred_abusive_sessions_leave_no_trace(make_server):
     assert "Traceback" not in srv.log()
 
 
+def test_max_connections_beyond_the_open_file_limit_is_lowered_to_fit(make_server):
+    """README "Limits and abuse": a --max-connections the open file limit cannot hold
+    (200 descriptors: 34 clients) is lowered to fit, with a warning, so the server still
+    gets three quarters full and strangers get the busy timeout instead of --timeout."""
+    srv = make_server("--busy-timeout", "1", "--timeout", "60",
+                      "--max-connections-per-ip", "1000", start=False)
+    srv.argv = ["prlimit", "--nofile=200:200", "--"] + srv.argv
+    srv.start()
+    assert "--max-connections 1000 lowered to 34: the open file limit (200)" in srv.log()
+    held = [srv.raw(timeout=30) for _ in range(30)]  # over three quarters of 34
+    try:
+        for raw in held:
+            assert raw.reply()[0] == 220
+        # --timeout 60: only the busy timeout cuts anyone this soon.
+        cut = []
+        deadline = time.monotonic() + 20
+        while not cut and time.monotonic() < deadline:
+            for raw in held:
+                raw.sock.settimeout(0.05)
+                try:
+                    code, lines = raw.reply()
+                except socket.timeout:
+                    continue
+                cut.append(lines)
+        assert cut and cut[0][0].startswith("421 4.4.2"), cut
+    finally:
+        for raw in held:
+            raw.close()
+
+
 def test_descriptor_exhaustion_is_survived_quietly(make_server):
     """README "The process program", "Logging": out of descriptors: 451 for a program that cannot start, no traceback, then service resumes."""
     srv = make_server("--max-connections-per-ip", "100")
