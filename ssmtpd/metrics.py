@@ -3,7 +3,8 @@
 The session and the server call one method at each event they already log:
 a connection admitted or refused, a session's start and end, an AUTH, a
 message.  `--metrics-bind` serves them at /metrics in Prometheus's text format
-through prometheus_client, on the event loop (gevent's WSGI server, no thread).
+through prometheus_client, on the event loop, by a listener bounded like the
+SMTP side (metrics_http.py).
 
 With --workers, every worker writes its values to files in a directory the
 master names in PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess
@@ -14,7 +15,10 @@ imported here only when a Metrics is made, after the master has set that
 variable.
 """
 
+import contextlib
 import os
+import shutil
+import tempfile
 from typing import Optional, Tuple
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -115,26 +119,72 @@ def serve(address: Tuple[str, int], metrics: Optional[Metrics] = None):
     Serves `metrics`' registry, or, in the master of --workers (metrics None),
     the sum of the workers' files.  Raises OSError if the address cannot be bound.
     """
-    from gevent.pywsgi import WSGIServer
-    from prometheus_client import CollectorRegistry, make_wsgi_app
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import choose_encoder
 
+    from ssmtpd.metrics_http import MetricsServer
+
+    directory = None
     if metrics is not None:
         registry = metrics.registry
     else:
         from prometheus_client import multiprocess
+        directory = os.environ[MULTIPROC_ENV]
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=os.environ[MULTIPROC_ENV])
-    app = make_wsgi_app(registry)
+        multiprocess.MultiProcessCollector(registry, path=directory)
 
-    def only_metrics(environ, start_response):
-        if environ.get("PATH_INFO") not in ("/metrics", "/"):
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"Not Found: try /metrics\n"]
-        return app(environ, start_response)
+    def collect(accept: str):
+        if directory is not None:
+            # The collector's glob takes a directory it cannot open (out of
+            # descriptors) for an empty one: all counters would seem reset.
+            os.listdir(directory)
+        try:
+            encoder, content_type = choose_encoder(accept)
+        except (TypeError, ValueError):  # a malformed version= in the Accept header
+            encoder, content_type = choose_encoder("")
+        return encoder(registry), content_type
 
-    server = WSGIServer(address, only_metrics, log=None, error_log=None)
+    server = MetricsServer(address, collect)
     server.start()
     return server
+
+
+class Directory:
+    """The master's directory for the workers' metric files, reached through a descriptor.
+
+    PROMETHEUS_MULTIPROC_DIR names it as /proc/self/fd/N: the master keeps N
+    open and every worker inherits it under the same number, while the
+    programs, started without it, would have to find it by its path.  Made
+    by root for --user, that path leads through a directory of root's that
+    only root may enter, so a program cannot write (or forge) the values
+    (README "Monitoring" says what this does not cover).
+    """
+
+    def __init__(self, identity=None):
+        self._private = tempfile.mkdtemp(prefix="ssmtpd-metrics-")
+        try:
+            values = os.path.join(self._private, "values")
+            os.mkdir(values, 0o700)
+            if identity is not None and os.geteuid() == 0:
+                # The workers, and this master after --user, write and read it.
+                os.chown(values, identity.uid, identity.gid)
+            self.fd = os.open(values, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            shutil.rmtree(self._private, ignore_errors=True)
+            raise
+        os.environ[MULTIPROC_ENV] = f"/proc/self/fd/{self.fd}"
+
+    def remove(self) -> None:
+        """Delete the values; after --user, root's two empty directories stay behind."""
+        try:
+            for name in os.listdir(self.fd):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self.fd)
+        except OSError:
+            pass  # out of descriptors at the very end: the files stay
+        finally:
+            os.close(self.fd)
+        shutil.rmtree(self._private, ignore_errors=True)
 
 
 def worker_died(pid: int) -> None:
