@@ -227,7 +227,11 @@ class Arbiter:
             slot = next((s for s in self._slots if s.pid == pid), None)
             if slot is None:
                 continue
-            self.ledger.detach(pid)
+            orphans = self.ledger.detach(pid)
+            if orphans:
+                self.log.error("worker %d (pid %d) died while running %d programs: killed them "
+                               "(their clients got no answer and will send again)",
+                               slot.index, pid, orphans)
             if self.settings.metrics_bind:
                 metrics.worker_died(pid)
             slot.pid = None

@@ -134,17 +134,19 @@ def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
     if worker is not None:
         # The master's metrics directory is the workers' business, not the programs'.
         environment.pop(metrics.MULTIPROC_ENV, None)
-    programs = Programs(settings.auth, settings.process, settings.auth_timeout,
-                        settings.process_timeout, environment, settings.max_auth_programs)
-    if worker is None:
-        server = Server(settings, tls, programs, logger)
-        listeners = None
-    else:
+    limits = None
+    listeners = None
+    if worker is not None:
         limits = ledger.RemoteLimits(
             socket.socket(fileno=worker.ledger), settings.ipv6_prefix_length,
             lambda: server.begin_shutdown("master gone"))
-        server = Server(settings, tls, programs, logger, limits)
         listeners = [(gsocket.socket(fileno=fd), implicit) for fd, implicit in worker.listeners]
+    # A worker tells its master which programs run, so that a run it leaves
+    # behind when it dies can be ended (README "Scaling").
+    programs = Programs(settings.auth, settings.process, settings.auth_timeout,
+                        settings.process_timeout, environment, settings.max_auth_programs,
+                        tracker=limits)
+    server = Server(settings, tls, programs, logger, limits)
     try:
         server.start(listeners, on_bound)
     except (ListenError, config.ConfigError, privileges.PrivilegeError) as e:

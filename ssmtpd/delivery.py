@@ -107,8 +107,9 @@ class Programs:
 
     def __init__(self, auth: Optional[Sequence[str]], process: Sequence[str],
                  auth_timeout: float, process_timeout: float, base_env: Mapping[str, str],
-                 max_auth_programs: int = 16):
+                 max_auth_programs: int = 16, tracker=None):
         self.auth = tuple(auth) if auth else None
+        self.tracker = tracker  # told of every run (programs.run)
         self.process = tuple(process)
         self.auth_timeout = auth_timeout
         self.process_timeout = process_timeout
@@ -134,7 +135,8 @@ class Programs:
             try:
                 left = self.auth_timeout - (time.monotonic() - started)
                 outcome = programs.run(self.auth, env, left, on_stderr=on_stderr,
-                                       capture_stdout=False, started=started)
+                                       capture_stdout=False, started=started,
+                                       tracker=self.tracker)
             finally:
                 self._auth_slots.release()
         return reply_for(outcome, AUTH_EXIT, AUTH_OTHER_EXIT, AUTH_ABNORMAL, False), outcome
@@ -150,6 +152,6 @@ class Programs:
                    SSMTPD_TLS=envelope.tls)
         argv = self.process + (envelope.username or "",)
         outcome = programs.run(argv, env, self.process_timeout, stdin=message,
-                               on_stderr=on_stderr)
+                               on_stderr=on_stderr, tracker=self.tracker)
         return reply_for(outcome, PROCESS_EXIT, PROCESS_OTHER_EXIT, PROCESS_ABNORMAL, True), outcome
 

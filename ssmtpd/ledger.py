@@ -30,11 +30,12 @@ import collections
 import itertools
 import socket
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Set
 
 import gevent
 from gevent.event import AsyncResult
 
+from ssmtpd import programs
 from ssmtpd.limits import MAX_TRACKED_ADDRESSES, UNANSWERED, Limits, address_key
 
 MESSAGE_MAX = 512
@@ -75,17 +76,21 @@ class Ledger:
             if looked_at % YIELD_EVERY == 0:
                 gevent.sleep(0)
 
-    def detach(self, worker_id: int) -> None:
-        """A worker is gone: whatever slots it held are free again."""
+    def detach(self, worker_id: int) -> int:
+        """A worker is gone: whatever slots it held are free again, and the
+        programs it was running are killed (its clients got no answer, and
+        will send again: a message delivered anyway would be delivered twice).
+        How many programs were killed."""
         channel = self._channels.pop(worker_id, None)
         if channel is None:
-            return
+            return 0
         channel.reader.kill(block=False)
         channel.sock.close()
         for key, count in channel.held.items():
             for _ in range(count):
                 self.limits.release(key)
         self._broadcast_pressure()
+        return sum(programs.kill_orphan(pid) for pid in channel.programs)
 
     def _serve(self, channel: "_Channel") -> None:
         self._tell_blocked(channel)
@@ -114,6 +119,10 @@ class Ledger:
                     del channel.held[rest]
                 self.limits.release(rest)
                 self._broadcast_pressure()
+            elif op == "S" and rest.isdigit():
+                channel.programs.add(int(rest))
+            elif op == "E" and rest.isdigit():
+                channel.programs.discard(int(rest))
             elif op == "F":
                 ident, _, key = rest.partition(" ")
                 left = self.limits.login_failed(key)
@@ -141,6 +150,7 @@ class _Channel:
     def __init__(self, sock):
         self.sock = sock
         self.held = collections.Counter()  # slots this worker holds, per key
+        self.programs: Set[int] = set()  # pids of the programs it runs now
         self.reader: Optional[gevent.Greenlet] = None
 
     def send(self, text: str, wait: bool = True) -> None:
@@ -191,6 +201,12 @@ class RemoteLimits:
             return True
         del self._blocked[key]
         return False
+
+    def program_started(self, pid: int) -> None:
+        self._tell(f"S {pid}")
+
+    def program_ended(self, pid: int) -> None:
+        self._tell(f"E {pid}")
 
     def login_failed(self, key: str) -> None:
         # Asked, not told: the session's next AUTH may come at once.

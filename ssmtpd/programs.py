@@ -82,16 +82,33 @@ def _kill_group(pid: int) -> None:
             raise
 
 
+def kill_orphan(pid: int) -> bool:
+    """Kill what is left of a run whose runner died: `pid` and its process
+    group, if `pid` is still the leader of a session of its own, as a
+    program is (not a process that took its number since); True if killed."""
+    try:
+        if os.getsid(pid) != pid:
+            return False
+    except OSError:
+        return False
+    _kill_group(pid)
+    return True
+
+
 def run(argv: Sequence[str], env: Environment, timeout: float,
         stdin=None, on_stderr: Callable[[str], None] = lambda line: None,
-        capture_stdout: bool = True, started: Optional[float] = None) -> Outcome:
+        capture_stdout: bool = True, started: Optional[float] = None,
+        tracker=None) -> Outcome:
     """Run argv to completion within `timeout` seconds.
 
     `stdin` is None (empty) or a file with a real descriptor, handed to the
     child as it is.  Without `capture_stdout` the program's stdout is
     /dev/null and Outcome.last_line stays empty.  Outcome.seconds counts from
     `started` (a time.monotonic() value, by default now), so a caller that
-    waited for a slot first can count that wait in.
+    waited for a slot first can count that wait in.  A `tracker` is told
+    each run's pid when it starts (`program_started`) and once it is gone
+    (`program_ended`): with --workers, the master, which kills what a dead
+    worker leaves running.
     """
     if started is None:
         started = time.monotonic()
@@ -120,6 +137,8 @@ def run(argv: Sequence[str], env: Environment, timeout: float,
         exited = AsyncResult()
         watcher = loop.child(pid, False)
         watcher.start(lambda: exited.set(watcher.rstatus))
+        if tracker is not None:
+            tracker.program_started(pid)
     except (OSError, ValueError) as e:
         # No such program, out of descriptors or processes; ValueError: a NUL
         # in an argument or variable, which exec cannot take.
@@ -147,6 +166,8 @@ def run(argv: Sequence[str], env: Environment, timeout: float,
                 status = exited.get()
         finally:
             watcher.stop()
+            if tracker is not None:
+                tracker.program_ended(pid)
             if output is not None:
                 output.finish(DRAIN_GRACE)
             else:

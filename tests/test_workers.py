@@ -110,6 +110,24 @@ def test_killed_worker_is_replaced(workers):
     assert victim not in {r["ppid"] for r in srv.runs()}
 
 
+def test_a_dead_workers_running_program_is_killed(workers):
+    """README "Scaling": a worker killed while its process program runs leaves its client
+    without an answer, so the client will send again: the master kills that program
+    (and its group) rather than let it deliver the message a first time."""
+    srv = workers()
+    raw = srv.raw(timeout=30)
+    raw.login(srv.tls_context())
+    raw.send_message(sender="sleep6@example.org", read_reply=False)
+    assert wait_until(lambda: srv.runs(), timeout=10), "process program never started"
+    (run,) = srv.runs()
+    os.kill(run["ppid"], signal.SIGKILL)  # the worker that started it
+    code, _ = raw.reply()
+    assert code is None  # no answer: the client still owns the message
+    assert wait_until(lambda: not live(run["pid"]), timeout=10), "the program still runs"
+    assert wait_until(lambda: "died while running 1 programs: killed them" in srv.log(), 10)
+    assert [r["done"] for r in srv.runs()] == [False]  # it never got to deliver
+
+
 def test_crashing_worker_backs_off(workers, tmp_path):
     """README "Scaling": a worker that dies at once is restarted after a growing pause, not in a spin."""
     srv = workers()
