@@ -61,6 +61,32 @@ def _optional_port(value):
     return None if value in (None, 0) else _port(value)
 
 
+_RATE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _rate(value):
+    """RATE: COUNT/WINDOW[,COUNT/WINDOW...], WINDOW a number with s, m, h or d
+    ("100/1m,1000/1h"), or 0 for none: a tuple of (count, seconds)."""
+    if isinstance(value, tuple):
+        return value
+    text = str(value).strip()
+    if text == "0":
+        return ()
+    rates = []
+    for part in text.split(","):
+        count, slash, window = part.strip().partition("/")
+        unit = _RATE_UNITS.get(window[-1:])
+        try:
+            seconds = float(window[:-1]) * unit if unit else float("nan")
+        except ValueError:
+            seconds = float("nan")
+        if not slash or not count.isdigit() or int(count) < 1 or not 0 < seconds < math.inf:
+            raise ValueError(f"{part.strip()!r} is not COUNT/WINDOW (e.g. 100/1m; "
+                             "WINDOW in s, m, h or d), and the whole is not 0")
+        rates.append((int(count), seconds))
+    return tuple(rates)
+
+
 def _finite(value):
     # float("nan") and float("inf") parse, and would switch a timeout off.
     if isinstance(value, float) and not math.isfinite(value):
@@ -285,6 +311,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("max-recipients", 100, "RCPTs per message", "int", _positive),
     Option("max-connections", 1000, "concurrent clients; over it: 421 and close", "int", _positive),
     Option("max-connections-per-ip", 20, "concurrent clients from one address", "int", _positive),
+    Option("max-connection-rate-per-ip", "100/1m", "new connections from one address: "
+           "COUNT/WINDOW[,...] (WINDOW in s, m, h or d), 0 for no limit; loopback clients are "
+           "never limited", "str", _rate),
     Option("timeout", 300.0, "seconds to wait for a command line or a TLS handshake", "float",
            _positive),
     Option("data-timeout", 600.0, "seconds a whole DATA phase may take", "float", _positive),
@@ -337,6 +366,7 @@ class Settings:
     max_recipients: int
     max_connections: int
     max_connections_per_ip: int
+    max_connection_rate_per_ip: Tuple[Tuple[int, float], ...]
     timeout: float
     data_timeout: float
     auth_timeout: float

@@ -92,6 +92,15 @@ def _identity(value) -> Identity:
     return Identity(user, uid, group, gid)
 
 
+def _rates(value) -> Tuple[Tuple[int, float], ...]:
+    """RATE values (config._rate): [[count, seconds], ...]."""
+    if not isinstance(value, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 and _is_int(pair[0]) and pair[0] >= 1
+            for pair in value):
+        raise ValueError(f"not a list of [count, seconds]: {value!r}")
+    return tuple((count, _number(seconds)) for count, seconds in value)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -107,6 +116,7 @@ _BY_TYPE: Dict[Any, Callable[[Any], Any]] = {
     int: _INT, Optional[int]: _optional(_INT),
     float: _number, bool: _BOOL,
     Tuple[str, ...]: _strings, Optional[Tuple[str, ...]]: _optional(_strings),
+    Tuple[Tuple[int, float], ...]: _rates,
 }
 _BY_NAME: Dict[str, Callable[[Any], Any]] = {
     "proxy_trusted": _networks,

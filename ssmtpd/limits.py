@@ -17,6 +17,7 @@ from typing import Callable, Deque, Dict, Optional
 # Refusal reasons of ConnectionCount.admit (also the metrics' labels).
 TOO_MANY = "max-connections"
 TOO_MANY_FROM_ADDRESS = "max-connections-per-ip"
+TOO_FAST_FROM_ADDRESS = "max-connection-rate-per-ip"
 # With --workers: the master, which keeps the counts, did not answer in time.
 UNANSWERED = "master-unanswered"
 
@@ -48,6 +49,13 @@ def address_key(ip: str, ipv6_prefix_length: int) -> str:
         return str(address.ipv4_mapped)
     network = ipaddress.IPv6Network((address, ipv6_prefix_length), strict=False)
     return str(network)
+
+
+def is_loopback_key(key: str) -> bool:
+    """The key of a client on this machine (127.0.0.0/8, ::1), which no rate
+    limits: local tools and a proxy's health checks on the same host (as
+    Postfix's smtpd_client_event_limit_exceptions holds $mynetworks)."""
+    return key.startswith("127.") or key.startswith("::/") or key == "::1"
 
 
 class ConnectionCount:
@@ -83,12 +91,14 @@ class ConnectionCount:
         return self.total > PRESSURE_SHARE * self.max_total
 
 
-class FailedLogins:
-    """Failed AUTHs per address key over a sliding window.
+class Window:
+    """Events per key over a sliding window: failed AUTHs or connections per
+    address key.  A key is blocked while it has `limit` events inside the
+    last `window` seconds.
 
-    Only the newest `limit` failure times of a key are kept: that is all that
+    Only the newest `limit` event times of a key are kept: that is all that
     decides whether the key is blocked, so one address cannot grow the table
-    by failing more.
+    by doing more.
     """
 
     def __init__(self, limit: int, window: float,
@@ -164,14 +174,22 @@ class Limits:
         self.ipv6_prefix_length = settings.ipv6_prefix_length
         self.connections = ConnectionCount(settings.max_connections,
                                            settings.max_connections_per_ip)
-        self.logins = FailedLogins(settings.max_auth_failures_per_ip,
-                                   settings.auth_failure_window)
+        self.logins = Window(settings.max_auth_failures_per_ip, settings.auth_failure_window)
+        self.connection_rates = [Window(count, seconds)
+                                 for count, seconds in settings.max_connection_rate_per_ip]
 
     def key(self, ip: str) -> str:
         return address_key(ip, self.ipv6_prefix_length)
 
     def admit(self, key: str) -> Optional[str]:
-        return self.connections.admit(key)
+        rated = not is_loopback_key(key)
+        if rated and any(rate.blocked(key) for rate in self.connection_rates):
+            return TOO_FAST_FROM_ADDRESS
+        reason = self.connections.admit(key)
+        if reason is None and rated:
+            for rate in self.connection_rates:
+                rate.record(key)
+        return reason
 
     def release(self, key: str) -> None:
         self.connections.release(key)

@@ -86,6 +86,8 @@ TOO_MANY_FAILED_LOGINS = Reply(421, "4.7.0", "Too many failed logins from your a
                                "try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+TOO_FAST_FROM_IP = Reply(421, "4.7.0", "Too many new connections from your address, "
+                                       "try again later")
 INTERNAL_ERROR = Reply(421, "4.3.0", "Internal server error, closing connection")
 SPOOL_FAILED = Reply(451, "4.3.0", "Cannot store the message now, try again later")
 PROCESS_TEMPFAIL = Reply(451, "4.3.0", "Temporary failure, try again later")

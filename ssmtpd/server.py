@@ -24,7 +24,8 @@ from gevent.server import StreamServer
 from ssmtpd import metrics, privileges, proxy, replies
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Programs
-from ssmtpd.limits import TOO_MANY, TOO_MANY_FROM_ADDRESS, UNANSWERED, Limits
+from ssmtpd.limits import (TOO_FAST_FROM_ADDRESS, TOO_MANY, TOO_MANY_FROM_ADDRESS, UNANSWERED,
+                           Limits)
 from ssmtpd.log import SessionLog
 from ssmtpd.session import Session
 from ssmtpd.tls import TLSHolder
@@ -286,6 +287,8 @@ class Server:
             return reason, replies.TOO_MANY_CONNECTIONS
         if reason == TOO_MANY_FROM_ADDRESS:
             return reason, replies.TOO_MANY_FROM_IP
+        if reason == TOO_FAST_FROM_ADDRESS:
+            return reason, replies.TOO_FAST_FROM_IP
         if reason == UNANSWERED:  # the master is slow: a busy server, for the client
             return reason, replies.TOO_MANY_CONNECTIONS
         # A worker whose master is gone is about to stop.

@@ -9,7 +9,7 @@ import ipaddress
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ssmtpd.limits import (TOO_MANY, TOO_MANY_FROM_ADDRESS, ConnectionCount, FailedLogins,
+from ssmtpd.limits import (TOO_MANY, TOO_MANY_FROM_ADDRESS, ConnectionCount, Window,
                            address_key)
 
 PROPERTY = settings(max_examples=300, deadline=None)
@@ -83,7 +83,7 @@ def test_pressure_is_more_than_three_quarters():
 
 def test_blocked_after_limit_failures_inside_the_window():
     clock = Clock()
-    logins = FailedLogins(limit=3, window=60, clock=clock)
+    logins = Window(limit=3, window=60, clock=clock)
     for _ in range(2):
         logins.record("a")
         clock.now += 10
@@ -105,7 +105,7 @@ def test_blocked_after_limit_failures_inside_the_window():
 def test_blocked_matches_a_plain_count(events, limit, window):
     """blocked(key) is exactly: at least `limit` failures of key within the last `window`."""
     clock = Clock()
-    logins = FailedLogins(limit=limit, window=window, clock=clock)
+    logins = Window(limit=limit, window=window, clock=clock)
     history = []
     for key, pause in events:
         clock.now += pause
@@ -118,7 +118,7 @@ def test_blocked_matches_a_plain_count(events, limit, window):
 
 def test_table_is_bounded_and_forgets_expired_addresses():
     clock = Clock()
-    logins = FailedLogins(limit=2, window=10, clock=clock, max_keys=100)
+    logins = Window(limit=2, window=10, clock=clock, max_keys=100)
     for i in range(250):
         logins.record(f"10.0.{i // 256}.{i % 256}")
     assert len(logins) == 100

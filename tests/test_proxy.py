@@ -346,3 +346,30 @@ def test_partial_headers_cost_no_polling_and_end_with_their_client(make_server):
     # Each ended with its client, long before --timeout 60.
     assert wait_until(lambda: srv.log().count("connection closed before a complete header")
                       >= 500, timeout=20), srv.log()[-2000:]
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one-process", "workers"])
+def test_connection_rate_per_address(make_server, workers):
+    """README "Limits and abuse": past --max-connection-rate-per-ip new connections from
+    one address (counted across workers) get 421 at once; other addresses, and clients on
+    this machine (a balancer's LOCAL health checks), are not held back."""
+    srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
+                      "--max-connection-rate-per-ip", "3/1m", *workers)
+    if workers:
+        assert wait_until(lambda: srv.log().count("accepting on") == 2), srv.log()
+
+    def greeting(header):
+        raw = connect(srv)
+        raw.send(header)
+        code, lines = raw.reply()
+        raw.close()
+        return code, lines
+
+    for n in range(3):
+        assert greeting(v2("198.51.100.9", "192.0.2.25", 40000 + n, 587))[0] == 220
+    code, lines = greeting(v2("198.51.100.9", "192.0.2.25", 40009, 587))
+    assert code == 421 and lines[0] == "421 4.7.0 Too many new connections from your " \
+        "address, try again later", lines
+    assert greeting(v2("198.51.100.10", "192.0.2.25", 40000, 587))[0] == 220
+    local = proxy.V2_SIGNATURE + bytes([0x20, 0x00]) + b"\x00\x00"
+    assert [greeting(local)[0] for _ in range(6)] == [220] * 6
