@@ -35,6 +35,40 @@ STOP_TIMEOUT = 30.0
 WAIT_TIMEOUT = 30.0
 
 
+
+def installed_wheel(tmp) -> str:
+    """The bin directory of a new virtualenv holding only ssmtpd's wheel, built
+    from a copy of this checkout (other builds in it share its build/).  Its
+    dependencies come from this Python's own packages (a path entry, not the
+    network), without their .pth hooks, so the editable install of this
+    checkout is not what it imports."""
+    import sysconfig
+    import venv
+    source = os.path.join(tmp, "source")
+    shutil.copytree(os.path.join(ROOT, "ssmtpd"), os.path.join(source, "ssmtpd"),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist"))
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(ROOT, name), source)
+    wheels = os.path.join(tmp, "wheels")
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                            wheels, source], capture_output=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = glob.glob(os.path.join(wheels, "ssmtpd-*.whl"))
+    env_dir = os.path.join(tmp, "venv")
+    venv.create(env_dir, with_pip=True)
+    bindir = os.path.join(env_dir, "bin")
+    inner = subprocess.run([os.path.join(bindir, "python"), "-c",
+                            "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    ours = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    with open(os.path.join(inner, "dependencies-of-the-tests.pth"), "w") as f:
+        f.write("".join(path + "\n" for path in ours))
+    done = subprocess.run([os.path.join(bindir, "python"), "-m", "pip", "install", "-q",
+                           "--no-deps", "--no-index", wheel], capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return bindir
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

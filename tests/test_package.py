@@ -6,14 +6,12 @@ outside the clone, with neither the venv nor this Python on PATH.
 """
 
 import os
-import shutil
+import pathlib
 import subprocess
-import sys
-import venv
 
 import pytest
 
-from conftest import ROOT, free_port, submit_self_signed, wait_for_port
+from conftest import ROOT, free_port, installed_wheel, submit_self_signed, wait_for_port
 
 # `ssmtpd --example NAME` -> the file of the clone it must print, at the path
 # README "Deploying" names.
@@ -31,24 +29,7 @@ PASSPHRASE = "a long passphrase"
 def installed(tmp_path_factory):
     """(bin directory of a venv holding only the wheel, a home outside the clone, its env)."""
     tmp = tmp_path_factory.mktemp("package")
-    # Built from a copy: other builds in the clone (pip -e, other tests) share its build/.
-    source = tmp / "source"
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist")
-    shutil.copytree(os.path.join(ROOT, "ssmtpd"), source / "ssmtpd", ignore=ignore)
-    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(os.path.join(ROOT, name), source / name)
-    wheels = tmp / "wheels"
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                            str(wheels), "."], cwd=source, capture_output=True, timeout=300)
-    assert built.returncode == 0, built.stderr
-    (wheel,) = wheels.glob("ssmtpd-*.whl")
-    # The dependencies come from this Python's site-packages, not from the network.
-    env_dir = tmp / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
-    bindir = env_dir / "bin"
-    done = subprocess.run([str(bindir / "python"), "-m", "pip", "install", "-q", "--no-deps",
-                           "--no-index", str(wheel)], capture_output=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    bindir = pathlib.Path(installed_wheel(str(tmp)))
     home = tmp / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items()
