@@ -11,8 +11,9 @@ lasts until the test has measured.
 A flood proves something only if it keeps the server busy.  How much one
 flooder achieves depends on the machine (a NOOP flooder is cut after 110
 commands and spends most of its time reconnecting), so the tests add flooders
-until the server has work for most of the time, and skip when the machine
-cannot get there: a slow machine is not a failure of the server.
+until the server has work at least BUSY of the time, and skip when the machine
+cannot get there: a slow machine is not a failure of the server.  A slow
+reply fails whatever the load: a server that blocks is idle too.
 """
 
 import json
