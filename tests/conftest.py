@@ -69,6 +69,19 @@ def installed_wheel(tmp) -> str:
     return bindir
 
 
+
+def privileged_port() -> int:
+    """A free loopback port below 1024 (only root may bind one), or skip."""
+    for port in range(990, 700, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.skip("no free port below 1024")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

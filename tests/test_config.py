@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from conftest import AUTH, HOSTNAME, PASSWORD, RECORD, ROOT, USER, free_port, plain_token
+from conftest import (AUTH, HOSTNAME, PASSWORD, RECORD, ROOT, USER, free_port, plain_token,
+                      privileged_port)
 
 RUN_TIMEOUT = 15.0
 
@@ -488,17 +489,6 @@ def test_port_error_comes_before_any_warning(tmp_path, certs):
     assert_refused(result, "--port")
 
 
-def free_port_below_1024() -> int:
-    for port in range(990, 700, -1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    pytest.skip("no free port below 1024")
-
-
 def test_port_below_1024_says_how(tmp_path, certs):
     """README "Configuration", "Deploying": a port below 1024 refused for want of privilege
     is one line that names the port and both ways to get it: root with --user, or
@@ -510,7 +500,7 @@ def test_port_below_1024_says_how(tmp_path, certs):
             pytest.skip("setpriv(1) is needed to drop CAP_NET_BIND_SERVICE as root")
         wrapper = ["setpriv", "--inh-caps=-net_bind_service",
                    "--bounding-set=-net_bind_service"]
-    port = free_port_below_1024()
+    port = privileged_port()
     argv = wrapper + [sys.executable, "-m", "ssmtpd"] + valid_args(certs, port)
     result = subprocess.run(argv, cwd=str(tmp_path), env=clean_env(), stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=RUN_TIMEOUT)

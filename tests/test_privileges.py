@@ -30,7 +30,7 @@ import time
 import pytest
 
 from conftest import (HOSTNAME, PASSWORD, RECORD, ROOT, ServerProcess, make_certs,
-                      plain_token, shared_tmp_dir, wait_until)
+                      plain_token, privileged_port, shared_tmp_dir, wait_until)
 from test_deploy import dedicated_user, in_namespace, views_for  # noqa: F401 (a fixture)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to bind and switch")
@@ -43,17 +43,6 @@ PROCESS = """#!/bin/sh
 echo "$(id -u) $(id -g) $(id -G)" > "$SSMTPD_TEST_RECORD/process-ids"
 cat > "$SSMTPD_TEST_RECORD/message"
 """
-
-
-def privileged_port() -> int:
-    for port in range(990, 700, -1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    pytest.skip("no free port below 1024")
 
 
 @pytest.fixture
