@@ -327,11 +327,19 @@ def test_partial_headers_cost_no_polling_and_end_with_their_client(make_server):
             raw.send(b"PROXY TCP4 198.51.100.1 ")
             partial.append(raw)
         assert wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) >= 500, timeout=20)
-        before, started = cpu_seconds(pid), time.monotonic()
-        time.sleep(3)
-        busy = (cpu_seconds(pid) - before) / (time.monotonic() - started)
-        # Looking again every 10 ms cost about a fifth of a core here.
-        assert busy < 0.05, f"server CPU {busy:.0%} while 500 headers wait"
+        # Looking again every 10 ms cost about a fifth of a core here, every
+        # second.  Without it, a second comes that costs next to nothing, once
+        # the first reads of the 500 are done, however late a busy machine
+        # lets the server do them.
+        samples = []
+        for _ in range(6):
+            before, started = cpu_seconds(pid), time.monotonic()
+            time.sleep(1.0)  # the sample itself, not a wait for an event
+            samples.append((cpu_seconds(pid) - before) / (time.monotonic() - started))
+            if samples[-1] < 0.05:
+                break
+        assert min(samples) < 0.05, \
+            f"server CPU {', '.join(f'{s:.0%}' for s in samples)} while 500 headers wait"
         # Over --max-connections (600) waiting: closed without a byte.
         extra = [connect(srv) for _ in range(100)]
         over = connect(srv)
