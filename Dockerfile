@@ -26,7 +26,7 @@ WORKDIR /var/lib/ssmtpd
 VOLUME /var/lib/ssmtpd
 EXPOSE 8025 8465
 
-# Healthy means every port answers SMTP: a greeting, then NOOP.  The check
+# Healthy means every port answers SMTP: a greeting, then EHLO.  The check
 # reads the same SSMTPD_* variables as the server; with --proxy-protocol it
 # speaks from a --proxy-trusted address of the container's own, after a PROXY
 # LOCAL header (README "In a container").

@@ -29,7 +29,7 @@ from typing import Callable, Deque, List, Optional, Tuple
 import gevent
 from gevent.event import Event
 
-from ssmtpd import handover, ledger, metrics
+from ssmtpd import events, handover, ledger, metrics
 from ssmtpd.limits import Limits
 from ssmtpd.server import SHUTDOWN_GRACE, ListenError, bind_listeners, serve_metrics
 from ssmtpd.tls import refresh_pem
@@ -137,9 +137,11 @@ class Arbiter:
         on_bound()
         for sock, implicit in self.listeners:
             host, port = sock.getsockname()[:2]
-            self.log.info("master %d: listening on %s port %d (%s), %d workers", os.getpid(),
-                          host, port, "implicit TLS" if implicit else "STARTTLS",
-                          self.settings.workers)
+            events.note(self.log, events.INFO, events.LISTENING,
+                        "master %d: listening on %s port %d (%s), %d workers", os.getpid(),
+                        host, port, "implicit TLS" if implicit else "STARTTLS",
+                        self.settings.workers, address=host, port=port,
+                        tls_mode="implicit" if implicit else "starttls")
         self._state = handover.seal(handover.encode(self.settings, self.tls.pem))
         stop_deadline = None
         killed = False
@@ -158,7 +160,8 @@ class Arbiter:
                 self._start_due_workers()
             self._wake.wait(TICK)
             self._wake.clear()
-        self.log.info("master %d: all workers stopped", os.getpid())
+        events.note(self.log, events.INFO, events.STOPPED, "master %d: all workers stopped",
+                    os.getpid())
         if self._metrics_dir is not None:
             self._metrics_dir.remove()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -176,21 +179,24 @@ class Arbiter:
             signum = self._signals.popleft()
             if signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                 self.stopping = True
-                self.log.info("master %d: %s: stopping %d workers", os.getpid(),
-                              signal.Signals(signum).name, len(self._live()))
+                events.note(self.log, events.INFO, events.SHUTDOWN,
+                            "master %d: %s: stopping %d workers", os.getpid(),
+                            signal.Signals(signum).name, len(self._live()))
                 for sock, _ in self.listeners:
                     sock.close()  # the workers' copies keep serving until they drain
                 self._kill_all(signal.SIGTERM)
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 # Passed on as a second SIGTERM: each worker closes every
                 # session that is not running a program.
-                self.log.warning("master %d: %s again: %d workers still draining; each closes "
-                                 "its sessions that are not running a program",
-                                 os.getpid(), signal.Signals(signum).name, len(self._live()))
+                events.note(self.log, events.WARNING, events.SHUTDOWN,
+                            "master %d: %s again: %d workers still draining; each closes its "
+                            "sessions that are not running a program",
+                            os.getpid(), signal.Signals(signum).name, len(self._live()))
                 self._kill_all(signal.SIGTERM)
             elif signum == signal.SIGHUP and not self.stopping:
-                self.log.info("master %d: SIGHUP: passed on to %d workers", os.getpid(),
-                              len(self._live()))
+                events.note(self.log, events.INFO, events.RELOAD,
+                            "master %d: SIGHUP: passed on to %d workers", os.getpid(),
+                            len(self._live()))
                 self._kill_all(signal.SIGHUP)
                 # Workers started from now on must show the renewed certificate too.
                 refresh_pem(self.tls)
@@ -200,8 +206,9 @@ class Arbiter:
     def _kill_all(self, signum, why: str = "") -> None:
         for slot in self._live():
             if why:
-                self.log.error("worker %d (pid %d) %s; sending %s", slot.index, slot.pid, why,
-                               signal.Signals(signum).name)
+                events.note(self.log, events.ERROR, events.WORKER,
+                            "worker %d (pid %d) %s; sending %s", slot.index, slot.pid, why,
+                            signal.Signals(signum).name, worker=slot.index, pid=slot.pid)
             try:
                 os.kill(slot.pid, signum)
             except ProcessLookupError:
@@ -229,20 +236,24 @@ class Arbiter:
                 continue
             orphans = self.ledger.detach(pid)
             if orphans:
-                self.log.error("worker %d (pid %d) died while running %d programs: killed them "
-                               "(their clients got no answer and will send again)",
-                               slot.index, pid, orphans)
+                events.note(self.log, events.ERROR, events.WORKER,
+                            "worker %d (pid %d) died while running %d programs: killed them "
+                            "(their clients got no answer and will send again)",
+                            slot.index, pid, orphans, worker=slot.index, pid=pid)
             if self.settings.metrics_bind:
                 metrics.worker_died(pid)
             slot.pid = None
             if self.stopping:
-                self.log.info("worker %d (pid %d) stopped: %s", slot.index, pid,
-                              _describe(status))
+                events.note(self.log, events.INFO, events.WORKER,
+                            "worker %d (pid %d) stopped: %s", slot.index, pid,
+                            _describe(status), worker=slot.index, pid=pid)
                 continue
             lived = time.monotonic() - slot.started
             slot.restart_later(crashed=lived < MIN_LIFETIME)
-            self.log.error("worker %d (pid %d) %s after %.1fs; starting another in %.0fs",
-                           slot.index, pid, _describe(status), lived, slot.backoff)
+            events.note(self.log, events.ERROR, events.WORKER,
+                        "worker %d (pid %d) %s after %.1fs; starting another in %.0fs",
+                        slot.index, pid, _describe(status), lived, slot.backoff,
+                        worker=slot.index, pid=pid)
 
     def _start_due_workers(self) -> None:
         now = time.monotonic()
@@ -292,7 +303,8 @@ class Arbiter:
             handed.close()
         slot.started = time.monotonic()
         self.ledger.attach(slot.pid, master_end)
-        self.log.info("worker %d (pid %d) started", slot.index, slot.pid)
+        events.note(self.log, events.INFO, events.WORKER, "worker %d (pid %d) started",
+                    slot.index, slot.pid, worker=slot.index, pid=slot.pid)
 
     def _hand_over(self):
         """The worker's end of a channel holding the sealed state (handover.py).
@@ -311,8 +323,9 @@ class Arbiter:
 
     def _retry_later(self, slot: _Slot, why: str) -> None:
         slot.restart_later(crashed=True)
-        self.log.error("worker %d: cannot start: %s; trying again in %.0fs", slot.index, why,
-                       slot.backoff)
+        events.note(self.log, events.ERROR, events.WORKER,
+                    "worker %d: cannot start: %s; trying again in %.0fs", slot.index, why,
+                    slot.backoff, worker=slot.index)
 
     def _serve_metrics(self) -> Optional[metrics.Directory]:
         """With --metrics-bind: the directory the workers write their metrics to,

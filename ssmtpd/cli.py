@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from gevent import socket as gsocket
 
-from ssmtpd import arbiter, config, handover, ledger, log, metrics, privileges
+from ssmtpd import arbiter, config, events, handover, ledger, log, metrics, privileges
 from ssmtpd.delivery import Programs
 from ssmtpd.server import ListenError, Server, fit_descriptor_limit
 from ssmtpd.tls import TLSError, TLSHolder
@@ -63,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             settings = config.parse(argv)
     except (config.ConfigError, handover.HandoverError, privileges.PrivilegeError) as e:
         return _fail(str(e))
-    logger = log.setup(settings.log_level)
+    logger = log.setup(settings.log_level, format=settings.log_format)
     try:
         tls = TLSHolder(settings.hostname, settings.ssl_cert, settings.ssl_key, pem)
     except TLSError as e:
@@ -96,10 +96,10 @@ def _fit_descriptor_limit(settings, logger):
     fits = fit_descriptor_limit(settings.max_connections)
     if fits >= settings.max_connections:
         return settings
-    logger.warning("--max-connections %d lowered to %d: the open file limit (%d) allows no "
-                   "more; raise it (ulimit -n, LimitNOFILE=) for more",
-                   settings.max_connections, fits,
-                   resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    events.note(logger, events.WARNING, events.CONFIG,
+                "--max-connections %d lowered to %d: the open file limit (%d) allows no more; "
+                "raise it (ulimit -n, LimitNOFILE=) for more", settings.max_connections, fits,
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     return dataclasses.replace(settings, max_connections=fits)
 
 
@@ -116,15 +116,19 @@ def _after_binding(settings, tls, logger) -> None:
     privileges.give_up_capabilities()
     if dropped:
         config.recheck_as_user(settings)
-        logger.info("running as user %s (uid %d), group %s (gid %d)", identity.user,
+        events.note(logger, events.INFO, events.START,
+                    "running as user %s (uid %d), group %s (gid %d)", identity.user,
                     identity.uid, identity.group, identity.gid)
     elif os.geteuid() == 0:
-        logger.warning("running as root without --user: the programs run as root too")
+        events.note(logger, events.WARNING, events.CONFIG,
+                    "running as root without --user: the programs run as root too")
     if tls.self_signed:
-        logger.warning("no --ssl-cert/--ssl-key: using a self-signed certificate for %s; "
-                       "clients will not be able to verify it", settings.hostname)
+        events.note(logger, events.WARNING, events.CONFIG,
+                    "no --ssl-cert/--ssl-key: using a self-signed certificate for %s; "
+                    "clients will not be able to verify it", settings.hostname)
     if not settings.require_auth:
-        logger.warning("--no-require-auth: anyone who connects may submit mail")
+        events.note(logger, events.WARNING, events.CONFIG,
+                    "--no-require-auth: anyone who connects may submit mail")
 
 
 def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,

@@ -290,6 +290,13 @@ def _log_level(value):
     return value
 
 
+def _log_format(value):
+    value = value.lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value
+
+
 OPTIONS: Tuple[Option, ...] = (
     Option("hostname", None, "name in the greeting, EHLO reply and Received header "
            "(default: the machine's FQDN)", check=_hostname),
@@ -345,6 +352,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("group", None, "with --user: this group instead of the user's own"),
     Option("received-header", True, "prepend a Received: trace header", "bool"),
     Option("log-level", "info", "debug, info, warning or error", check=_log_level),
+    Option("log-format", "text", "text, or json: one JSON object per line", check=_log_format),
 )
 
 
@@ -386,6 +394,7 @@ class Settings:
     group: Optional[str]
     received_header: bool
     log_level: str
+    log_format: str
     # Not settings of the server: what the command line asked this run to do.
     check_config: bool = False
     identity: Any = None  # privileges.Identity of --user/--group, or None
@@ -524,6 +533,7 @@ EXAMPLES = {
     "systemd": "ssmtpd.service",
     "supervisord": "supervisord.conf",
     "fail2ban-filter": "fail2ban-filter.conf",
+    "fail2ban-filter-json": "fail2ban-filter-json.conf",
     "fail2ban-jail": "fail2ban-jail.local",
 }
 
@@ -560,7 +570,8 @@ def build_parser() -> configargparse.ArgParser:
                         help="print an example file and exit: config (a first ini file for an "
                              "installed ssmtpd: the example programs, state in ./var), "
                              "systemd (a unit), supervisord (a [program:ssmtpd] section), "
-                             "fail2ban-filter, fail2ban-jail")
+                             "fail2ban-filter, fail2ban-filter-json (for --log-format json), "
+                             "fail2ban-jail")
     parser.add_argument("--example-config", action=_PrintExample, nargs=0, const="config",
                         help="the same as --example config")
     parser.add_argument("--check-config", action="store_true",

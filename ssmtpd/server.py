@@ -21,7 +21,7 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from ssmtpd import metrics, privileges, proxy, replies
+from ssmtpd import events, metrics, privileges, proxy, replies
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Programs
 from ssmtpd.limits import (TOO_FAST_FROM_ADDRESS, TOO_MANY, TOO_MANY_FROM_ADDRESS, UNANSWERED,
@@ -60,7 +60,8 @@ class _Listener(StreamServer):
             if e.errno not in self._RESOURCE_ERRORS:
                 raise
             if not self._paused:
-                self._log.warning("accept: %s; pausing new connections", e.strerror)
+                events.note(self._log, events.WARNING, events.ACCEPT,
+                            "accept: %s; pausing new connections", e.strerror)
             self._paused = True
             self.stop_accepting()
             self._timer = self.loop.timer(self.PAUSE)
@@ -68,7 +69,8 @@ class _Listener(StreamServer):
             return None
         if self._paused and result:
             self._paused = False
-            self._log.warning("accept: accepting new connections again")
+            events.note(self._log, events.WARNING, events.ACCEPT,
+                        "accept: accepting new connections again")
         return result
 
 
@@ -201,8 +203,11 @@ class Server:
             server.start()
             self._servers.append(server)
             host, port = listener.getsockname()[:2]
-            self.log.info("%s on %s port %d (%s)", "accepting" if inherited else "listening",
-                          host, port, "implicit TLS" if implicit else "STARTTLS")
+            events.note(self.log, events.INFO, events.LISTENING, "%s on %s port %d (%s)",
+                        "accepting" if inherited else "listening", host, port,
+                        "implicit TLS" if implicit else "STARTTLS",
+                        address=host, port=port,
+                        tls_mode="implicit" if implicit else "starttls")
         self._sweeper = gevent.spawn(self._sweep_strangers)
 
     # --- per client ----------------------------------------------------------
@@ -227,11 +232,12 @@ class Server:
         key = self.limits.key(ip)
         log = SessionLog(self.log, session_id, ip)
         if self.settings.proxy_protocol:
-            log.debug("via PROXY from %s", peer)
+            log.say(events.DEBUG, events.PROXY, proxy_ip=peer)
         result, refusal = self._admit(key)
         self.metrics.connection(result)
         if refusal is not None:
-            log.warning("refused: %s", refusal.text)
+            log.say(events.WARNING, events.CONNECTION_REFUSED, code=refusal.code,
+                    enhanced=refusal.enhanced, reason=refusal.text)
             _refuse(sock, None if implicit_tls else refusal)
             return
         session = Session(sock, (ip,), self.settings, self.tls, self.programs, self.limits,
@@ -253,21 +259,28 @@ class Server:
         log = SessionLog(self.log, session_id, peer)
         address = ipaddress.ip_address(peer.split("%", 1)[0])
         if not any(address in network for network in self.settings.proxy_trusted):
-            log.warning("closed: not a --proxy-trusted address")
+            log.say(events.WARNING, events.PROXY_REFUSED, reason="not a --proxy-trusted address")
             return None
         # Connections still owing their header hold descriptors as sessions
         # do: no more of them than --max-connections at once.
         if self._awaiting_header >= self.settings.max_connections:
-            log.warning("closed: %d connections already wait for their PROXY header",
-                        self._awaiting_header)
+            log.say(events.WARNING, events.PROXY_REFUSED,
+                    reason=f"{self._awaiting_header} connections already wait for their "
+                           "PROXY header")
             return None
-        deadline = time.monotonic() + self.settings.timeout
+        started = time.monotonic()
+        deadline = started + self.settings.timeout
         self._awaiting_header += 1
         try:
             header = _read_proxy_header(sock, deadline)
+        except _ClosedBeforeHeader:
+            # A load balancer's health check that only connects (README "Logging").
+            log.say(events.DEBUG, events.DISCONNECTED, reason="closed before a PROXY header",
+                    duration_ms=round((time.monotonic() - started) * 1000), health_check=True)
+            return None
         except (proxy.ProxyError, OSError, gevent.Timeout) as e:
             why = str(e) if isinstance(e, proxy.ProxyError) else "no complete header in time"
-            log.warning("closed: PROXY header: %s", why)
+            log.say(events.WARNING, events.PROXY_REFUSED, reason=f"PROXY header: {why}")
             return None
         finally:
             self._awaiting_header -= 1
@@ -317,7 +330,7 @@ class Server:
             # impatient supervisor must not turn our clean exit into 143.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.log.info("stopped")
+        events.note(self.log, events.INFO, events.STOPPED, "stopped")
         return 0
 
     def begin_shutdown(self, why: str = "request") -> None:
@@ -325,7 +338,8 @@ class Server:
             self._stop_now(why)
             return
         self.stopping = True
-        self.log.info("%s: shutting down, %d sessions open", why, len(self.sessions))
+        events.note(self.log, events.INFO, events.SHUTDOWN, "%s: shutting down, %d sessions open",
+                    why, len(self.sessions))
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
         gevent.spawn(self._drain)
@@ -335,8 +349,9 @@ class Server:
         is not running a program now, and say what is still running."""
         sessions = list(self.sessions)
         running = sum(session.running_program for session in sessions)
-        self.log.warning("%s again: closing %d sessions now; %d running a program are "
-                         "answered when it ends", why, len(sessions) - running, running)
+        events.note(self.log, events.WARNING, events.SHUTDOWN,
+                    "%s again: closing %d sessions now; %d running a program are answered "
+                    "when it ends", why, len(sessions) - running, running)
         for session in sessions:
             session.interrupt(now=True)
 
@@ -351,8 +366,9 @@ class Server:
         while self.sessions and time.monotonic() < deadline:
             self._stopped.wait(timeout=min(1.0, deadline - time.monotonic()))
         if self.sessions:
-            self.log.warning("%d sessions still busy after %.0fs; exiting anyway",
-                             len(self.sessions), limit)
+            events.note(self.log, events.WARNING, events.SHUTDOWN,
+                        "%d sessions still busy after %.0fs; exiting anyway",
+                        len(self.sessions), limit)
         self._stopped.set()
 
 
@@ -364,6 +380,10 @@ def serve_metrics(settings: Settings, of=None):
         host, port = settings.metrics_bind
         why = os.strerror(e.errno) if e.errno else str(e)
         raise ListenError(f"--metrics-bind: cannot listen on {host} port {port}: {why}") from None
+
+
+class _ClosedBeforeHeader(proxy.ProxyError):
+    """The peer closed (or reset) the connection before sending a byte."""
 
 
 def _read_proxy_header(sock, deadline: float) -> proxy.Header:
@@ -378,8 +398,15 @@ def _read_proxy_header(sock, deadline: float) -> proxy.Header:
     with gevent.Timeout(max(0.0, deadline - time.monotonic())):
         taken = b""
         while True:
-            data = sock.recv(proxy.MAX_HEADER - len(taken), socket.MSG_PEEK)
+            try:
+                data = sock.recv(proxy.MAX_HEADER - len(taken), socket.MSG_PEEK)
+            except ConnectionError:
+                if not taken:  # a health check's reset, not a bad header
+                    raise _ClosedBeforeHeader() from None
+                raise
             if not data:
+                if not taken:
+                    raise _ClosedBeforeHeader()
                 raise proxy.ProxyError("connection closed before a complete header")
             header = proxy.parse(taken + data)
             if header is not None:

@@ -4,6 +4,10 @@
 deadline, finds `smtp_<VERB>`, checks the verb's declared requirements, calls
 it, counts errors, junk commands and failed logins, and writes the Reply.
 Verbs only say what a command means.
+
+What happened is said once, where the answer is known (README "Logging"):
+every answer to MAIL, RCPT, DATA and AUTH is one line, the event a verb or a
+need told with its reply, or else `refused` for an answer of 400 or more.
 """
 
 import logging
@@ -14,9 +18,10 @@ from typing import Callable, List, Optional, Tuple, Union
 import gevent
 from gevent import ssl
 
-from ssmtpd import dotreader, metrics, programs, replies, sasl, spool, syntax
+from ssmtpd import dotreader, events, metrics, programs, replies, sasl, spool, syntax
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Envelope, Programs, received_header
+from ssmtpd.events import DEBUG, ERROR, INFO, WARNING
 from ssmtpd.limits import Limits
 from ssmtpd.log import SessionLog, clean, quote
 from ssmtpd.metrics import Metrics, NoMetrics
@@ -45,6 +50,12 @@ MAX_JUNK = 100
 # A web browser or proxy lured into talking to us (cross-protocol attacks):
 # close without echoing anything back.
 HTTP_VERBS = frozenset((b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE"))
+# Each answer to these is one line (README "Logging"); other verbs' refusals
+# are the client's own business, seen at DEBUG.
+TOLD_VERBS = frozenset(("MAIL", "RCPT", "DATA", "AUTH"))
+# What a load balancer's health check may send before it QUITs or closes
+# (README "Logging"): one of these, once.
+HELLO_VERBS = (b"HELO", b"EHLO")
 
 
 class Shutdown(Exception):
@@ -59,15 +70,32 @@ class _Close(Exception):
     """End the session without a further reply."""
 
 
+class Told:
+    """A reply, and the event that says what happened (README "Logging")."""
+
+    __slots__ = ("reply", "level", "event", "fields")
+
+    def __init__(self, reply: Reply, level: int, event: events.Event, fields: dict):
+        self.reply = reply
+        self.level = level
+        self.event = event
+        self.fields = fields
+
+
 # --- verb requirements, declared once per verb ------------------------------
 
 class Need:
-    def __init__(self, test: Callable[["Session"], bool], reply: Reply, event: str = "",
+    def __init__(self, test: Callable[["Session"], bool], reply: Reply,
+                 event: events.Event = events.REFUSED, level: int = INFO, reason: str = "",
                  record: Optional[Callable[["Session"], None]] = None):
         self.test = test
         self.reply = reply
-        self.event = event  # logged as a warning when the need refuses a command
-        self.record = record  # and counted in the metrics so
+        # How a refusal by this need is logged (README "Logging"): the
+        # reason defaults to the reply's text.
+        self.event = event
+        self.level = level
+        self.reason = reason or reply.text
+        self.record = record  # and how it is counted in the metrics
 
 
 HELO_DONE = Need(lambda s: s.helo is not None, replies.NO_HELO)
@@ -81,12 +109,14 @@ HAS_RCPT = Need(lambda s: bool(s.rcpt_to), replies.NEED_RCPT)
 NO_TLS_YET = Need(lambda s: not s.tls_version, replies.TLS_ACTIVE)
 # README "Limits and abuse": checked before the auth program would run.
 LOGINS_ALLOWED = Need(lambda s: not s.limits.login_blocked(s.address_key),
-                      replies.TOO_MANY_FAILED_LOGINS,
-                      "AUTH refused: too many failed logins from this address",
-                      lambda s: s.metrics.auth(metrics.THROTTLED))
+                      replies.TOO_MANY_FAILED_LOGINS, events.AUTH_THROTTLED, WARNING,
+                      "too many failed logins from this address",
+                      record=lambda s: s.metrics.auth(metrics.THROTTLED))
+# A warning, not the INFO of other refusals: the cause is the server's own.
 SPOOL_HAS_ROOM = Need(lambda s: spool.has_room(s.settings.spool_dir,
                                                2 * s.settings.max_message_size),
-                      replies.INSUFFICIENT_STORAGE, "MAIL refused: spool directory nearly full")
+                      replies.INSUFFICIENT_STORAGE, level=WARNING,
+                      reason="spool directory nearly full")
 
 
 def outside_mail(reply: Reply) -> Need:
@@ -125,6 +155,7 @@ class Session:
         self.errors = 0
         self.junk = 0
         self.auth_failures = 0
+        self._hello_screened = False  # the one HELO/EHLO a health check may send
         self.stopping = False
         self._waiting = False
         # A running program is never interrupted: its client gets its answer
@@ -219,12 +250,22 @@ class Session:
     def run(self) -> None:
         self._greenlet = gevent.getcurrent()
         started = time.monotonic()
-        self.log.info("connected%s", " (implicit TLS)" if self.implicit_tls else "")
+        # Until the client does something a load balancer's health check does
+        # not, its lines wait: a health check's are written at DEBUG
+        # (README "Logging").
+        self.log.hold()
+        if self.implicit_tls:
+            self.log.say(INFO, events.CONNECTED, implicit_tls=True)
+        else:
+            self.log.say(INFO, events.CONNECTED)
         reason = "closed"
         clean_end = False
         waited_enough = False
+        closing_code = None
+        gone = False
         try:
             if self.implicit_tls:
+                self._first_byte()
                 self._handshake()
             self._send(replies.greeting(self.settings.hostname))
             while not self.stopping:
@@ -247,25 +288,36 @@ class Session:
             reason = str(e)
         except ClientGone as e:
             reason = f"client gone: {e}"
+            gone = True
         except ssl.SSLError as e:
             reason = f"TLS error: {e}"
         except Exception as e:
             # A bug must cost one session, not the server, and must not print a
             # traceback where a client's input could have been (debug shows it).
             reason = f"internal error: {type(e).__name__}: {clean(str(e))}"
-            self.log.error("internal error: %s: %s", type(e).__name__, clean(str(e)),
-                           exc_info=self._debug)
+            self.log.say(ERROR, events.INTERNAL_ERROR, exc_info=self._debug,
+                         error_type=type(e).__name__, reason=str(e))
             self._send(replies.INTERNAL_ERROR)
         finally:
             self._closing = True
             self._close(clean_end, waited_enough)
-            self.log.info("disconnected: %s after %.3fs", reason, time.monotonic() - started)
+            # A health check closes, or QUITs, before it has done anything
+            # else; one that times out is not one (README "Logging").
+            health_check = self.log.holding and (gone or closing_code == 221)
+            self.log.release(health_check)
+            ended = {"reason": reason, "duration_ms": _ms(time.monotonic() - started)}
+            if health_check:
+                ended["health_check"] = True
+            self.log.say(DEBUG if health_check else INFO, events.DISCONNECTED, **ended)
 
     def _one_command(self) -> Optional[Reply]:
         try:
             raw = self._wait_for_line(self._next_line)
         except LineTooLong:
+            self.log.release()
             return self._counted(replies.LINE_TOO_LONG)
+        if self.log.holding:
+            self._screen(raw)
         verb, reply = self._dispatch(raw)
         if reply is None:  # STARTTLS answered before its handshake
             return None
@@ -283,6 +335,18 @@ class Session:
         elif verb in JUNK_VERBS:
             self.junk += 1
         return self._counted(reply, self.junk > MAX_JUNK and verb in JUNK_VERBS)
+
+    def _screen(self, raw: bytes) -> None:
+        """A health check QUITs, after at most one HELO or EHLO; any other
+        line makes this a client's session, whose lines are written from now
+        on (README "Logging")."""
+        verb = raw.partition(b" ")[0].rstrip(b"\r\n").upper()
+        if verb == b"QUIT":
+            return
+        if verb in HELLO_VERBS and not self._hello_screened:
+            self._hello_screened = True
+            return
+        self.log.release()
 
     def _answer(self, reply: Optional[Reply]) -> Optional[int]:
         """Queue the reply; its code if it ends the session.  The reply is
@@ -307,34 +371,63 @@ class Session:
         verb_bytes = line.partition(b" ")[0].upper()
         if verb_bytes in HTTP_VERBS:
             raise _Close(f"closed: HTTP request {quote(line, 60)}")
-        if len(raw) > LINE_LIMITS.get(verb_bytes, COMMAND_LIMIT):
-            return "", replies.LINE_TOO_LONG
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            return "", replies.BAD_UTF8
         # Octets, so a non-ASCII letter that str.upper() folds into ASCII
         # ("quıt") is no verb.
         known = _VERBS.get(verb_bytes)
+        if len(raw) > LINE_LIMITS.get(verb_bytes, COMMAND_LIMIT):
+            return "", self._tell(known[0] if known else "", "", replies.LINE_TOO_LONG)
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return "", self._tell(known[0] if known else "", "", replies.BAD_UTF8)
         if known is None:
             # An unknown line may be a credential sent out of turn: never log it.
-            self.log.debug("unrecognised command (%d octets)", len(raw))
+            self.log.say(DEBUG, events.UNKNOWN_COMMAND, octets=len(raw))
             return "", replies.NOT_IMPLEMENTED
         verb, method = known
         arg = text[len(verb) + 1:]  # the verb is ASCII: as many characters as octets
         if self._debug:
-            self.log.debug("command %s", "AUTH" if verb == "AUTH" else quote(text))
+            if verb == "AUTH":
+                self.log.say(DEBUG, events.COMMAND, command=verb)
+            else:
+                self.log.say(DEBUG, events.COMMAND, command=verb, line=text)
         for need in method.needs:
             if not need.test(self):
-                if need.event:
-                    self.log.warning("%s", need.event)
                 if need.record:
                     need.record(self)
-                return verb, need.reply
+                return verb, self._tell(verb, arg, self._refusal(
+                    verb, arg, need.reply, need.event, need.level, need.reason))
         try:
-            return verb, method(self, arg)
+            answer = method(self, arg)
         except SmtpError as e:
-            return verb, e.reply
+            answer = e.reply
+        return verb, self._tell(verb, arg, answer)
+
+    def _tell(self, verb: str, arg: str, answer: Union[Reply, Told, None]) -> Optional[Reply]:
+        """Log the answer to a command, once: the event its verb or need told,
+        or `refused` for an answer of 400 and up to MAIL, RCPT, DATA or AUTH
+        (README "Logging"); returns the reply."""
+        if type(answer) is Told:
+            self.log.say(answer.level, answer.event, **answer.fields)
+            if answer.event is events.AUTH:
+                # Lines name the user from the one after the login's own.
+                self.log.set_user(self.user)
+            return answer.reply
+        if answer is not None and answer.code >= 400 and verb in TOLD_VERBS:
+            told = self._refusal(verb, arg, answer)
+            self.log.say(told.level, told.event, **told.fields)
+        return answer
+
+    @staticmethod
+    def _refusal(verb: str, arg: str, reply: Reply, event: events.Event = events.REFUSED,
+                 level: int = INFO, reason: str = "") -> Told:
+        fields = {"command": verb, "code": reply.code, "enhanced": reply.enhanced,
+                  "reason": reason or reply.text}
+        # An envelope address is what "why did this bounce?" asks about; an
+        # AUTH argument is a credential, and DATA has none.
+        if arg and verb in ("MAIL", "RCPT"):
+            fields["argument"] = arg
+        return Told(reply, level, event, fields)
 
     # --- I/O helpers ---------------------------------------------------------
 
@@ -358,6 +451,18 @@ class Session:
         except (IdleTimeout, ClientGone, OSError):
             pass
 
+    def _first_byte(self) -> None:
+        """Wait for the client's first byte on the implicit-TLS port, so that
+        a client that closes before sending one (a health check) is told
+        apart from a failed handshake (README "Logging")."""
+        sock = self.stream.sock
+        try:
+            data = self._wait_for_line(lambda: sock.recv(1, socket.MSG_PEEK))
+        except ConnectionError as e:
+            raise ClientGone(str(e)) from None
+        if not data:
+            raise ClientGone("connection closed by client")
+
     def _handshake(self) -> None:
         """Wrap the socket in TLS under the --timeout deadline."""
         context = self.tls.context  # taken now: a SIGHUP reload affects new sessions only
@@ -373,18 +478,20 @@ class Session:
         self.stream = self.stream.over(tls_sock)
         self.tls_version = tls_sock.version() or ""
         cipher = tls_sock.cipher()
-        self.log.info("TLS established: %s %s", self.tls_version, cipher[0] if cipher else "")
+        self.log.say(INFO, events.TLS, tls_version=self.tls_version,
+                     cipher=cipher[0] if cipher else "")
 
-    def _log_if_not_started(self, what: str, argv, outcome) -> None:
+    def _log_if_not_started(self, program: str, argv, outcome) -> None:
         # Every login or message fails the same way until someone looks: say
         # so at error level, with the path (README "Monitoring").
         if outcome.not_started:
-            self.log.error("%s %s could not start: %s", what, argv[0],
-                           outcome.error or f"{outcome.describe()}, a command it runs did not start")
+            self.log.say(ERROR, events.PROGRAM_ERROR, program=program, path=argv[0],
+                         reason=outcome.error
+                         or f"{outcome.describe()}, a command it runs did not start")
 
     def _stderr_logger(self, program: str):
         def log_line(line: str) -> None:
-            self.log.info("%s stderr: %s", program, clean(line, 1000))
+            self.log.say(INFO, events.PROGRAM_OUTPUT, program=program, stderr=line)
         return log_line
 
     # --- verbs ---------------------------------------------------------------
@@ -420,14 +527,14 @@ class Session:
         # an attacker's injection (CVE-2011-0411): drop it, never execute it.
         dropped = self.stream.discard_buffer()
         if dropped:
-            self.log.warning("discarded %d octets pipelined after STARTTLS", dropped)
+            self.log.say(WARNING, events.STARTTLS_DISCARDED, octets=dropped)
         self._handshake()
         self._reset_session()
         return None
 
     @requires(AUTH_ENABLED, HELO_DONE, outside_mail(replies.AUTH_IN_TRANSACTION),
               NOT_AUTHENTICATED, TLS_UP, LOGINS_ALLOWED)
-    def smtp_AUTH(self, arg: str) -> Reply:
+    def smtp_AUTH(self, arg: str) -> Union[Reply, Told]:
         mechanism, _, initial = arg.strip().partition(" ")
         mechanism = mechanism.upper()
         initial = initial.strip()
@@ -441,27 +548,31 @@ class Session:
             return replies.UNKNOWN_MECHANISM
         ran = None
         if creds.foreign_authzid:
-            reply, result = replies.BAD_CREDENTIALS, f"authzid {quote(creds.authzid, 64)} refused"
+            reply, result = replies.BAD_CREDENTIALS, {"authzid": creds.authzid}
         else:
             self.running_program = True
             try:
                 reply, outcome = self.programs.authenticate(
-                    creds, mechanism, self.client_addr, self._stderr_logger("auth program"))
+                    creds, mechanism, self.client_addr, self._stderr_logger("auth"))
             finally:
                 self.running_program = False
-            self._log_if_not_started("auth program", self.programs.auth, outcome)
-            result = f"{outcome.describe()} in {outcome.seconds:.3f}s"
+            self._log_if_not_started("auth", self.programs.auth, outcome)
+            result = _program_fields(outcome, "duration_ms")
             ran = outcome.seconds if outcome.status != programs.NO_SLOT else None
-        # One line per attempt with the address and the quoted name: a failure
-        # is a warning, the line fail2ban reads (conf/fail2ban/).
-        level = logging.INFO if reply.code == 235 else logging.WARNING
-        self.log.log(level, "AUTH %s user=%s: %s, %s", mechanism, quote(creds.username, 128),
-                     reply.code, result)
         self.metrics.auth(metrics.AUTH_RESULTS.get(reply.code, "tempfail"), ran)
+        # One line per attempt with the address and the quoted name: a failure
+        # is a warning, the line fail2ban reads (conf/fail2ban/); a temporary
+        # failure is a refusal like any other, not a failed login.
+        fields = {"command": "AUTH", "mechanism": mechanism, "username": creds.username,
+                  "code": reply.code, "enhanced": reply.enhanced, **result}
         if reply.code == 235:
             self.user = creds.username
-            self.log.set_user(creds.username)
-        return reply
+            fields["user"] = creds.username
+            return Told(reply, INFO, events.AUTH, fields)
+        if reply.code == 535:
+            return Told(reply, WARNING, events.AUTH_FAILED, fields)
+        fields["reason"] = reply.text
+        return Told(reply, INFO, events.AUTH_REFUSED, fields)
 
     def _challenge(self, prompt: str) -> str:
         """Send a 334 and read one response line (RFC 4954 §4)."""
@@ -474,7 +585,7 @@ class Session:
 
     @requires(HELO_DONE, TLS_UP, AUTHENTICATED, outside_mail(replies.NESTED_MAIL),
               SPOOL_HAS_ROOM)
-    def smtp_MAIL(self, arg: str) -> Reply:
+    def smtp_MAIL(self, arg: str) -> Union[Reply, Told]:
         address, params = syntax.parse_path(arg, "FROM", replies.BAD_SENDER)
         for name, value in params.items():
             if name == "SIZE":
@@ -489,11 +600,10 @@ class Session:
                 return replies.UNKNOWN_PARAMETER
         self.mail_from = address
         self.rcpt_to = []
-        self.log.info("MAIL FROM:%s", quote(address))
-        return replies.SENDER_OK
+        return Told(replies.SENDER_OK, INFO, events.MAIL, {"mail_from": address})
 
     @requires(IN_MAIL)
-    def smtp_RCPT(self, arg: str) -> Reply:
+    def smtp_RCPT(self, arg: str) -> Union[Reply, Told]:
         address, params = syntax.parse_path(arg, "TO", replies.BAD_RECIPIENT, need_domain=True)
         if not address:
             return replies.BAD_RECIPIENT
@@ -502,10 +612,10 @@ class Session:
         if len(self.rcpt_to) >= self.settings.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
         self.rcpt_to.append(address)
-        return replies.RECIPIENT_OK
+        return Told(replies.RECIPIENT_OK, INFO, events.RCPT, {"rcpt_to": address})
 
     @requires(IN_MAIL, HAS_RCPT)
-    def smtp_DATA(self, arg: str) -> Reply:
+    def smtp_DATA(self, arg: str) -> Union[Reply, Told]:
         if arg.strip():
             return replies.SYNTAX
         started = time.monotonic()
@@ -530,34 +640,33 @@ class Session:
                                                message_spool, self._read_data),
                 phase=True)
             if result.status == dotreader.TOO_BIG:
-                self.log.info("message refused: %d octets over the limit", result.size)
                 self.metrics.message(replies.TOO_BIG.code, result.size)
-                return replies.TOO_BIG
+                return _message(replies.TOO_BIG, INFO, events.MESSAGE_TOO_BIG, envelope,
+                                result.size, started, reason="over the size limit")
             if result.status == dotreader.BARE_LINE_ENDING:
-                self.log.warning("message refused: bare CR or LF (%d octets)", result.size)
                 self.metrics.message(replies.BARE_LINE_ENDING.code, result.size)
-                return replies.BARE_LINE_ENDING
+                return _message(replies.BARE_LINE_ENDING, WARNING,
+                                events.MESSAGE_BARE_LINE_ENDING, envelope, result.size,
+                                started, reason="bare CR or LF")
             try:
                 message = message_spool.reader()
             except OSError as e:
-                self.log.error("message refused: cannot spool it: %s", e.strerror or e)
                 self.metrics.message(replies.SPOOL_FAILED.code, result.size)
-                return replies.SPOOL_FAILED
+                return _message(replies.SPOOL_FAILED, ERROR, events.MESSAGE_NOT_SPOOLED,
+                                envelope, result.size, started,
+                                reason=f"cannot spool it: {e.strerror or e}")
             self.running_program = True
             try:
                 reply, outcome = self.programs.deliver(envelope, message,
-                                                       self._stderr_logger("process program"))
+                                                       self._stderr_logger("process"))
             finally:
                 self.running_program = False
-            self._log_if_not_started("process program", self.programs.process, outcome)
+            self._log_if_not_started("process", self.programs.process, outcome)
         finally:
             message_spool.close()
-        self.log.info("message from=%s rcpts=%d size=%d: %s, process program %s in %.3fs, "
-                      "total %.3fs", quote(envelope.mail_from), len(envelope.rcpt_to),
-                      result.size, reply.code, outcome.describe(), outcome.seconds,
-                      time.monotonic() - started)
         self.metrics.message(reply.code, result.size, outcome.seconds)
-        return reply
+        return _message(reply, INFO, events.MESSAGE, envelope, result.size, started,
+                        **_program_fields(outcome, "program_ms"))
 
     @requires()
     def smtp_RSET(self, arg: str) -> Reply:
@@ -583,6 +692,28 @@ class Session:
     @requires()
     def smtp_HELP(self, arg: str) -> Reply:
         return replies.HELP
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _program_fields(outcome: programs.Outcome, duration: str) -> dict:
+    """How a program run ended, for its AUTH or message line (README "Logging")."""
+    fields = {"program_result": outcome.describe()}
+    if outcome.status == programs.EXITED:
+        fields["program_exit"] = outcome.code
+    fields[duration] = _ms(outcome.seconds)
+    return fields
+
+
+def _message(reply: Reply, level: int, event: events.Event, envelope: Envelope, size: int,
+             started: float, **fields) -> Told:
+    """The reply after the final dot, told as the `message` event whatever its code."""
+    told = {"mail_from": envelope.mail_from, "rcpts": len(envelope.rcpt_to), "size": size,
+            "code": reply.code, "enhanced": reply.enhanced, **fields,
+            "duration_ms": _ms(time.monotonic() - started)}
+    return Told(reply, level, event, told)
 
 
 # Each verb's method by its upper-cased octets: one lookup per command.

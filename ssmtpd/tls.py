@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 
 from gevent import ssl
 
+from ssmtpd.events import ERROR, INFO, RELOAD, note
+
 log = logging.getLogger("ssmtpd.tls")
 
 
@@ -127,14 +129,16 @@ class TLSHolder:
     def reload(self) -> bool:
         """Re-read certificate and key; on failure keep serving the old ones."""
         if self.self_signed:
-            log.info("SIGHUP: no --ssl-cert configured, keeping the self-signed certificate")
+            note(log, INFO, RELOAD,
+                 "SIGHUP: no --ssl-cert configured, keeping the self-signed certificate")
             return False
         try:
             self.context = make_context(self.cert_file, self.key_file)
         except TLSError as e:
-            log.error("SIGHUP: reload failed, keeping the previous certificate: %s", e)
+            note(log, ERROR, RELOAD, "SIGHUP: reload failed, keeping the previous certificate: %s",
+                 e)
             return False
-        log.info("SIGHUP: reloaded certificate %s", self.cert_file)
+        note(log, INFO, RELOAD, "SIGHUP: reloaded certificate %s", self.cert_file)
         return True
 
 
@@ -147,7 +151,7 @@ def refresh_pem(holder: "TLSHolder") -> None:
         make_context(holder.cert_file, holder.key_file)
         holder.pem = (_read(holder.cert_file), _read(holder.key_file))
     except TLSError as e:
-        log.error("SIGHUP: new workers keep the previous certificate: %s", e)
+        note(log, ERROR, RELOAD, "SIGHUP: new workers keep the previous certificate: %s", e)
 
 
 def _read(path: str) -> bytes:

@@ -8,6 +8,7 @@ against a real server.
 """
 
 import base64
+import datetime
 import io
 import json
 import os
@@ -26,6 +27,8 @@ from conftest import (PASSWORD, PROGRAMS, ROOT, USER, Raw, ServerProcess, plain_
 
 AUTH_SLOW = os.path.join(PROGRAMS, "auth-slow")
 FILTER = os.path.join(ROOT, "conf", "fail2ban", "filter.d", "ssmtpd.conf")
+JSON_FILTER = os.path.join(ROOT, "conf", "fail2ban", "filter.d", "ssmtpd-json.conf")
+JAIL = os.path.join(ROOT, "conf", "fail2ban", "jail.d", "ssmtpd.local")
 TOO_MANY_FAILED_LOGINS = "421 4.7.0 Too many failed logins from your address, try again later"
 
 
@@ -355,7 +358,7 @@ def test_spool_without_room_is_452_at_mail(make_server, small_fs):
         f.write(b"\0" * (3 * 1024 * 1024))
     code, lines = raw.cmd("MAIL FROM:<alice@example.org>")
     assert lines[-1] == "452 4.3.1 Insufficient system storage"
-    assert "MAIL refused: spool directory nearly full" in srv.log()
+    assert "MAIL refused: 452 4.3.1 spool directory nearly full" in srv.log()
     os.unlink(filler)
     assert raw.send_message(big)[0] == 250
     assert raw.cmd("QUIT")[0] == 221
@@ -400,39 +403,122 @@ def test_unwritable_spool_dir_is_a_start_up_error(tmp_path, certs):
 # --- logs that cannot be forged ---------------------------------------------------
 
 FORGED = "] 198.51.100.23 -: AUTH PLAIN user=admin"
+# The same trick against the JSON line: a name that would end the string and
+# write a client_ip of its own, were it not escaped.
+FORGED_JSON = '","client_ip":"198.51.100.24","x":"'
+FORGED_OBJECT = ('{"ts":"2026-12-01T04:07:20.123Z","level":"warning","event":"auth_failed",'
+                 '"session":"0123456789ab","client_ip":"198.51.100.25"}')
+# Where fail2ban finds the failed-login line, made from the real lines (README
+# "Logging"): `stamp` is the line's own time (UTC) and `line` the line as
+# written to stderr.
+FORMS = {
+    "stderr": lambda stamp, line: line,
+    # rsyslog's file, with ssmtpd's own time kept in the message.
+    "syslog": lambda stamp, line: f"{stamp:%b %d %H:%M:%S} mx ssmtpd[812]: {line}",
+    # The same without ssmtpd's own time (a syslog template that drops it).
+    "syslog-no-own-time": lambda stamp, line: f"{stamp:%b %e %H:%M:%S} mx ssmtpd[812]: "
+                                              f"{line.split(' ', 1)[1]}",
+    # `journalctl -u ssmtpd -o short-iso`, as older and newer systemd write the zone.
+    "journal-short-iso": lambda stamp, line: f"{stamp:%Y-%m-%dT%H:%M:%S+0000} mx "
+                                             f"ssmtpd[812]: {line}",
+    "journal-short-iso-colon": lambda stamp, line: f"{stamp:%Y-%m-%dT%H:%M:%S+00:00} mx "
+                                                   f"ssmtpd[812]: {line}",
+    # What fail2ban's systemd backend (the jail's) matches: host and identifier in
+    # front of the journal's MESSAGE, the time taken from the entry itself.
+    "journal-backend": lambda stamp, line: f"mx ssmtpd[812]: {line}",
+}
 
 
-def test_fail2ban_finds_every_real_failure_and_no_forged_address(make_server, tmp_path):
-    """README "Limits and abuse": the shipped filter, run by the real fail2ban-regex over our log, finds the
-    address of every failed login, and never an address forged inside a username."""
+def line_time(line: str, log_format: str) -> datetime.datetime:
+    text = json.loads(line)["ts"] if log_format == "json" else line.split(" ", 1)[0]
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def fail2ban_ips(tmp_path, name: str, lines, filter_path: str):
+    """The addresses the real fail2ban-regex finds in `lines` with `filter_path`."""
+    path = tmp_path / f"{name}.log"
+    path.write_text("".join(line + "\n" for line in lines))
+    result = subprocess.run(["fail2ban-regex", "-o", "ip", str(path), filter_path],
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return sorted(result.stdout.decode().split())
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_fail2ban_finds_every_real_failure_and_no_forged_address(make_server, tmp_path,
+                                                                   log_format):
+    """README "Logging": the shipped filter for each --log-format, run by the real
+    fail2ban-regex over the server's own lines as stderr, a syslog file, journalctl's
+    output and the journal backend have them, finds the address of every failed login
+    of every mechanism, and never an address forged inside a username, nor a success
+    or a temporary failure."""
     if not shutil.which("fail2ban-regex"):
         pytest.fail("fail2ban-regex is not installed (.ci/run installs Debian's fail2ban)")
-    srv = make_server()
-    failures = {"127.0.0.2": "bob", "127.0.0.3": FORGED, "127.0.0.4": "john smith",
-                "127.0.0.5": 'quo"te\\back', "127.0.0.6": "x" * 300}
-    for source, name in failures.items():
+    srv = make_server("--log-format", log_format)
+    failures = {}  # address -> how it failed
+    logins = {"127.0.0.2": "bob", "127.0.0.3": FORGED, "127.0.0.4": "john smith",
+              "127.0.0.5": 'quo"te\\back', "127.0.0.6": "x" * 300,
+              "127.0.0.9": FORGED_JSON, "127.0.0.10": FORGED_OBJECT}
+    for source, name in logins.items():  # LOGIN
         raw = tls_session(srv, source)
         code, _ = raw.cmd("AUTH LOGIN " + base64.b64encode(name.encode()).decode())
         assert code == 334
         assert raw.cmd(base64.b64encode(b"wrong").decode())[0] == 535
         raw.close()
+        failures[source] = name
+    for source, name in {"127.0.0.11": "carol", "127.0.0.12": FORGED_JSON}.items():  # PLAIN
+        raw = tls_session(srv, source)
+        assert auth(raw, user=name, password="wrong")[0] == 535
+        raw.close()
+        failures[source] = name
+    raw = tls_session(srv, "127.0.0.13")  # PLAIN, an authzid of someone else's
+    assert raw.cmd(f"AUTH PLAIN {plain_token(USER, PASSWORD, authzid='root')}")[0] == 535
+    raw.close()
+    failures["127.0.0.13"] = "authzid"
     raw = tls_session(srv, "127.0.0.7")
     assert auth(raw)[0] == 235  # a success is not a failure
     raw.close()
     raw = tls_session(srv, "127.0.0.8")
     assert auth(raw, user="tempfail")[0] == 454  # nor a temporary one
     raw.close()
-    wait_until(lambda: srv.log().count(": 535, ") == len(failures))
-    log_copy = tmp_path / "ssmtpd.log"
-    log_copy.write_text(srv.log())
-    result = subprocess.run(["fail2ban-regex", "-o", "ip", str(log_copy), FILTER],
-                            capture_output=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    found = result.stdout.decode().split()
-    assert sorted(found) == sorted(failures), found
-    forged_line = next(line for line in srv.log().splitlines() if "198.51.100.23" in line)
-    assert ' 127.0.0.3 -: AUTH LOGIN user="] 198.51.100.23 -: AUTH PLAIN user=admin": 535' \
-        in forged_line
+    failed = '"event":"auth_failed"' if log_format == "json" else ": 535, "
+    assert wait_until(lambda: srv.log().count(failed) == len(failures)), srv.log()
+    lines = [line for line in srv.log().splitlines() if line]
+    assert not any("198.51.100." in line for line in lines if "127.0.0." not in line)
+    filter_path = JSON_FILTER if log_format == "json" else FILTER
+    for form, make in FORMS.items():
+        if form == "syslog-no-own-time" and log_format == "json":
+            continue  # the JSON object carries its time inside
+        found = fail2ban_ips(tmp_path, form, [make(line_time(line, log_format), line)
+                                              for line in lines], filter_path)
+        assert found == sorted(failures), (form, found)
+    if log_format == "text":
+        forged_line = next(line for line in lines if "198.51.100.23" in line)
+        assert ' 127.0.0.3 -: AUTH LOGIN user="] 198.51.100.23 -: AUTH PLAIN user=admin": 535' \
+            in forged_line
+
+
+def test_fail2ban_jail_reads_the_units_journal(tmp_path):
+    """README "Logging": the example jail reads the shipped unit's journal (backend
+    systemd, journalmatch on conf/ssmtpd.service) with the shipped filter, as
+    fail2ban itself reads the configuration."""
+    if not shutil.which("fail2ban-client"):
+        pytest.fail("fail2ban-client is not installed (.ci/run installs Debian's fail2ban)")
+    conf = tmp_path / "fail2ban"
+    shutil.copytree("/etc/fail2ban", conf, symlinks=True,
+                    ignore=shutil.ignore_patterns("jail.d", "jail.local"))
+    (conf / "jail.d").mkdir()
+    shutil.copyfile(JAIL, conf / "jail.d" / "ssmtpd.local")
+    shutil.copyfile(FILTER, conf / "filter.d" / "ssmtpd.conf")
+    result = subprocess.run(["fail2ban-client", "-c", str(conf), "-d"], capture_output=True,
+                            timeout=60, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    dump = result.stdout
+    assert "['add', 'ssmtpd', 'systemd']" in dump, dump
+    assert "['set', 'ssmtpd', 'addjournalmatch', '_SYSTEMD_UNIT=ssmtpd.service']" in dump, dump
+    assert "['set', 'ssmtpd', 'addfailregex', " in dump, dump
+    # The unit the journalmatch names is the one conf/ ships.
+    assert os.path.exists(os.path.join(ROOT, "conf", "ssmtpd.service"))
 
 
 def test_log_lines_stay_short_and_escaped(server):
@@ -452,14 +538,14 @@ def test_log_lines_stay_short_and_escaped(server):
 def test_no_log_line_exceeds_one_kib():
     """README "Limits and abuse": whatever an event carries (a program's 1000-character stderr line
     behind a long prefix, say), the line is cut at 1 KiB, marked, and stays one line."""
-    from ssmtpd import log
+    from ssmtpd import events, log
 
     stream = io.StringIO()
     logger = log.setup("info", stream)
     session = log.SessionLog(logger, "0123456789ab", "2001:db8::1")
     session.set_user("u" * 500)
-    session.warning("process program stderr: %s", log.clean("e" * 5000, 1000))
-    session.info("MAIL FROM:%s", log.quote('"\\\n' * 1000))
+    session.say(events.WARNING, events.PROGRAM_OUTPUT, program="process", stderr="e" * 5000)
+    session.say(events.INFO, events.MAIL, mail_from='"\\\n' * 1000)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2
     for line in lines:

@@ -399,7 +399,9 @@ def _greeted(connect) -> bool:
 def test_max_connections(make_server):
     """README "Configuration" --max-connections: one over gets 421 at once and is closed; a freed slot is reused."""
     smtps = str(free_port())
-    srv = make_server("--max-connections", "5", "--smtps-port", smtps)
+    # At DEBUG, where the start-up probe's lines are: it connects and closes,
+    # as a health check does (README "Logging").
+    srv = make_server("--max-connections", "5", "--smtps-port", smtps, "--log-level", "debug")
     # The start-up probe of the port is a session too; it must hold no slot.
     assert wait_until(lambda: sessions_settled(srv, at_least=1), 10)
     held = [srv.raw() for _ in range(5)]
@@ -432,7 +434,8 @@ def test_max_connections(make_server):
 
 def test_max_connections_per_ip(make_server):
     """README "Configuration" --max-connections-per-ip: counted per client address, 421 at once when over."""
-    srv = make_server("--max-connections-per-ip", "3")
+    # At DEBUG, where the start-up probe's lines are (a health check's).
+    srv = make_server("--max-connections-per-ip", "3", "--log-level", "debug")
     # The start-up probe of the port is a session too; it must hold no slot.
     assert wait_until(lambda: sessions_settled(srv, at_least=1), 10)
     one = [raw_from(srv, "127.0.0.1") for _ in range(3)]

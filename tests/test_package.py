@@ -20,6 +20,7 @@ EXAMPLES = {
     "systemd": "conf/ssmtpd.service",
     "supervisord": "supervisord.conf.example",
     "fail2ban-filter": "conf/fail2ban/filter.d/ssmtpd.conf",
+    "fail2ban-filter-json": "conf/fail2ban/filter.d/ssmtpd-json.conf",
     "fail2ban-jail": "conf/fail2ban/jail.d/ssmtpd.local",
 }
 PASSPHRASE = "a long passphrase"
