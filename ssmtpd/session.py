@@ -265,8 +265,7 @@ class Session:
         gone = False
         try:
             if self.implicit_tls:
-                self._first_byte()
-                self._handshake()
+                self._handshake(first_byte=True)
             self._send(replies.greeting(self.settings.hostname))
             while not self.stopping:
                 closing_code = self._answer(self._one_command())
@@ -451,30 +450,39 @@ class Session:
         except (IdleTimeout, ClientGone, OSError):
             pass
 
-    def _first_byte(self) -> None:
-        """Wait for the client's first byte on the implicit-TLS port, so that
-        a client that closes before sending one (a health check) is told
-        apart from a failed handshake (README "Logging")."""
-        sock = self.stream.sock
-        try:
-            data = self._wait_for_line(lambda: sock.recv(1, socket.MSG_PEEK))
-        except ConnectionError as e:
-            raise ClientGone(str(e)) from None
-        if not data:
-            raise ClientGone("connection closed by client")
+    def _handshake(self, first_byte: bool = False) -> None:
+        """Wrap the socket in TLS under the --timeout deadline.
 
-    def _handshake(self) -> None:
-        """Wrap the socket in TLS under the --timeout deadline."""
+        With `first_byte` (the implicit-TLS port), the client's first byte is
+        waited for first, under the same deadline, so that one that closes
+        before sending any (a health check) is told apart from a failed
+        handshake (README "Logging").
+        """
         context = self.tls.context  # taken now: a SIGHUP reload affects new sessions only
-        tls_sock = context.wrap_socket(self.stream.sock, server_side=True,
-                                       do_handshake_on_connect=False)
+        sock = self.stream.sock
+        wrapped = []
+
+        def handshake():
+            if first_byte:
+                try:
+                    data = sock.recv(1, socket.MSG_PEEK)
+                except ConnectionError as e:
+                    raise ClientGone(str(e)) from None
+                if not data:
+                    raise ClientGone("connection closed by client")
+            wrapped.append(context.wrap_socket(sock, server_side=True,
+                                               do_handshake_on_connect=False))
+            wrapped[0].do_handshake()
+
         try:
-            self._wait_for_line(tls_sock.do_handshake)
+            self._wait_for_line(handshake)
         except BaseException as e:
-            tls_sock.close()  # wrap_socket took over the descriptor
+            if wrapped:
+                wrapped[0].close()  # wrap_socket took over the descriptor
             if isinstance(e, (ssl.SSLError, OSError)) and not isinstance(e, socket.timeout):
                 raise _Close(f"TLS handshake failed: {clean(str(e))}") from None
             raise
+        tls_sock = wrapped[0]
         self.stream = self.stream.over(tls_sock)
         self.tls_version = tls_sock.version() or ""
         cipher = tls_sock.cipher()
