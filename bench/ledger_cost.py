@@ -27,7 +27,9 @@ import socket, sys, types, gevent
 from ssmtpd.ledger import Ledger
 from ssmtpd.limits import Limits
 settings = types.SimpleNamespace(ipv6_prefix_length=64, max_connections=10**9,
-    max_connections_per_ip=10**9, max_auth_failures_per_ip=10, auth_failure_window=600)
+    max_connections_per_ip=10**9, max_auth_failures_per_ip=10, auth_failure_window=600,
+    max_connection_rate_per_ip=(), max_messages_per_user=(), max_recipients_per_user=(),
+    max_sessions_per_user=0)
 ledger = Ledger(Limits(settings))
 ledger.attach(1, socket.socket(fileno=int(sys.argv[1])))
 gevent.wait()

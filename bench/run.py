@@ -239,7 +239,11 @@ class ServerUnderTest:
         if self.kind == "ssmtpd":
             return ([sys.executable, "-m", "ssmtpd"] + common +
                     ["--auth-failure-delay", "0", "--max-connections", "5000",
-                     "--max-connections-per-ip", "5000"] + self.extra)
+                     "--max-connections-per-ip", "5000",
+                     # The load generator logs in as one user: the per-user
+                     # limits (README "Accounts and limits") would cut it short.
+                     "--max-messages-per-user", "0", "--max-recipients-per-user", "0",
+                     "--max-sessions-per-user", "0"] + self.extra)
         if self.kind == "go":
             return [self.binary] + common + self.extra
         return [sys.executable, os.path.join(HERE, "aiosmtpd_server.py")] + common + self.extra

@@ -321,6 +321,14 @@ OPTIONS: Tuple[Option, ...] = (
     Option("max-connection-rate-per-ip", "100/1m", "new connections from one address: "
            "COUNT/WINDOW[,...] (WINDOW in s, m, h or d), 0 for no limit; loopback clients are "
            "never limited", "str", _rate),
+    Option("max-messages-per-user", "1000/1h", "messages one authenticated user may have "
+           "accepted: COUNT/WINDOW[,...] (WINDOW in s, m, h or d), 0 for no limit; over it, "
+           "MAIL gets 450", "str", _rate),
+    Option("max-recipients-per-user", "5000/1h", "recipients of accepted messages per "
+           "authenticated user: COUNT/WINDOW[,...], 0 for no limit; over it, RCPT gets 450",
+           "str", _rate),
+    Option("max-sessions-per-user", 20, "concurrent sessions of one authenticated user, 0 for "
+           "no limit; over it, AUTH gets 454", "int", _not_negative),
     Option("timeout", 300.0, "seconds to wait for a command line or a TLS handshake", "float",
            _positive),
     Option("data-timeout", 600.0, "seconds a whole DATA phase may take", "float", _positive),
@@ -375,6 +383,9 @@ class Settings:
     max_connections: int
     max_connections_per_ip: int
     max_connection_rate_per_ip: Tuple[Tuple[int, float], ...]
+    max_messages_per_user: Tuple[Tuple[int, float], ...]
+    max_recipients_per_user: Tuple[Tuple[int, float], ...]
+    max_sessions_per_user: int
     timeout: float
     data_timeout: float
     auth_timeout: float

@@ -95,10 +95,11 @@ MESSAGE_TOO_BIG = Event("message", lambda f:
 MESSAGE_BARE_LINE_ENDING = Event("message", lambda f:
                                  f"message refused: bare CR or LF ({f['size']} octets)")
 MESSAGE_NOT_SPOOLED = Event("message", lambda f: f"message refused: {f['reason']}")
-# Reserved for the per-user limits of README "Limits and abuse": named now so
-# that a pipeline built on the vocabulary need not change when they come.
+# A per-user limit (README "Accounts and limits"): the name as the client
+# gave it, and the option whose limit it reached.
 RATE_LIMITED = Event("rate_limited", lambda f:
-                     f"{f['command']} refused: {f['code']} {f['enhanced']} {f['reason']}")
+                     f"{f['command']} refused: {f['code']} {f['enhanced']} {f['reason']}: "
+                     f"user={quote(f['username'], 128)} over --max-{f['limit']}-per-user")
 PROGRAM_OUTPUT = Event("program_output", lambda f:
                        f"{f['program']} program stderr: {clean(f['stderr'], 1000)}")
 PROGRAM_ERROR = Event("program_error", lambda f:

@@ -11,6 +11,13 @@ Messages are one line of ASCII each:
     worker -> master   A <id> <key>   take a connection slot; answered
                        R <key>        release a slot
                        F <id> <key>   record a failed login; answered
+                       U <id> <m> <r> <user>  room for m messages, r recipients?
+                       T <id> <r> <user>      check and take a message with r
+                                      recipients; answered "ok <ticket>" or
+                                      the limit without room
+                       G <ticket> <user>      give a message back
+                       L <id> <user>  take a session slot of the user; answered
+                       O <user>       release one
     master -> worker   <id> <answer>  "ok" or a refusal reason; after F, the
                                       seconds the key is now blocked for
                        P <0|1>        the server is (not) under pressure
@@ -24,19 +31,25 @@ master tells every worker of each blocked key instead of being asked: a
 worker answers that from its own table.  A failure is answered, so the
 worker that saw it knows of the block it caused before its client's next
 command.  README "Scaling" says what else was weighed and why this won.
+
+A user travels as a keyed digest of the name as given (README "Accounts
+and limits"): a name may be longer than a message, and hold any character;
+the master never needs the name itself, only to tell names apart.
 """
 
 import collections
+import hashlib
 import itertools
 import socket
 import time
-from typing import Callable, Dict, Optional, Set
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import gevent
 from gevent.event import AsyncResult
 
 from ssmtpd import programs
-from ssmtpd.limits import MAX_TRACKED_ADDRESSES, UNANSWERED, Limits, address_key
+from ssmtpd.limits import (MAX_TRACKED_ADDRESSES, MESSAGES, RECIPIENTS, SESSIONS, UNANSWERED,
+                           Limits, address_key)
 
 MESSAGE_MAX = 512
 # Messages the master handles from one worker before it lets the others run.
@@ -89,6 +102,9 @@ class Ledger:
         for key, count in channel.held.items():
             for _ in range(count):
                 self.limits.release(key)
+        for user, count in channel.user_sessions.items():
+            for _ in range(count):
+                self.limits.user_session_closed(user)
         self._broadcast_pressure()
         return sum(programs.kill_orphan(pid) for pid in channel.programs)
 
@@ -129,6 +145,36 @@ class Ledger:
                 channel.send(f"{ident} {left:.3f}")
                 if left > 0:
                     self._tell_every_worker(_blocked_notice(key, left))
+            else:
+                self._serve_user(channel, op, rest)
+
+    def _serve_user(self, channel: "_Channel", op: str, rest: str) -> None:
+        """The per-user operations (README "Accounts and limits")."""
+        limits = self.limits
+        if op == "U":
+            ident, messages, recipients, user = _split(rest, 4)
+            if recipients.isdigit() and messages.isdigit():
+                refused = limits.sending_refused(user, int(messages), int(recipients))
+                channel.send(f"{ident} {refused or 'ok'}")
+        elif op == "T":
+            ident, recipients, user = _split(rest, 3)
+            if recipients.isdigit():
+                refused, ticket = limits.take_message(user, int(recipients))
+                channel.send(f"{ident} {refused or 'ok ' + ticket}")
+        elif op == "G":
+            count, stamp, user = _split(rest, 3)
+            limits.give_back_message(user, f"{count} {stamp}")
+        elif op == "L":
+            ident, user = _split(rest, 2)
+            opened = limits.user_session_opened(user)
+            if opened:
+                channel.user_sessions[user] += 1
+            channel.send(f"{ident} {'ok' if opened else SESSIONS}")
+        elif op == "O" and channel.user_sessions[rest] > 0:
+            channel.user_sessions[rest] -= 1
+            if not channel.user_sessions[rest]:
+                del channel.user_sessions[rest]
+            limits.user_session_closed(rest)
 
     def _broadcast_pressure(self) -> None:
         pressure = self.limits.under_pressure
@@ -141,6 +187,17 @@ class Ledger:
             channel.send(notice, wait=False)
 
 
+def _split(text: str, parts: int):
+    """`parts` words, the last one all that is left; missing ones empty."""
+    words = text.split(" ", parts - 1)
+    return words + [""] * (parts - len(words))
+
+
+def user_key(user: str) -> str:
+    """What a username travels as: the same name, the same key, in every worker."""
+    return hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
 def _blocked_notice(key: str, seconds: float) -> str:
     # Seconds left rather than a time: the two processes need no common clock.
     return f"K {key} {seconds:.3f}"
@@ -150,6 +207,7 @@ class _Channel:
     def __init__(self, sock):
         self.sock = sock
         self.held = collections.Counter()  # slots this worker holds, per key
+        self.user_sessions = collections.Counter()  # its sessions, per user key
         self.programs: Set[int] = set()  # pids of the programs it runs now
         self.reader: Optional[gevent.Greenlet] = None
 
@@ -211,6 +269,29 @@ class RemoteLimits:
     def login_failed(self, key: str) -> None:
         # Asked, not told: the session's next AUTH may come at once.
         self._note_blocked(key, self._ask("F", key))
+
+    # A master that does not answer in time is slow, not a reason to refuse
+    # mail: the message goes ahead (counted by the master when it gets to it).
+
+    def sending_refused(self, user: str, messages: int, recipients: int) -> Optional[str]:
+        answer = self._ask("U", f"{messages} {recipients} {user_key(user)}")
+        return answer if answer in (MESSAGES, RECIPIENTS) else None
+
+    def take_message(self, user: str, recipients: int) -> Tuple[Optional[str], str]:
+        answer = self._ask("T", f"{recipients} {user_key(user)}")
+        if answer in (MESSAGES, RECIPIENTS):
+            return answer, ""
+        return None, answer[3:] if answer.startswith("ok ") else ""
+
+    def give_back_message(self, user: str, ticket: str) -> None:
+        if ticket:
+            self._tell(f"G {ticket} {user_key(user)}")
+
+    def user_session_opened(self, user: str) -> bool:
+        return self._ask("L", user_key(user)) != SESSIONS
+
+    def user_session_closed(self, user: str) -> None:
+        self._tell(f"O {user_key(user)}")
 
     def _note_blocked(self, key: str, seconds: str) -> None:
         """The master said `key` is blocked for `seconds` more (text; "0" or

@@ -3,7 +3,9 @@
 A defence that lives inside one connection is one reconnect away from useless
 (README "Limits and abuse"), so these counts are kept per client address for
 the whole server.  An IPv6 client is counted by its prefix: one /64 is usually
-one customer, who holds as many addresses as they like inside it.
+one customer, who holds as many addresses as they like inside it.  A stolen
+password is used from anywhere, so what an account sends is counted by its
+username too (README "Accounts and limits"), in the same kind of window.
 
 Everything here is plain bookkeeping with an injectable clock, no I/O.
 """
@@ -11,8 +13,9 @@ Everything here is plain bookkeeping with an injectable clock, no I/O.
 import collections
 import ipaddress
 import socket
+import sys
 import time
-from typing import Callable, Deque, Dict, Optional
+from typing import Callable, Deque, Dict, Optional, Tuple
 
 # Refusal reasons of ConnectionCount.admit (also the metrics' labels).
 TOO_MANY = "max-connections"
@@ -20,6 +23,12 @@ TOO_MANY_FROM_ADDRESS = "max-connections-per-ip"
 TOO_FAST_FROM_ADDRESS = "max-connection-rate-per-ip"
 # With --workers: the master, which keeps the counts, did not answer in time.
 UNANSWERED = "master-unanswered"
+
+# The per-user limits (README "Accounts and limits"): what a refusal names,
+# and the metrics' `limit` label.
+MESSAGES = "messages"
+RECIPIENTS = "recipients"
+SESSIONS = "sessions"
 
 # Postfix enters its stress mode when the process limit is nearly reached;
 # we do when more than this share of --max-connections is in use.
@@ -113,7 +122,9 @@ class Window:
         self._failures: "collections.OrderedDict[str, Deque[float]]" = collections.OrderedDict()
 
     def record(self, key: str) -> None:
-        now = self._clock()
+        self._record_at(key, self._clock())
+
+    def _record_at(self, key: str, now: float) -> None:
         self._forget_expired(now)
         times = self._failures.pop(key, None)
         if times is None:
@@ -146,6 +157,33 @@ class Window:
             return None
         return times[0]
 
+    def room(self, key: str, wanted: int = 1) -> bool:
+        """Whether `wanted` more events of `key` fit inside the window."""
+        if wanted > self.limit:
+            return False
+        times = self._failures.get(key)
+        if times is None or len(times) + wanted <= self.limit:
+            return True
+        # The deque holds the newest `limit` times: the ones `wanted` new
+        # events would leave counted must all be older than the window.
+        return times[len(times) + wanted - self.limit - 1] <= self._clock() - self.window
+
+    def take(self, key: str, count: int, stamp: float) -> None:
+        """Record `count` events at `stamp` (a time of this window's clock)."""
+        for _ in range(count):
+            self._record_at(key, stamp)
+
+    def give_back(self, key: str, count: int, stamp: float) -> None:
+        """Forget `count` events recorded at `stamp`: what was taken for a
+        message that was not accepted after all."""
+        times = self._failures.get(key)
+        for _ in range(count):
+            if times is None or stamp not in times:
+                break
+            times.remove(stamp)
+        if times is not None and not times:
+            del self._failures[key]
+
     def count(self, key: str) -> int:
         """Failures of `key` inside the window (for logs and tests)."""
         horizon = self._clock() - self.window
@@ -177,6 +215,15 @@ class Limits:
         self.logins = Window(settings.max_auth_failures_per_ip, settings.auth_failure_window)
         self.connection_rates = [Window(count, seconds)
                                  for count, seconds in settings.max_connection_rate_per_ip]
+        self.sending = {
+            MESSAGES: [Window(count, seconds)
+                       for count, seconds in settings.max_messages_per_user],
+            RECIPIENTS: [Window(count, seconds)
+                         for count, seconds in settings.max_recipients_per_user]}
+        # Only the per-key count matters for users: the total is --max-connections'.
+        self.user_sessions = ConnectionCount(sys.maxsize, settings.max_sessions_per_user) \
+            if settings.max_sessions_per_user else None
+        self._clock = time.monotonic
 
     def key(self, ip: str) -> str:
         return address_key(ip, self.ipv6_prefix_length)
@@ -209,3 +256,47 @@ class Limits:
         """Record a failure; seconds `key` is now blocked for (0: not blocked)."""
         self.logins.record(key)
         return self.logins.blocked_for(key)
+
+    # --- per user (README "Accounts and limits") ----------------------------
+
+    def sending_refused(self, user: str, messages: int, recipients: int) -> Optional[str]:
+        """Which limit (MESSAGES, RECIPIENTS) leaves `user` no room for this
+        many more; None when all do."""
+        for limit, wanted in ((MESSAGES, messages), (RECIPIENTS, recipients)):
+            if wanted and not all(w.room(user, wanted) for w in self.sending[limit]):
+                return limit
+        return None
+
+    def take_message(self, user: str, recipients: int) -> Tuple[Optional[str], str]:
+        """Check and take one message with `recipients` in one step, so that
+        concurrent sessions can never together pass a limit: (the limit
+        without room, "") or (None, a ticket for give_back_message)."""
+        refused = self.sending_refused(user, 1, recipients)
+        if refused is not None:
+            return refused, ""
+        stamp = self._clock()
+        for limit, count in ((MESSAGES, 1), (RECIPIENTS, recipients)):
+            for window in self.sending[limit]:
+                window.take(user, count, stamp)
+        return None, f"{recipients} {stamp!r}"
+
+    def give_back_message(self, user: str, ticket: str) -> None:
+        """A message taken was not accepted: it counts for nothing."""
+        recipients, _, stamp = ticket.partition(" ")
+        try:
+            count, when = int(recipients), float(stamp)
+        except ValueError:
+            return
+        for limit, taken in ((MESSAGES, 1), (RECIPIENTS, count)):
+            for window in self.sending[limit]:
+                window.give_back(user, taken, when)
+
+    def user_session_opened(self, user: str) -> bool:
+        """Take a session slot of `user`; False when it has none left."""
+        if self.user_sessions is None:
+            return True
+        return self.user_sessions.admit(user) is None
+
+    def user_session_closed(self, user: str) -> None:
+        if self.user_sessions is not None:
+            self.user_sessions.release(user)

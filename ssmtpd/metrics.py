@@ -54,6 +54,9 @@ class Metrics:
                                  ["code"], registry=r)
         self._bytes = Counter("ssmtpd_message_bytes", "Octets of message data received",
                               registry=r)
+        self._rate_limited = Counter(
+            "ssmtpd_rate_limited", "Commands refused by a per-user limit, by the limit",
+            ["limit"], registry=r)
         self._auth_seconds = Histogram("ssmtpd_auth_program_seconds",
                                        "Run time of the auth program", registry=r,
                                        buckets=PROGRAM_BUCKETS)
@@ -75,6 +78,9 @@ class Metrics:
         if program_seconds is not None:
             self._auth_seconds.observe(program_seconds)
 
+    def rate_limited(self, limit: str) -> None:
+        self._rate_limited.labels(limit).inc()
+
     def message(self, code: int, size: int, program_seconds: Optional[float] = None) -> None:
         self._messages.labels(str(code)).inc()
         self._bytes.inc(size)
@@ -95,6 +101,9 @@ class NoMetrics:
         pass
 
     def auth(self, result: str, program_seconds: Optional[float] = None) -> None:
+        pass
+
+    def rate_limited(self, limit: str) -> None:
         pass
 
     def message(self, code: int, size: int, program_seconds: Optional[float] = None) -> None:

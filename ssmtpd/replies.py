@@ -94,6 +94,10 @@ PROCESS_TEMPFAIL = Reply(451, "4.3.0", "Temporary failure, try again later")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
+# README "Accounts and limits": the per-user limits.
+RATE_LIMITED = Reply(450, "4.7.1", "Sending rate limit exceeded for this account, "
+                                   "try again later")
+TOO_MANY_USER_SESSIONS = Reply(454, "4.7.0", "Too many sessions for this account")
 
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 BAD_UTF8 = Reply(500, "5.5.2", "Command is not valid UTF-8")

@@ -22,7 +22,7 @@ from ssmtpd import dotreader, events, metrics, programs, replies, sasl, spool, s
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Envelope, Programs, received_header
 from ssmtpd.events import DEBUG, ERROR, INFO, WARNING
-from ssmtpd.limits import Limits
+from ssmtpd.limits import SESSIONS, Limits
 from ssmtpd.log import SessionLog, clean, quote
 from ssmtpd.metrics import Metrics, NoMetrics
 from ssmtpd.replies import Reply, SmtpError
@@ -166,17 +166,25 @@ class Session:
         # for one); the server's pressure sweep reads it (README "busy timeout").
         self.waiting_for_line_since: Optional[float] = None
         self._greenlet = None
+        # The user whose session slot this session holds (README "Accounts and limits").
+        self._session_of: Optional[str] = None
         self._reset_session()
 
     # --- state -------------------------------------------------------------
 
     def _reset_session(self) -> None:
         """Back to just after the greeting (RFC 3207 §4.2)."""
+        self._end_login()
         self.helo: Optional[str] = None
         self.esmtp = False
         self.user: Optional[str] = None
         self.log.set_user(None)
         self._reset_transaction()
+
+    def _end_login(self) -> None:
+        if self._session_of is not None:
+            self.limits.user_session_closed(self._session_of)
+            self._session_of = None
 
     def _reset_transaction(self) -> None:
         self.mail_from: Optional[str] = None
@@ -299,6 +307,7 @@ class Session:
             self._send(replies.INTERNAL_ERROR)
         finally:
             self._closing = True
+            self._end_login()
             self._close(clean_end, waited_enough)
             # A health check closes, or QUITs, before it has done anything
             # else; one that times out is not one (README "Logging").
@@ -416,6 +425,17 @@ class Session:
             told = self._refusal(verb, arg, answer)
             self.log.say(told.level, told.event, **told.fields)
         return answer
+
+    def _rate_limited(self, verb: str, arg: str, reply: Reply, limit: str, user: str,
+                      fields: Optional[dict] = None) -> Told:
+        """A refusal by a per-user limit: its own event, naming the user
+        and the limit (README "Accounts and limits")."""
+        self.metrics.rate_limited(limit)
+        told = self._refusal(verb, arg, reply, events.RATE_LIMITED, WARNING)
+        told.fields.update(fields or {}, limit=limit, username=user)
+        told.fields.update(command=verb, code=reply.code, enhanced=reply.enhanced,
+                           reason=reply.text)
+        return told
 
     @staticmethod
     def _refusal(verb: str, arg: str, reply: Reply, event: events.Event = events.REFUSED,
@@ -567,6 +587,13 @@ class Session:
             self._log_if_not_started("auth", self.programs.auth, outcome)
             result = _program_fields(outcome, "duration_ms")
             ran = outcome.seconds if outcome.status != programs.NO_SLOT else None
+        # Asked only once the program said yes: the answer tells only someone
+        # who holds the password that the account is busy, and a stranger
+        # cannot fill an account's slots (README "Accounts and limits").
+        if reply.code == 235 and not self.limits.user_session_opened(creds.username):
+            self.metrics.auth("tempfail", ran)
+            return self._rate_limited("AUTH", "", replies.TOO_MANY_USER_SESSIONS,
+                                      SESSIONS, creds.username, result)
         self.metrics.auth(metrics.AUTH_RESULTS.get(reply.code, "tempfail"), ran)
         # One line per attempt with the address and the quoted name: a failure
         # is a warning, the line fail2ban reads (conf/fail2ban/); a temporary
@@ -574,7 +601,7 @@ class Session:
         fields = {"command": "AUTH", "mechanism": mechanism, "username": creds.username,
                   "code": reply.code, "enhanced": reply.enhanced, **result}
         if reply.code == 235:
-            self.user = creds.username
+            self.user = self._session_of = creds.username
             fields["user"] = creds.username
             return Told(reply, INFO, events.AUTH, fields)
         if reply.code == 535:
@@ -606,6 +633,10 @@ class Session:
                     return replies.SYNTAX
             elif name not in ("SMTPUTF8", "AUTH"):  # AUTH=<> is parsed and ignored
                 return replies.UNKNOWN_PARAMETER
+        if self.user is not None:
+            limit = self.limits.sending_refused(self.user, 1, 1)
+            if limit is not None:
+                return self._rate_limited("MAIL", arg, replies.RATE_LIMITED, limit, self.user)
         self.mail_from = address
         self.rcpt_to = []
         return Told(replies.SENDER_OK, INFO, events.MAIL, {"mail_from": address})
@@ -619,6 +650,11 @@ class Session:
             return replies.UNKNOWN_PARAMETER
         if len(self.rcpt_to) >= self.settings.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
+        if self.user is not None:
+            # The ones this transaction holds are not taken until DATA.
+            limit = self.limits.sending_refused(self.user, 0, len(self.rcpt_to) + 1)
+            if limit is not None:
+                return self._rate_limited("RCPT", arg, replies.RATE_LIMITED, limit, self.user)
         self.rcpt_to.append(address)
         return Told(replies.RECIPIENT_OK, INFO, events.RCPT, {"rcpt_to": address})
 
@@ -663,12 +699,27 @@ class Session:
                 return _message(replies.SPOOL_FAILED, ERROR, events.MESSAGE_NOT_SPOOLED,
                                 envelope, result.size, started,
                                 reason=f"cannot spool it: {e.strerror or e}")
+            # Checked and taken in one step, as late as can be, so that
+            # concurrent sessions never pass a limit together; given back
+            # unless accepted (README "Accounts and limits").
+            taken = ""
+            if self.user is not None:
+                limit, taken = self.limits.take_message(self.user, len(envelope.rcpt_to))
+                if limit is not None:
+                    self.metrics.message(replies.RATE_LIMITED.code, result.size)
+                    told = _message(replies.RATE_LIMITED, WARNING, events.RATE_LIMITED,
+                                    envelope, result.size, started)
+                    return self._rate_limited("DATA", "", replies.RATE_LIMITED, limit,
+                                              self.user, told.fields)
             self.running_program = True
+            reply = None
             try:
                 reply, outcome = self.programs.deliver(envelope, message,
                                                        self._stderr_logger("process"))
             finally:
                 self.running_program = False
+                if taken and (reply is None or reply.code != 250):
+                    self.limits.give_back_message(self.user, taken)
             self._log_if_not_started("process", self.programs.process, outcome)
         finally:
             message_spool.close()

@@ -9,8 +9,8 @@ import ipaddress
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ssmtpd.limits import (TOO_MANY, TOO_MANY_FROM_ADDRESS, ConnectionCount, Window,
-                           address_key)
+from ssmtpd.limits import (MESSAGES, RECIPIENTS, TOO_MANY, TOO_MANY_FROM_ADDRESS,
+                           ConnectionCount, Limits, Window, address_key)
 
 PROPERTY = settings(max_examples=300, deadline=None)
 
@@ -114,6 +114,76 @@ def test_blocked_matches_a_plain_count(events, limit, window):
         for k in "abc":
             recent = sum(1 for hk, t in history if hk == k and t > clock.now - window)
             assert logins.blocked(k) == (recent >= limit)
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.sampled_from("ab"), st.floats(0, 50), st.integers(1, 4),
+                          st.booleans()), max_size=40),
+       st.integers(1, 6), st.floats(1, 100), st.integers(1, 7))
+def test_room_matches_a_plain_count(steps, limit, window, wanted):
+    """README "Accounts and limits": room(key, n) is exactly: the events of key within the
+    last `window`, plus n, are at most `limit`; taking only what has room, and giving
+    back a take, keep that true."""
+    clock = Clock()
+    sent = Window(limit=limit, window=window, clock=clock)
+    history = []
+    for key, pause, count, given_back in steps:
+        clock.now += pause
+        if sent.room(key, count):
+            sent.take(key, count, clock.now)
+            if given_back:
+                sent.give_back(key, count, clock.now)
+            else:
+                history += [(key, clock.now)] * count
+        for k in "ab":
+            recent = sum(1 for hk, t in history if hk == k and t > clock.now - window)
+            assert recent <= limit
+            assert sent.room(k, wanted) == (recent + wanted <= limit), (k, recent)
+
+
+def settings(**overrides):
+    import types
+    values = dict(ipv6_prefix_length=64, max_connections=100, max_connections_per_ip=10,
+                  max_auth_failures_per_ip=10, auth_failure_window=600,
+                  max_connection_rate_per_ip=(), max_messages_per_user=((3, 60), (5, 3600)),
+                  max_recipients_per_user=((10, 60),), max_sessions_per_user=2)
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def test_a_message_is_taken_with_its_recipients_and_given_back_whole():
+    """README "Accounts and limits": every window must allow it; a message not accepted
+    counts for nothing; users are counted exactly as given."""
+    limits = Limits(settings())
+    assert limits.sending_refused("alice", 1, 11) == RECIPIENTS
+    refused, ticket = limits.take_message("alice", 8)
+    assert refused is None
+    assert limits.sending_refused("alice", 0, 3) == RECIPIENTS
+    assert limits.sending_refused("Alice", 0, 3) is None
+    limits.give_back_message("alice", ticket)
+    for _ in range(3):
+        assert limits.take_message("alice", 1)[0] is None
+    assert limits.take_message("alice", 1) == (MESSAGES, "")
+    assert limits.sending_refused("alice", 1, 1) == MESSAGES
+
+
+def test_zero_turns_each_limit_off():
+    """README "Accounts and limits": 0 for no limit, for all three."""
+    limits = Limits(settings(max_messages_per_user=(), max_recipients_per_user=(),
+                             max_sessions_per_user=0))
+    for _ in range(3000):
+        assert limits.take_message("alice", 100)[0] is None
+        assert limits.user_session_opened("alice")
+    assert limits.sending_refused("alice", 1, 10**6) is None
+
+
+def test_sessions_per_user_are_held_and_released():
+    limits = Limits(settings())
+    assert limits.user_session_opened("alice") and limits.user_session_opened("alice")
+    assert not limits.user_session_opened("alice")
+    assert limits.user_session_opened("bob")
+    limits.user_session_closed("alice")
+    assert limits.user_session_opened("alice")
 
 
 def test_table_is_bounded_and_forgets_expired_addresses():
