@@ -97,9 +97,15 @@ MESSAGE_BARE_LINE_ENDING = Event("message", lambda f:
 MESSAGE_NOT_SPOOLED = Event("message", lambda f: f"message refused: {f['reason']}")
 # A per-user limit (README "Accounts and limits"): the name as the client
 # gave it, and the option whose limit it reached.
-RATE_LIMITED = Event("rate_limited", lambda f:
-                     f"{f['command']} refused: {f['code']} {f['enhanced']} {f['reason']}: "
-                     f"user={quote(f['username'], 128)} over --max-{f['limit']}-per-user")
+def _rate_limited_text(f: Fields) -> str:
+    line = (f"{f['command']} refused: {f['code']} {f['enhanced']} {f['reason']}: "
+            f"user={quote(f['username'], 128)} over --max-{f['limit']}-per-user")
+    if "argument" in f:
+        line += f", argument {quote(f['argument'])}"
+    return line
+
+
+RATE_LIMITED = Event("rate_limited", _rate_limited_text)
 PROGRAM_OUTPUT = Event("program_output", lambda f:
                        f"{f['program']} program stderr: {clean(f['stderr'], 1000)}")
 PROGRAM_ERROR = Event("program_error", lambda f:
