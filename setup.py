@@ -22,7 +22,9 @@ setup(
         "prometheus_client>=0.16",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "aiosmtpd>=1.4"],
+        # --state (README "Accounts and limits").
+        "redis": ["redis>=5"],
+        "test": ["pytest>=7", "hypothesis>=6", "aiosmtpd>=1.4", "redis>=5"],
     },
     entry_points={"console_scripts": [
         "ssmtpd=ssmtpd.cli:main",

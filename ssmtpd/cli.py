@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from gevent import socket as gsocket
 
-from ssmtpd import arbiter, config, events, handover, ledger, log, metrics, privileges
+from ssmtpd import arbiter, config, events, handover, ledger, log, metrics, privileges, state
 from ssmtpd.delivery import Programs
 from ssmtpd.server import ListenError, Server, fit_descriptor_limit
 from ssmtpd.tls import TLSError, TLSHolder
@@ -73,6 +73,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for option, program in (("--auth", settings.auth), ("--process", settings.process)):
             if program is not None:
                 print(f"ssmtpd: {option} runs {shlex.join(program)}")
+        if settings.state:
+            # Reported, not an error: the server would count locally until
+            # Redis answers (README "Accounts and limits").
+            print(f"ssmtpd: --state {state.safe_url(settings.state)} "
+                  f"{state.check(settings.state, settings.state_timeout)}")
         print("ssmtpd: configuration OK")
         return 0
     if worker is not None:

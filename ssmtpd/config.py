@@ -8,6 +8,7 @@ become ConfigError("--name: why"), which the CLI prints on one line with exit 2.
 import argparse
 import configparser
 import difflib
+import importlib.util
 import ipaddress
 import math
 import os
@@ -85,6 +86,17 @@ def _rate(value):
                              "WINDOW in s, m, h or d), and the whole is not 0")
         rates.append((int(count), seconds))
     return tuple(rates)
+
+
+def _state_url(value):
+    if value is None:
+        return None
+    if value.split("://", 1)[0] not in ("redis", "rediss", "unix") or "://" not in value:
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    # Looked for, not imported: only a server with --state loads it.
+    if importlib.util.find_spec("redis") is None:
+        raise ValueError("needs the Python package redis (pip install 'ssmtpd[redis]')")
+    return value
 
 
 def _finite(value):
@@ -327,6 +339,12 @@ OPTIONS: Tuple[Option, ...] = (
     Option("max-recipients-per-user", "5000/1h", "recipients of accepted messages per "
            "authenticated user: COUNT/WINDOW[,...], 0 for no limit; over it, RCPT gets 450",
            "str", _rate),
+    Option("state", None, "keep the windowed counts (failed logins, messages and recipients "
+           "per user) in Redis, shared by every instance: redis://[:PASSWORD@]HOST:PORT/DB, "
+           "rediss://... or unix:///PATH?db=N (default: in the server)", check=_state_url),
+    Option("state-prefix", "ssmtpd:", "prefix of the keys in --state"),
+    Option("state-timeout", 0.5, "seconds a --state call may take before the server counts "
+           "locally", "float", _positive),
     Option("max-sessions-per-user", 20, "concurrent sessions of one authenticated user, 0 for "
            "no limit; over it, AUTH gets 454", "int", _not_negative),
     Option("timeout", 300.0, "seconds to wait for a command line or a TLS handshake", "float",
@@ -386,6 +404,9 @@ class Settings:
     max_messages_per_user: Tuple[Tuple[int, float], ...]
     max_recipients_per_user: Tuple[Tuple[int, float], ...]
     max_sessions_per_user: int
+    state: Optional[str]
+    state_prefix: str
+    state_timeout: float
     timeout: float
     data_timeout: float
     auth_timeout: float

@@ -57,6 +57,9 @@ class Metrics:
         self._rate_limited = Counter(
             "ssmtpd_rate_limited", "Commands refused by a per-user limit, by the limit",
             ["limit"], registry=r)
+        self._state_errors = Counter(
+            "ssmtpd_state_errors", "Calls to the --state Redis that failed or timed out",
+            registry=r)
         self._auth_seconds = Histogram("ssmtpd_auth_program_seconds",
                                        "Run time of the auth program", registry=r,
                                        buckets=PROGRAM_BUCKETS)
@@ -81,6 +84,9 @@ class Metrics:
     def rate_limited(self, limit: str) -> None:
         self._rate_limited.labels(limit).inc()
 
+    def state_error(self) -> None:
+        self._state_errors.inc()
+
     def message(self, code: int, size: int, program_seconds: Optional[float] = None) -> None:
         self._messages.labels(str(code)).inc()
         self._bytes.inc(size)
@@ -104,6 +110,9 @@ class NoMetrics:
         pass
 
     def rate_limited(self, limit: str) -> None:
+        pass
+
+    def state_error(self) -> None:
         pass
 
     def message(self, code: int, size: int, program_seconds: Optional[float] = None) -> None:

@@ -21,7 +21,7 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from ssmtpd import events, metrics, privileges, proxy, replies
+from ssmtpd import events, metrics, privileges, proxy, replies, state
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Programs
 from ssmtpd.limits import (TOO_FAST_FROM_ADDRESS, TOO_MANY, TOO_MANY_FROM_ADDRESS, UNANSWERED,
@@ -154,8 +154,14 @@ class Server:
         self.programs = programs
         self.log = logger
         self.sessions = set()
-        self.limits = limits if limits is not None else Limits(settings)
         self.metrics = metrics.Metrics() if settings.metrics_bind else metrics.NoMetrics()
+        self.limits = limits if limits is not None else Limits(settings)
+        if settings.state:
+            # Each process its own client: a connection is not shared across a fork.
+            counts = state.RedisCounts(state.connect(settings.state, settings.state_timeout),
+                                       settings.state_prefix, settings.state_timeout)
+            self.limits = state.SharedLimits(self.limits, counts, settings, logger,
+                                             self.metrics)
         self.stopping = False
         self._sweeper: Optional[gevent.Greenlet] = None
         self._stopped = Event()

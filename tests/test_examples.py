@@ -416,11 +416,12 @@ def test_ini_shows_every_option_once(monkeypatch, certs):
     assert [str(n) for n in settings.proxy_trusted] == [examples["proxy-trusted"]]
     assert settings.metrics_bind == ("127.0.0.1", 9100)
     assert settings.auth == ("conf/auth-users", "--users", "var/users")
+    assert settings.state == examples["state"]
     for opt in config.OPTIONS:
         if opt.name in examples and opt.name not in ("hostname", "ssl-cert", "ssl-key",
                                                      "smtps-port", "spool-dir",
                                                      "proxy-trusted", "metrics-bind",
-                                                     "user", "group"):
+                                                     "user", "group", "state"):
             default = opt.check(opt.default) if opt.kind == "str" and opt.check else opt.default
             assert getattr(settings, opt.attr) == default, opt.name
 

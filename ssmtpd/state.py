@@ -1,0 +1,247 @@
+"""Where the windowed counts live: here (limits.Limits, or the master's
+ledger), or with --state in Redis, shared by every instance that names it
+(README "Accounts and limits", "Scaling").
+
+Only the windowed counts go to Redis: failed logins per address key, and
+messages and recipients per user.  Connections and sessions stay with the
+instance, as a load balancer limits connections.
+
+redis-py's blocking client runs in gevent's pool of native threads: the
+event loop never waits for Redis, and nothing in the process is
+monkey-patched.  Each call gives up after --state-timeout.  While Redis
+fails, the local counts answer instead (what this instance counted itself),
+with one ERROR line a minute at most; the first call that Redis answers
+again returns to it.  Local counts are not copied back.
+"""
+
+import hashlib
+import secrets
+import time
+from typing import Optional, Tuple
+
+import gevent
+
+from ssmtpd import events
+from ssmtpd.limits import MESSAGES, RECIPIENTS
+
+ERROR_EVERY = 60.0
+
+# Each check-and-count is one script, so two instances can never both take
+# the last unit.  A sorted set per key: members "token:count", scored by
+# Redis's own clock in milliseconds, so instances need no common clock.
+_SENDING = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local take, token, nlimits = ARGV[1] == '1', ARGV[2], 2
+local pos = 3
+local plan = {}
+for i = 1, nlimits do
+  local wanted, nwindows = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
+  pos = pos + 2
+  local longest = 0
+  for w = 1, nwindows do
+    local count, ms = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
+    pos = pos + 2
+    if ms > longest then longest = ms end
+    if wanted > 0 then
+      local used = 0
+      for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. (now - ms), '+inf')) do
+        used = used + tonumber(string.match(member, ':(%d+)$'))
+      end
+      if used + wanted > count then return i end
+    end
+  end
+  plan[i] = {wanted, longest}
+end
+if take then
+  for i = 1, nlimits do
+    local wanted, longest = plan[i][1], plan[i][2]
+    if wanted > 0 and longest > 0 then
+      redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - longest)
+      redis.call('ZADD', KEYS[i], now, token .. ':' .. wanted)
+      redis.call('PEXPIRE', KEYS[i], longest)
+    end
+  end
+end
+return 0
+"""
+
+# A failed login (ARGV[1] == '1') or only a look: the seconds the key is
+# blocked for, as a string (Lua numbers are cut to integers on the way out).
+_LOGINS = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local limit, ms = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ms)
+if ARGV[1] == '1' then
+  redis.call('ZADD', KEYS[1], now, ARGV[4] .. ':1')
+  redis.call('PEXPIRE', KEYS[1], ms)
+end
+local times = redis.call('ZREVRANGE', KEYS[1], limit - 1, limit - 1, 'WITHSCORES')
+if #times == 0 then return '0' end
+return tostring((tonumber(times[2]) + ms - now) / 1000)
+"""
+
+
+class StateError(Exception):
+    """Redis did not answer, or not in time."""
+
+
+def connect(url: str, timeout: float):
+    """A redis-py client for `url`, which gives up after `timeout` and never retries."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                retry=Retry(NoBackoff(), 0), decode_responses=True)
+
+
+def check(url: str, timeout: float) -> str:
+    """Whether Redis at `url` answers a PING, in words (for --check-config)."""
+    try:
+        connect(url, timeout).ping()
+    except Exception as e:  # redis-py's errors, and OSError beneath them
+        return f"did not answer: {type(e).__name__}: {e}"
+    return "answered"
+
+
+def safe_url(url: str) -> str:
+    """`url` without its password, for a log line."""
+    from urllib.parse import urlsplit, urlunsplit
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class RedisCounts:
+    """The windowed counts in Redis: each call one script, run off the loop."""
+
+    def __init__(self, client, prefix: str, timeout: float):
+        self._client = client
+        self._prefix = prefix
+        self._timeout = timeout
+        self._sending = client.register_script(_SENDING)
+        self._logins = client.register_script(_LOGINS)
+
+    def _call(self, script, keys, args):
+        return self._off_loop(lambda: script(keys, args))
+
+    def _off_loop(self, call):
+        """call() in a native thread; its result, or StateError."""
+        def run():
+            # Caught in the thread: gevent would print an escaping error
+            # with a traceback of redis-py's insides.
+            try:
+                return True, call()
+            except Exception as e:  # redis-py's errors, and OSError beneath them
+                return False, e
+        # The thread's own socket timeout ends a Redis that stopped; this
+        # one bounds the wait for a free thread too.
+        with gevent.Timeout(self._timeout * 2 + 0.1, StateError("timed out")):
+            ok, result = gevent.get_hub().threadpool.apply(run)
+        if not ok:
+            raise StateError(f"{type(result).__name__}: {result}")
+        return result
+
+    def _user(self, kind: str, user: str) -> str:
+        digest = hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16)
+        return f"{self._prefix}{kind}:{digest.hexdigest()}"
+
+    def sending(self, user: str, rates, wanted: Tuple[int, int], take: bool,
+                token: str = "") -> Optional[str]:
+        args = ["1" if take else "0", token]
+        for limit, count in zip((MESSAGES, RECIPIENTS), wanted):
+            windows = rates[limit]
+            args += [count, len(windows)]
+            for limit_count, seconds in windows:
+                args += [limit_count, int(seconds * 1000)]
+        refused = self._call(self._sending, [self._user("m", user), self._user("r", user)],
+                             args)
+        return {1: MESSAGES, 2: RECIPIENTS}.get(int(refused))
+
+    def give_back(self, user: str, token: str, recipients: int) -> None:
+        def remove():
+            pipe = self._client.pipeline()
+            pipe.zrem(self._user("m", user), f"{token}:1")
+            pipe.zrem(self._user("r", user), f"{token}:{recipients}")
+            pipe.execute()
+        self._off_loop(remove)
+
+    def logins(self, key: str, failed: bool, limit: int, window: float) -> float:
+        left = self._call(self._logins, [f"{self._prefix}f:{key}"],
+                          ["1" if failed else "0", limit, int(window * 1000),
+                           secrets.token_hex(8)])
+        return max(0.0, float(left))
+
+
+class SharedLimits:
+    """The methods of limits.Limits: the windowed counts in Redis, falling back
+    to `local` (a Limits or a ledger.RemoteLimits) while Redis fails; the
+    rest always `local`'s."""
+
+    def __init__(self, local, counts: RedisCounts, settings, log, metrics):
+        self._local = local
+        self._counts = counts
+        self._rates = {MESSAGES: settings.max_messages_per_user,
+                       RECIPIENTS: settings.max_recipients_per_user}
+        self._login_limit = settings.max_auth_failures_per_ip
+        self._login_window = settings.auth_failure_window
+        self._log = log
+        self._metrics = metrics
+        self._url = safe_url(settings.state)
+        self._last_error = -ERROR_EVERY
+
+    def __getattr__(self, name):
+        return getattr(self._local, name)
+
+    def _failed(self, error: StateError) -> None:
+        self._metrics.state_error()
+        now = time.monotonic()
+        if now - self._last_error >= ERROR_EVERY:
+            self._last_error = now
+            events.note(self._log, events.ERROR, events.STATE,
+                        "--state %s: %s; counting locally", self._url, error,
+                        reason=str(error))
+
+    def login_blocked(self, key: str) -> bool:
+        try:
+            return self._counts.logins(key, False, self._login_limit, self._login_window) > 0
+        except StateError as e:
+            self._failed(e)
+            return self._local.login_blocked(key)
+
+    def login_failed(self, key: str) -> float:
+        try:
+            return self._counts.logins(key, True, self._login_limit, self._login_window)
+        except StateError as e:
+            self._failed(e)
+            return self._local.login_failed(key)
+
+    def sending_refused(self, user: str, messages: int, recipients: int) -> Optional[str]:
+        try:
+            return self._counts.sending(user, self._rates, (messages, recipients), False)
+        except StateError as e:
+            self._failed(e)
+            return self._local.sending_refused(user, messages, recipients)
+
+    def take_message(self, user: str, recipients: int) -> Tuple[Optional[str], str]:
+        token = secrets.token_hex(8)
+        try:
+            refused = self._counts.sending(user, self._rates, (1, recipients), True, token)
+        except StateError as e:
+            self._failed(e)
+            refused, ticket = self._local.take_message(user, recipients)
+            return refused, ticket and "L" + ticket
+        return refused, "" if refused else f"R{recipients} {token}"
+
+    def give_back_message(self, user: str, ticket: str) -> None:
+        if ticket.startswith("L"):
+            self._local.give_back_message(user, ticket[1:])
+        elif ticket.startswith("R"):
+            recipients, _, token = ticket[1:].partition(" ")
+            try:
+                self._counts.give_back(user, token, int(recipients))
+            except StateError as e:
+                self._failed(e)

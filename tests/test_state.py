@@ -1,0 +1,165 @@
+"""--state redis://...: the windowed counts shared by several instances
+(README "Accounts and limits", "Scaling").
+
+A real Redis (Debian's redis-server, which .ci/run installs) started by the
+test on a loopback port with its own configuration, and stopped after.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import PASSWORD, free_port, plain_token, wait_for_port, wait_until
+from test_accounts import send, session
+from test_metrics import scrape, value
+
+REDIS_PASSWORD = "r3dis-pw-5e1f"
+
+
+class Redis:
+    def __init__(self, directory):
+        self.directory = str(directory)
+        self.port = free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/0"
+
+    def start(self):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (.ci/run installs it)")
+        conf = os.path.join(self.directory, "redis.conf")
+        with open(conf, "w") as f:
+            f.write(f"bind 127.0.0.1\nport {self.port}\nrequirepass {REDIS_PASSWORD}\n"
+                    f"dir {self.directory}\nsave \"\"\nappendonly no\ndaemonize no\n"
+                    "protected-mode yes\nlogfile \"\"\n")
+        self.proc = subprocess.Popen([binary, conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = Redis(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def auth_code(srv, password):
+    raw = srv.raw(timeout=30)
+    try:
+        raw.hello(srv.tls_context())
+        return raw.cmd(f"AUTH PLAIN {plain_token('alice', password)}")[0]
+    finally:
+        raw.close()
+
+
+def test_two_instances_share_failed_logins_and_the_per_user_limit(make_server, redis):
+    """README "Accounts and limits": two instances naming one Redis (one of them with
+    --workers 2) count together: the failure past --max-auth-failures-per-ip across both
+    gets 421 from either, and a user's fourth message with 3/1h is refused on either; the
+    Redis password is in no line."""
+    common = ["--state", redis.url, "--max-connections-per-ip", "100",
+              "--max-auth-failures-per-ip", "3", "--max-messages-per-user", "3/1h"]
+    a, b = make_server(*common, "--workers", "2"), make_server(*common)
+    assert wait_until(lambda: a.log().count("accepting on") == 2), a.log()
+    assert [send(a), send(b), send(a)] == [250] * 3
+    for srv in (a, b, a, b):
+        raw = session(srv)
+        assert raw.cmd("MAIL FROM:<sender@example.org>")[0] == 450
+        raw.close()
+    assert [auth_code(a, "wrong"), auth_code(b, "wrong"), auth_code(a, "wrong")] == [535] * 3
+    assert auth_code(b, PASSWORD) == 421 and auth_code(a, PASSWORD) == 421
+    for srv in (a, b):
+        assert REDIS_PASSWORD not in srv.log()
+
+
+def test_redis_failing_is_not_a_mail_outage(make_server, redis):
+    """README "Accounts and limits": Redis stopped (SIGSTOP) and then killed during traffic:
+    every message is still accepted, each instance counts locally, one ERROR line, the
+    metric counts the failures; Redis back: counting is shared again."""
+    mport = free_port()
+    common = ["--state", redis.url, "--state-timeout", "0.5", "--max-connections-per-ip",
+              "100", "--max-messages-per-user", "3/1h"]
+    a = make_server(*common, "--metrics-bind", f"127.0.0.1:{mport}")
+    b = make_server(*common)
+    assert send(a, user="before") == 250
+    redis.proc.send_signal(signal.SIGSTOP)
+    started = time.monotonic()
+    assert send(a, user="bob") == 250 and send(b, user="bob") == 250
+    # Each call waited --state-timeout at most: a handful per message.
+    assert time.monotonic() - started < 30
+    redis.kill()
+    assert [send(a, user="bob"), send(b, user="bob")] == [250, 250]
+    for srv in (a, b):
+        assert wait_until(lambda: "counting locally" in srv.log()), srv.log()
+        assert srv.log().count("counting locally") == 1, srv.log()
+        assert REDIS_PASSWORD not in srv.log()
+    assert wait_until(lambda: value(scrape(mport), "ssmtpd_state_errors_total") > 0)
+    # Locally, each instance counts only what it saw: a fourth of bob's on a is refused.
+    assert send(a, user="bob") == 250
+    raw = session(a, "bob")
+    assert raw.cmd("MAIL FROM:<sender@example.org>")[0] == 450
+    raw.close()
+    # Back on the same port: shared again.
+    redis.start()
+    assert [send(a, user="carol"), send(b, user="carol"), send(a, user="carol")] == [250] * 3
+    for srv in (b, a):
+        raw = session(srv, "carol")
+        assert raw.cmd("MAIL FROM:<sender@example.org>")[0] == 450
+        raw.close()
+
+
+def test_a_stopped_redis_never_stalls_other_clients(make_server, redis):
+    """README "Accounts and limits": Redis calls run off the event loop: while a session
+    waits --state-timeout (1.5 s) on a stopped Redis, another client's replies come at
+    once."""
+    srv = make_server("--state", redis.url, "--state-timeout", "1.5")
+    probe = srv.raw(timeout=30)
+    assert probe.reply()[0] == 220
+    redis.proc.send_signal(signal.SIGSTOP)
+    results = []
+    sender = threading.Thread(target=lambda: results.append(send(srv, user="bob")))
+    sender.start()
+    slowest = 0.0
+    deadline = time.monotonic() + 60
+    while sender.is_alive() and time.monotonic() < deadline:
+        began = time.monotonic()
+        assert probe.cmd("EHLO client.test")[0] == 250
+        slowest = max(slowest, time.monotonic() - began)
+        time.sleep(0.05)
+    sender.join(60)
+    assert results == [250]
+    assert "counting locally" in srv.log()
+    assert slowest < 0.5, slowest
+    probe.close()
+
+
+def test_check_config_says_whether_redis_answered(make_server, redis, tmp_path):
+    """README "Accounts and limits": --check-config connects and says whether Redis
+    answered; one that does not is reported, not an error; the password is not shown."""
+    for url, words in ((redis.url, "answered"),
+                       (f"redis://:{REDIS_PASSWORD}@127.0.0.1:{free_port()}/0",
+                        "did not answer")):
+        srv = make_server("--state", url, "--check-config", start=False)
+        out = subprocess.run(srv.argv, env=srv.env, capture_output=True, timeout=60,
+                             cwd=srv.workdir)
+        text = out.stdout.decode() + out.stderr.decode()
+        assert out.returncode == 0, text
+        assert "ssmtpd: --state redis://127.0.0.1:" in text and words in text, text
+        assert "configuration OK" in text and REDIS_PASSWORD not in text, text
