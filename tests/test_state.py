@@ -163,3 +163,36 @@ def test_check_config_says_whether_redis_answered(make_server, redis, tmp_path):
         assert out.returncode == 0, text
         assert "ssmtpd: --state redis://127.0.0.1:" in text and words in text, text
         assert "configuration OK" in text and REDIS_PASSWORD not in text, text
+
+
+def test_concurrent_sessions_over_two_instances_take_exactly_the_limit(make_server, redis):
+    """README "Accounts and limits": 20 sessions of one user at once, spread over two
+    instances sharing one Redis, against --max-messages-per-user 10/1h, all past MAIL,
+    RCPT and DATA before any final dot: exactly 10 accepted, the others answered 450."""
+    common = ["--state", redis.url, "--max-connections-per-ip", "100",
+              "--max-messages-per-user", "10/1h"]
+    servers = (make_server(*common), make_server(*common))
+    results = [None] * 20
+    # Every session waits here with its data sent but the final dot: the
+    # limit is then decided by the check-and-take alone.
+    ready = threading.Barrier(20, timeout=90)
+
+    def one(i):
+        try:
+            raw = session(servers[i % 2])
+            raw.start_data()
+            raw.send(b"Subject: t\r\n\r\nhello\r\n")
+            ready.wait()
+            raw.send(b".\r\n")
+            results[i] = raw.reply()[0]
+            raw.close()
+        except Exception as e:  # reported by the assertion on results
+            results[i] = repr(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == [250] * 10 + [450] * 10, results
+    assert sum(len(srv.runs()) for srv in servers) == 10
