@@ -107,12 +107,18 @@ def check(url: str, timeout: float) -> str:
 
 def safe_url(url: str) -> str:
     """`url` without its password, for a log line."""
-    from urllib.parse import urlsplit, urlunsplit
+    from urllib.parse import urlsplit
     parts = urlsplit(url)
     netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    try:
+        if parts.port:
+            netloc += f":{parts.port}"
+    except ValueError:  # not a port: redis-py will say so, without our help
+        pass
+    # Without the query too: unix:// URLs carry the password there.
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 class RedisCounts:

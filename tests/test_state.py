@@ -28,6 +28,10 @@ class Redis:
         self.proc = None
 
     @property
+    def socket(self) -> str:
+        return os.path.join(self.directory, "redis.sock")
+
+    @property
     def url(self) -> str:
         return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/0"
 
@@ -39,7 +43,8 @@ class Redis:
         with open(conf, "w") as f:
             f.write(f"bind 127.0.0.1\nport {self.port}\nrequirepass {REDIS_PASSWORD}\n"
                     f"dir {self.directory}\nsave \"\"\nappendonly no\ndaemonize no\n"
-                    "protected-mode yes\nlogfile \"\"\n")
+                    "protected-mode yes\nlogfile \"\"\n"
+                    f"unixsocket {self.socket}\nunixsocketperm 700\n")
         self.proc = subprocess.Popen([binary, conf], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_for_port(self.port, proc=self.proc)
@@ -154,6 +159,7 @@ def test_check_config_says_whether_redis_answered(make_server, redis, tmp_path):
     """README "Accounts and limits": --check-config connects and says whether Redis
     answered; one that does not is reported, not an error; the password is not shown."""
     for url, words in ((redis.url, "answered"),
+                       (f"unix://{redis.socket}?db=0&password={REDIS_PASSWORD}", "answered"),
                        (f"redis://:{REDIS_PASSWORD}@127.0.0.1:{free_port()}/0",
                         "did not answer")):
         srv = make_server("--state", url, "--check-config", start=False)
@@ -161,7 +167,7 @@ def test_check_config_says_whether_redis_answered(make_server, redis, tmp_path):
                              cwd=srv.workdir)
         text = out.stdout.decode() + out.stderr.decode()
         assert out.returncode == 0, text
-        assert "ssmtpd: --state redis://127.0.0.1:" in text and words in text, text
+        assert f"ssmtpd: --state {url.split(':', 1)[0]}://" in text and words in text, text
         assert "configuration OK" in text and REDIS_PASSWORD not in text, text
 
 
@@ -196,3 +202,13 @@ def test_concurrent_sessions_over_two_instances_take_exactly_the_limit(make_serv
         t.join(120)
     assert sorted(results) == [250] * 10 + [450] * 10, results
     assert sum(len(srv.runs()) for srv in servers) == 10
+
+
+def test_the_password_of_a_state_url_is_never_shown():
+    """README "Accounts and limits": a password in the URL, in the user part or in a
+    unix:// query, is left out of what the server writes about --state."""
+    from ssmtpd.state import safe_url
+    assert safe_url(f"redis://:{REDIS_PASSWORD}@10.0.0.20:6379/0") == "redis://10.0.0.20:6379/0"
+    assert safe_url(f"rediss://u:{REDIS_PASSWORD}@[::1]:6380/2") == "rediss://[::1]:6380/2"
+    assert safe_url(f"unix:///run/redis.sock?db=1&password={REDIS_PASSWORD}") == \
+        "unix:///run/redis.sock"
