@@ -117,27 +117,26 @@ class Window:
         self.window = window
         self.max_keys = max_keys
         self._clock = clock
-        # Ordered by each key's newest failure, oldest first, so expired keys
+        # Ordered by each key's newest event, oldest first, so expired keys
         # are found at the front without a scan.
-        self._failures: "collections.OrderedDict[str, Deque[float]]" = collections.OrderedDict()
+        self._events: "collections.OrderedDict[str, Deque[float]]" = collections.OrderedDict()
 
     def record(self, key: str) -> None:
         self._record_at(key, self._clock())
 
     def _record_at(self, key: str, now: float) -> None:
         self._forget_expired(now)
-        times = self._failures.pop(key, None)
+        times = self._events.pop(key, None)
         if times is None:
             times = collections.deque(maxlen=self.limit)
-            while len(self._failures) >= self.max_keys:
-                self._failures.popitem(last=False)
+            while len(self._events) >= self.max_keys:
+                self._events.popitem(last=False)
         times.append(now)
-        self._failures[key] = times
+        self._events[key] = times
 
     def blocked(self, key: str) -> bool:
-        """True while `key` has `limit` failures inside the window."""
-        oldest = self._oldest_counted(key)
-        return oldest is not None and oldest > self._clock() - self.window
+        """True while `key` has `limit` events inside the window."""
+        return not self.room(key)
 
     def blocked_for(self, key: str) -> float:
         """Seconds until `key` is no longer blocked; 0 when it is not (to
@@ -146,13 +145,13 @@ class Window:
         return 0.0 if oldest is None else max(0.0, oldest + self.window - self._clock())
 
     def block_times(self):
-        """(key, blocked_for(key)) of every key with failures on record."""
-        for key in list(self._failures):
+        """(key, blocked_for(key)) of every key with events on record."""
+        for key in list(self._events):
             yield key, self.blocked_for(key)
 
     def _oldest_counted(self, key: str) -> Optional[float]:
-        """The oldest of the newest `limit` failures of `key`; None if fewer."""
-        times = self._failures.get(key)
+        """The oldest of the newest `limit` events of `key`; None if fewer."""
+        times = self._events.get(key)
         if times is None or len(times) < self.limit:
             return None
         return times[0]
@@ -161,7 +160,7 @@ class Window:
         """Whether `wanted` more events of `key` fit inside the window."""
         if wanted > self.limit:
             return False
-        times = self._failures.get(key)
+        times = self._events.get(key)
         if times is None or len(times) + wanted <= self.limit:
             return True
         # The deque holds the newest `limit` times: the ones `wanted` new
@@ -176,29 +175,29 @@ class Window:
     def give_back(self, key: str, count: int, stamp: float) -> None:
         """Forget `count` events recorded at `stamp`: what was taken for a
         message that was not accepted after all."""
-        times = self._failures.get(key)
+        times = self._events.get(key)
         for _ in range(count):
             if times is None or stamp not in times:
                 break
             times.remove(stamp)
         if times is not None and not times:
-            del self._failures[key]
+            del self._events[key]
 
     def count(self, key: str) -> int:
-        """Failures of `key` inside the window (for logs and tests)."""
+        """Events of `key` inside the window (for logs and tests)."""
         horizon = self._clock() - self.window
-        return sum(1 for t in self._failures.get(key, ()) if t > horizon)
+        return sum(1 for t in self._events.get(key, ()) if t > horizon)
 
     def _forget_expired(self, now: float) -> None:
         horizon = now - self.window
-        while self._failures:
-            key, times = next(iter(self._failures.items()))
+        while self._events:
+            key, times = next(iter(self._events.items()))
             if times[-1] > horizon:
                 return
-            del self._failures[key]
+            del self._events[key]
 
     def __len__(self) -> int:
-        return len(self._failures)
+        return len(self._events)
 
 
 class Limits:
