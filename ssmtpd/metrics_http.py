@@ -17,7 +17,8 @@ import time
 from typing import Callable, Tuple
 
 import gevent
-from gevent.server import StreamServer
+
+from ssmtpd.listener import Listener
 
 # Prometheus scrapes one target over one connection at a time; a few more
 # leave room for a person with curl.
@@ -28,16 +29,14 @@ DEADLINE = 5.0
 # Prometheus's request head is about 300 octets.
 MAX_REQUEST = 8192
 BACKLOG = 1024
-# Out of descriptors: how long accepting pauses, and how seldom it is logged.
-ACCEPT_PAUSE = 0.5
+# Out of descriptors: how seldom it is logged (accepting pauses, as SMTP's does).
 LOG_EVERY = 60.0
-_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 # (body, content type) for the request's Accept header; raises on failure.
 Collect = Callable[[str], Tuple[bytes, str]]
 
 
-class MetricsServer(StreamServer):
+class MetricsServer(Listener):
     """Serves what `collect` returns at /metrics, within the bounds above."""
 
     def __init__(self, address: Tuple[str, int], collect: Collect, log=None):
@@ -53,15 +52,10 @@ class MetricsServer(StreamServer):
         except OSError as e:
             if e.errno == errno.ECONNABORTED:
                 return None
-            if e.errno not in _RESOURCE_ERRORS:
-                raise
-            # Out of descriptors is a load condition, not a bug: gevent would
-            # log a traceback at every retry.
-            self._warn("accept", "metrics: accept: %s; scrapes wait", e.strerror)
-            self.stop_accepting()
-            self._timer = self.loop.timer(ACCEPT_PAUSE)
-            self._timer.start(self._start_accepting_if_started)
-            return None
+            raise
+
+    def exhausted(self, error: OSError) -> None:
+        self._warn("accept", "metrics: accept: %s; scrapes wait", error.strerror)
 
     def do_handle(self, sock, address):
         if self.clients >= MAX_CLIENTS:

@@ -24,6 +24,7 @@ from gevent.server import StreamServer
 from ssmtpd import events, metrics, privileges, proxy, replies, state
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Programs
+from ssmtpd.listener import Listener
 from ssmtpd.limits import (TOO_FAST_FROM_ADDRESS, TOO_MANY, TOO_MANY_FROM_ADDRESS, UNANSWERED,
                            Limits)
 from ssmtpd.log import SessionLog
@@ -38,40 +39,26 @@ SHUTDOWN_GRACE = 15.0
 PRESSURE_SWEEP = 0.5
 
 
-class _Listener(StreamServer):
-    """A StreamServer that rides out descriptor exhaustion quietly.
-
-    gevent logs a traceback for every failed accept(); out of descriptors
-    (EMFILE) is a load condition, not a bug: pause accepting briefly instead.
-    """
-
-    PAUSE = 0.5
-    _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+class _Listener(Listener):
+    """Says once when accepting pauses for want of descriptors, and once
+    when it goes on."""
 
     def __init__(self, listener, handle, log):
         super().__init__(listener, handle)
         self._log = log
         self._paused = False
 
-    def do_read(self):
-        try:
-            result = super().do_read()
-        except OSError as e:
-            if e.errno not in self._RESOURCE_ERRORS:
-                raise
-            if not self._paused:
-                events.note(self._log, events.WARNING, events.ACCEPT,
-                            "accept: %s; pausing new connections", e.strerror)
-            self._paused = True
-            self.stop_accepting()
-            self._timer = self.loop.timer(self.PAUSE)
-            self._timer.start(self._start_accepting_if_started)
-            return None
-        if self._paused and result:
+    def exhausted(self, error: OSError) -> None:
+        if not self._paused:
+            events.note(self._log, events.WARNING, events.ACCEPT,
+                        "accept: %s; pausing new connections", error.strerror)
+        self._paused = True
+
+    def accepted(self) -> None:
+        if self._paused:
             self._paused = False
             events.note(self._log, events.WARNING, events.ACCEPT,
                         "accept: accepting new connections again")
-        return result
 
 
 # Descriptors a client may cost (socket, program pipes, spool), and those the
