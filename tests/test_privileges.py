@@ -163,7 +163,7 @@ def _look_into(pid: int, memfd=None) -> dict:
 
 def as_user(user, targets) -> dict:
     """{pid: what a process of `user` can reach of it} for each (pid, memfd) of `targets`,
-    and, as "control", the same of a process of `user`'s own (a sleep it starts), which
+    and, as "control", the same of a process of `user`'s own (a shell it starts), which
     it must be able to read: the proof that the looking works."""
     reading, writing = os.pipe()
     child = os.fork()
@@ -173,8 +173,14 @@ def as_user(user, targets) -> dict:
             os.setgroups([])
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
-            control = subprocess.Popen(["sleep", "30"])
+            # The control says "ready" itself: Popen returns when exec has closed the
+            # descriptors, but the new image is made dumpable a moment later, and a look
+            # in between is refused although nothing is wrong.
+            control = subprocess.Popen(["sh", "-c", "echo ready; read line"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             try:
+                if select.select([control.stdout], [], [], 30)[0]:
+                    control.stdout.readline()
                 seen = {str(pid): _look_into(pid, memfd) for pid, memfd in targets}
                 seen["control"] = _look_into(control.pid)
             finally:
