@@ -97,6 +97,35 @@ class Need:
         self.reason = reason or reply.text
         self.record = record  # and how it is counted in the metrics
 
+    def refusal(self, session: "Session", verb: str, arg: str) -> Optional[Told]:
+        """None when the need holds, else the refusal to tell."""
+        if self.test(session):
+            return None
+        if self.record:
+            self.record(session)
+        return session._refusal(verb, arg, self.reply, self.event, self.level, self.reason)
+
+
+class SendingRoom(Need):
+    """The user's sending limits have room for `messages` more messages and
+    for the transaction's recipients and `recipients` more (README "Accounts
+    and limits").  Only a look: the message is taken at the end of DATA."""
+
+    def __init__(self, messages: int, recipients: int):
+        super().__init__(lambda s: True, replies.RATE_LIMITED, events.RATE_LIMITED, WARNING)
+        self.messages = messages
+        self.recipients = recipients
+
+    def refusal(self, session: "Session", verb: str, arg: str) -> Optional[Told]:
+        user = session.user
+        if user is None:
+            return None
+        limit = session.limits.sending_refused(user, self.messages,
+                                               len(session.rcpt_to) + self.recipients)
+        if limit is None:
+            return None
+        return session._rate_limited(verb, arg, self.reply, limit, user)
+
 
 HELO_DONE = Need(lambda s: s.helo is not None, replies.NO_HELO)
 TLS_UP = Need(lambda s: s.tls_version or not s.settings.require_tls, replies.MUST_STARTTLS)
@@ -400,11 +429,9 @@ class Session:
             else:
                 self.log.say(DEBUG, events.COMMAND, command=verb, line=text)
         for need in method.needs:
-            if not need.test(self):
-                if need.record:
-                    need.record(self)
-                return verb, self._tell(verb, arg, self._refusal(
-                    verb, arg, need.reply, need.event, need.level, need.reason))
+            refused = need.refusal(self, verb, arg)
+            if refused is not None:
+                return verb, self._tell(verb, arg, refused)
         try:
             answer = method(self, arg)
         except SmtpError as e:
@@ -619,7 +646,7 @@ class Session:
         return raw.decode("ascii", "replace").strip()
 
     @requires(HELO_DONE, TLS_UP, AUTHENTICATED, outside_mail(replies.NESTED_MAIL),
-              SPOOL_HAS_ROOM)
+              SPOOL_HAS_ROOM, SendingRoom(messages=1, recipients=1))
     def smtp_MAIL(self, arg: str) -> Union[Reply, Told]:
         address, params = syntax.parse_path(arg, "FROM", replies.BAD_SENDER)
         for name, value in params.items():
@@ -633,15 +660,12 @@ class Session:
                     return replies.SYNTAX
             elif name not in ("SMTPUTF8", "AUTH"):  # AUTH=<> is parsed and ignored
                 return replies.UNKNOWN_PARAMETER
-        if self.user is not None:
-            limit = self.limits.sending_refused(self.user, 1, 1)
-            if limit is not None:
-                return self._rate_limited("MAIL", arg, replies.RATE_LIMITED, limit, self.user)
         self.mail_from = address
         self.rcpt_to = []
         return Told(replies.SENDER_OK, INFO, events.MAIL, {"mail_from": address})
 
-    @requires(IN_MAIL)
+    # The recipients this transaction holds are not taken until DATA.
+    @requires(IN_MAIL, SendingRoom(messages=0, recipients=1))
     def smtp_RCPT(self, arg: str) -> Union[Reply, Told]:
         address, params = syntax.parse_path(arg, "TO", replies.BAD_RECIPIENT, need_domain=True)
         if not address:
@@ -650,11 +674,6 @@ class Session:
             return replies.UNKNOWN_PARAMETER
         if len(self.rcpt_to) >= self.settings.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
-        if self.user is not None:
-            # The ones this transaction holds are not taken until DATA.
-            limit = self.limits.sending_refused(self.user, 0, len(self.rcpt_to) + 1)
-            if limit is not None:
-                return self._rate_limited("RCPT", arg, replies.RATE_LIMITED, limit, self.user)
         self.rcpt_to.append(address)
         return Told(replies.RECIPIENT_OK, INFO, events.RCPT, {"rcpt_to": address})
 
