@@ -18,6 +18,8 @@ Messages are one line of ASCII each:
                        G <ticket> <user>      give a message back
                        L <id> <user>  take a session slot of the user; answered
                        O <user>       release one
+                       X <id> -       may a failing --state be logged
+                                      now?  answered "1" or "0"
     master -> worker   <id> <answer>  "ok" or a refusal reason; after F, the
                                       seconds the key is now blocked for
                        P <0|1>        the server is (not) under pressure
@@ -139,6 +141,9 @@ class Ledger:
                 channel.programs.add(int(rest))
             elif op == "E" and rest.isdigit():
                 channel.programs.discard(int(rest))
+            elif op == "X":
+                ident, _, _ = rest.partition(" ")
+                channel.send(f"{ident} {int(self.limits.state_failure_to_tell())}")
             elif op == "F":
                 ident, _, key = rest.partition(" ")
                 left = self.limits.login_failed(key)
@@ -292,6 +297,10 @@ class RemoteLimits:
 
     def user_session_closed(self, user: str) -> None:
         self._tell(f"O {user_key(user)}")
+
+    def state_failure_to_tell(self) -> bool:
+        # An unanswered question is a no: one line too few beats one per worker.
+        return self._ask("X", "-") == "1"
 
     def _note_blocked(self, key: str, seconds: str) -> None:
         """The master said `key` is blocked for `seconds` more (text; "0" or

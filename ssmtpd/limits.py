@@ -37,6 +37,8 @@ PRESSURE_SHARE = 0.75
 # Bounds the failed-login table against an attacker with many addresses: past
 # this many addresses the one with the oldest failure is forgotten first.
 MAX_TRACKED_ADDRESSES = 100_000
+# A --state that fails is told at most this often, for the whole server.
+STATE_FAILURE_EVERY = 60.0
 
 
 def address_key(ip: str, ipv6_prefix_length: int) -> str:
@@ -223,6 +225,7 @@ class Limits:
         self.user_sessions = ConnectionCount(sys.maxsize, settings.max_sessions_per_user) \
             if settings.max_sessions_per_user else None
         self._clock = time.monotonic
+        self._state_failure_told = -STATE_FAILURE_EVERY
 
     def key(self, ip: str) -> str:
         return address_key(ip, self.ipv6_prefix_length)
@@ -299,3 +302,12 @@ class Limits:
     def user_session_closed(self, user: str) -> None:
         if self.user_sessions is not None:
             self.user_sessions.release(user)
+
+    def state_failure_to_tell(self) -> bool:
+        """Whether a failing --state is to be logged now: it is once a minute
+        at most, for the whole server (README "Accounts and limits")."""
+        now = self._clock()
+        if now - self._state_failure_told < STATE_FAILURE_EVERY:
+            return False
+        self._state_failure_told = now
+        return True

@@ -10,8 +10,9 @@ redis-py's blocking client runs in gevent's pool of native threads: the
 event loop never waits for Redis, and nothing in the process is
 monkey-patched.  Each call gives up after --state-timeout.  While Redis
 fails, the local counts answer instead (what this instance counted itself),
-with one ERROR line a minute at most; the first call that Redis answers
-again returns to it.  Local counts are not copied back.
+with one ERROR line a minute at most for the whole server; Redis is tried
+again a second after each failure, and the first answer returns the counts
+to it.  Local counts are not copied back.
 """
 
 import hashlib
@@ -24,7 +25,8 @@ import gevent
 from ssmtpd import events
 from ssmtpd.limits import MESSAGES, RECIPIENTS
 
-ERROR_EVERY = 60.0
+# After Redis failed, it is left alone this long before a call tries it again.
+RETRY_AFTER = 1.0
 
 # Each check-and-count is one script, so two instances can never both take
 # the last unit.  A sorted set per key: members "token:count", scored by
@@ -185,7 +187,13 @@ class RedisCounts:
 class SharedLimits:
     """The methods of limits.Limits: the windowed counts in Redis, falling back
     to `local` (a Limits or a ledger.RemoteLimits) while Redis fails; the
-    rest always `local`'s."""
+    rest always `local`'s.
+
+    After a failure Redis is left alone for RETRY_AFTER: a stopped Redis
+    would otherwise cost every call --state-timeout, several per message.
+    Then one call tries it while the others still count locally, and the
+    first answer returns every call to it.
+    """
 
     def __init__(self, local, counts: RedisCounts, settings, log, metrics):
         self._local = local
@@ -197,56 +205,82 @@ class SharedLimits:
         self._log = log
         self._metrics = metrics
         self._url = safe_url(settings.state)
-        self._last_error = -ERROR_EVERY
+        self._retry_at = 0.0  # while failing: when Redis is tried again; 0 when it answers
+        self._trying = False  # a call is trying a failing Redis now
+        self._told_failure = False  # this process logged the failure still on
 
     def __getattr__(self, name):
         return getattr(self._local, name)
 
+    def _shared(self, call, local):
+        """call() against Redis, or local() while Redis fails."""
+        trying = False
+        if self._retry_at:
+            if self._trying or time.monotonic() < self._retry_at:
+                return local()
+            trying = self._trying = True
+        try:
+            result = call()
+        except StateError as e:
+            self._failed(e)
+            return local()
+        finally:
+            if trying:
+                self._trying = False
+        if self._retry_at:
+            self._retry_at = 0.0
+            if self._told_failure:
+                self._told_failure = False
+                events.note(self._log, events.INFO, events.STATE,
+                            "--state %s answers again; counting there", self._url)
+        return result
+
     def _failed(self, error: StateError) -> None:
+        self._retry_at = time.monotonic() + RETRY_AFTER
         self._metrics.state_error()
-        now = time.monotonic()
-        if now - self._last_error >= ERROR_EVERY:
-            self._last_error = now
+        # Asked of the whole server (the master, with --workers): one line a
+        # minute at most, not one per worker.
+        if self._local.state_failure_to_tell():
+            self._told_failure = True
             events.note(self._log, events.ERROR, events.STATE,
                         "--state %s: %s; counting locally", self._url, error,
                         reason=str(error))
 
     def login_blocked(self, key: str) -> bool:
-        try:
-            return self._counts.logins(key, False, self._login_limit, self._login_window) > 0
-        except StateError as e:
-            self._failed(e)
-            return self._local.login_blocked(key)
+        return self._shared(
+            lambda: self._counts.logins(key, False, self._login_limit, self._login_window) > 0,
+            lambda: self._local.login_blocked(key))
 
     def login_failed(self, key: str) -> float:
-        try:
-            return self._counts.logins(key, True, self._login_limit, self._login_window)
-        except StateError as e:
-            self._failed(e)
-            return self._local.login_failed(key)
+        return self._shared(
+            lambda: self._counts.logins(key, True, self._login_limit, self._login_window),
+            lambda: self._local.login_failed(key))
 
     def sending_refused(self, user: str, messages: int, recipients: int) -> Optional[str]:
-        try:
-            return self._counts.sending(user, self._rates, (messages, recipients), False)
-        except StateError as e:
-            self._failed(e)
-            return self._local.sending_refused(user, messages, recipients)
+        return self._shared(
+            lambda: self._counts.sending(user, self._rates, (messages, recipients), False),
+            lambda: self._local.sending_refused(user, messages, recipients))
 
     def take_message(self, user: str, recipients: int) -> Tuple[Optional[str], str]:
         token = secrets.token_hex(8)
-        try:
+
+        def in_redis():
             refused = self._counts.sending(user, self._rates, (1, recipients), True, token)
-        except StateError as e:
-            self._failed(e)
+            return refused, "" if refused else f"R{recipients} {token}"
+
+        def here():
             refused, ticket = self._local.take_message(user, recipients)
             return refused, ticket and "L" + ticket
-        return refused, "" if refused else f"R{recipients} {token}"
+        return self._shared(in_redis, here)
 
     def give_back_message(self, user: str, ticket: str) -> None:
         if ticket.startswith("L"):
             self._local.give_back_message(user, ticket[1:])
         elif ticket.startswith("R"):
             recipients, _, token = ticket[1:].partition(" ")
+            # Whatever Redis holds of a message is Redis's to give back: a
+            # failing one is tried all the same, and the unit expires with
+            # its window if that fails too.
             try:
                 self._counts.give_back(user, token, int(recipients))
             except StateError as e:

@@ -17,6 +17,9 @@ import pytest
 from conftest import PASSWORD, free_port, plain_token, wait_for_port, wait_until
 from test_accounts import send, session
 from test_metrics import scrape, value
+from test_workers import worker_pids
+
+from ssmtpd.state import RETRY_AFTER
 
 REDIS_PASSWORD = "r3dis-pw-5e1f"
 
@@ -121,13 +124,41 @@ def test_redis_failing_is_not_a_mail_outage(make_server, redis):
     raw = session(a, "bob")
     assert raw.cmd("MAIL FROM:<sender@example.org>")[0] == 450
     raw.close()
-    # Back on the same port: shared again.
+    # Back on the same port: shared again, from the first call made once the
+    # second each instance leaves a failed Redis alone has passed.
     redis.start()
+    time.sleep(RETRY_AFTER + 0.5)
     assert [send(a, user="carol"), send(b, user="carol"), send(a, user="carol")] == [250] * 3
     for srv in (b, a):
         raw = session(srv, "carol")
         assert raw.cmd("MAIL FROM:<sender@example.org>")[0] == 450
         raw.close()
+        assert "answers again; counting there" in srv.log(), srv.log()
+
+
+def test_a_failing_redis_is_one_error_line_for_the_whole_server(make_server, redis):
+    """README "Accounts and limits": with --workers 2, Redis killed, both workers count
+    locally and the server logs one ERROR line about it, not one per worker; and a
+    stopped Redis is waited for once a second, not at every call."""
+    mport = free_port()
+    srv = make_server("--state", redis.url, "--state-timeout", "1", "--workers", "2",
+                      "--max-connections-per-ip", "100", "--metrics-bind", f"127.0.0.1:{mport}")
+    assert wait_until(lambda: srv.log().count("accepting on") == 2), srv.log()
+    redis.proc.send_signal(signal.SIGSTOP)
+    # A message makes four calls (AUTH's look, MAIL, RCPT, DATA's take): the
+    # first waits --state-timeout and fails, the others find Redis left alone
+    # (a second more between two commands would make one more try).
+    assert send(srv, user="bob") == 250
+    assert wait_until(lambda: value(scrape(mport), "ssmtpd_state_errors_total") >= 1)
+    assert value(scrape(mport), "ssmtpd_state_errors_total") <= 2
+    redis.kill()
+    workers = set(worker_pids(srv))
+    for _ in range(40):  # the kernel picks the worker: until both have served
+        assert send(srv, user="bob") == 250
+        if {run["ppid"] for run in srv.runs()} >= workers:
+            break
+    assert {run["ppid"] for run in srv.runs()} >= workers, "one worker served every message"
+    assert srv.log().count("counting locally") == 1, srv.log()
 
 
 def test_a_stopped_redis_never_stalls_other_clients(make_server, redis):
