@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import PASSWORD, free_port, plain_token, wait_for_port, wait_until
+from conftest import PASSWORD, free_port, make_certs, plain_token, wait_for_port, wait_until
 from test_accounts import send, session
 from test_metrics import scrape, value
 from test_workers import worker_pids
@@ -25,10 +25,11 @@ REDIS_PASSWORD = "r3dis-pw-5e1f"
 
 
 class Redis:
-    def __init__(self, directory):
+    def __init__(self, directory, certs=None):
         self.directory = str(directory)
         self.port = free_port()
         self.proc = None
+        self.certs = certs  # (ca, cert, key): TLS only, on self.port
 
     @property
     def socket(self) -> str:
@@ -36,6 +37,9 @@ class Redis:
 
     @property
     def url(self) -> str:
+        if self.certs:
+            return (f"rediss://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/0"
+                    f"?ssl_cert_reqs=required&ssl_ca_certs={self.certs[0]}")
         return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/0"
 
     def start(self):
@@ -43,8 +47,14 @@ class Redis:
         if binary is None:
             pytest.fail("redis-server is not installed (.ci/run installs it)")
         conf = os.path.join(self.directory, "redis.conf")
+        if self.certs:
+            ca, cert, key = self.certs
+            ports = (f"port 0\ntls-port {self.port}\ntls-cert-file {cert}\n"
+                     f"tls-key-file {key}\ntls-ca-cert-file {ca}\ntls-auth-clients no\n")
+        else:
+            ports = f"port {self.port}\n"
         with open(conf, "w") as f:
-            f.write(f"bind 127.0.0.1\nport {self.port}\nrequirepass {REDIS_PASSWORD}\n"
+            f.write(f"bind 127.0.0.1\n{ports}requirepass {REDIS_PASSWORD}\n"
                     f"dir {self.directory}\nsave \"\"\nappendonly no\ndaemonize no\n"
                     "protected-mode yes\nlogfile \"\"\n"
                     f"unixsocket {self.socket}\nunixsocketperm 700\n")
@@ -184,6 +194,40 @@ def test_a_stopped_redis_never_stalls_other_clients(make_server, redis):
     assert "counting locally" in srv.log()
     assert slowest < 0.5, slowest
     probe.close()
+
+
+def test_rediss_shares_counts_over_tls_and_checks_the_certificate(make_server, tmp_path, certs):
+    """README "Accounts and limits": rediss:// with the CA named in the URL: two instances
+    share a user's limit over TLS, --check-config says Redis answered; with another CA
+    the certificate is refused, the server counts locally and mail still goes."""
+    certs_dir = tmp_path / "redis-certs"
+    certs_dir.mkdir()
+    redis = Redis(tmp_path, make_certs(str(certs_dir), serial_cn="redis test")).start()
+    try:
+        common = ["--state", redis.url, "--max-connections-per-ip", "100",
+                  "--max-messages-per-user", "2/1h"]
+        a, b = make_server(*common), make_server(*common)
+        assert [send(a, user="dave"), send(b, user="dave")] == [250, 250]
+        for srv in (a, b):
+            raw = session(srv, "dave")
+            assert raw.cmd("MAIL FROM:<sender@example.org>")[0] == 450
+            raw.close()
+            assert "counting locally" not in srv.log(), srv.log()
+        check = make_server("--state", redis.url, "--check-config", start=False)
+        out = subprocess.run(check.argv, env=check.env, capture_output=True, timeout=60,
+                             cwd=check.workdir)
+        assert out.returncode == 0 and b"--state rediss://127.0.0.1" in out.stdout, out
+        assert b" answered" in out.stdout and REDIS_PASSWORD.encode() not in out.stdout, out
+        # The server's own test CA is not the one that signed Redis's certificate.
+        other_ca = redis.url.replace(redis.certs[0], certs[0])
+        c = make_server("--state", other_ca, "--max-connections-per-ip", "100",
+                        "--max-messages-per-user", "2/1h")
+        assert [send(c, user="dave"), send(c, user="dave")] == [250, 250]
+        assert wait_until(lambda: "counting locally" in c.log()), c.log()
+        assert "certificate verify failed" in c.log(), c.log()
+        assert REDIS_PASSWORD not in c.log() + a.log() + b.log()
+    finally:
+        redis.kill()
 
 
 def test_check_config_says_whether_redis_answered(make_server, redis, tmp_path):
