@@ -18,7 +18,7 @@ to it.  Local counts are not copied back.
 import hashlib
 import secrets
 import time
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import gevent
 
@@ -27,6 +27,10 @@ from ssmtpd.limits import MESSAGES, RECIPIENTS
 
 # After Redis failed, it is left alone this long before a call tries it again.
 RETRY_AFTER = 1.0
+# How long the room a user's MAIL saw answers the RCPTs after it, and for how
+# many users at most (past it, every room is looked up again).
+ROOM_FRESH = 1.0
+MAX_ROOMS = 10_000
 
 # Each check-and-count is one script, so two instances can never both take
 # the last unit.  A sorted set per key: members "token:count", scored by
@@ -66,6 +70,32 @@ if take then
   end
 end
 return 0
+"""
+
+# The room left of each limit (ARGV as _SENDING's, the wanted counts
+# ignored): the least of COUNT - used over its windows, -1 for a limit that
+# is off.
+_ROOM = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local pos = 3
+local rooms = {}
+for i = 1, 2 do
+  local nwindows = tonumber(ARGV[pos + 1])
+  pos = pos + 2
+  local room = -1
+  for w = 1, nwindows do
+    local count, ms = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
+    pos = pos + 2
+    local used = 0
+    for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. (now - ms), '+inf')) do
+      used = used + tonumber(string.match(member, ':(%d+)$'))
+    end
+    if room < 0 or count - used < room then room = math.max(count - used, 0) end
+  end
+  rooms[i] = room
+end
+return rooms
 """
 
 # A failed login (ARGV[1] == '1') or only a look: the seconds the key is
@@ -131,6 +161,7 @@ class RedisCounts:
         self._prefix = prefix
         self._timeout = timeout
         self._sending = client.register_script(_SENDING)
+        self._room = client.register_script(_ROOM)
         self._logins = client.register_script(_LOGINS)
 
     def _call(self, script, keys, args):
@@ -157,17 +188,27 @@ class RedisCounts:
         digest = hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16)
         return f"{self._prefix}{kind}:{digest.hexdigest()}"
 
-    def sending(self, user: str, rates, wanted: Tuple[int, int], take: bool,
-                token: str = "") -> Optional[str]:
+    @staticmethod
+    def _sending_args(rates, wanted: Tuple[int, int], take: bool, token: str) -> list:
         args = ["1" if take else "0", token]
         for limit, count in zip((MESSAGES, RECIPIENTS), wanted):
             windows = rates[limit]
             args += [count, len(windows)]
             for limit_count, seconds in windows:
                 args += [limit_count, int(seconds * 1000)]
+        return args
+
+    def take(self, user: str, rates, recipients: int, token: str) -> Optional[str]:
+        """Check and take a message with `recipients`: the limit without room, or None."""
         refused = self._call(self._sending, [self._user("m", user), self._user("r", user)],
-                             args)
+                             self._sending_args(rates, (1, recipients), True, token))
         return {1: MESSAGES, 2: RECIPIENTS}.get(int(refused))
+
+    def room(self, user: str, rates) -> Tuple[int, int]:
+        """(messages, recipients) the user may still send now; -1 for no limit."""
+        rooms = self._call(self._room, [self._user("m", user), self._user("r", user)],
+                           self._sending_args(rates, (0, 0), False, ""))
+        return int(rooms[0]), int(rooms[1])
 
     def give_back(self, user: str, token: str, recipients: int) -> None:
         def remove():
@@ -208,6 +249,8 @@ class SharedLimits:
         self._retry_at = 0.0  # while failing: when Redis is tried again; 0 when it answers
         self._trying = False  # a call is trying a failing Redis now
         self._told_failure = False  # this process logged the failure still on
+        # user -> (time.monotonic() seen, messages left, recipients left)
+        self._rooms: Dict[str, Tuple[float, int, int]] = {}
 
     def __getattr__(self, name):
         return getattr(self._local, name)
@@ -257,15 +300,31 @@ class SharedLimits:
             lambda: self._local.login_failed(key))
 
     def sending_refused(self, user: str, messages: int, recipients: int) -> Optional[str]:
-        return self._shared(
-            lambda: self._counts.sending(user, self._rates, (messages, recipients), False),
-            lambda: self._local.sending_refused(user, messages, recipients))
+        # Only a look (the take at the end of DATA decides): MAIL asks Redis
+        # for the room left, and the RCPTs that follow within ROOM_FRESH are
+        # answered from it, a Redis call a recipient saved.
+        now = time.monotonic()
+        seen = self._rooms.get(user)
+        if messages or seen is None or now - seen[0] > ROOM_FRESH:
+            rooms = self._shared(lambda: self._counts.room(user, self._rates), lambda: None)
+            if rooms is None:
+                return self._local.sending_refused(user, messages, recipients)
+            if len(self._rooms) >= MAX_ROOMS:
+                self._rooms.clear()
+            seen = self._rooms[user] = (now, *rooms)
+        _, messages_left, recipients_left = seen
+        if 0 <= messages_left < messages:
+            return MESSAGES
+        if 0 <= recipients_left < recipients:
+            return RECIPIENTS
+        return None
 
     def take_message(self, user: str, recipients: int) -> Tuple[Optional[str], str]:
         token = secrets.token_hex(8)
+        self._rooms.pop(user, None)  # the room seen is no longer the room left
 
         def in_redis():
-            refused = self._counts.sending(user, self._rates, (1, recipients), True, token)
+            refused = self._counts.take(user, self._rates, recipients, token)
             return refused, "" if refused else f"R{recipients} {token}"
 
         def here():
@@ -274,6 +333,7 @@ class SharedLimits:
         return self._shared(in_redis, here)
 
     def give_back_message(self, user: str, ticket: str) -> None:
+        self._rooms.pop(user, None)
         if ticket.startswith("L"):
             self._local.give_back_message(user, ticket[1:])
         elif ticket.startswith("R"):

@@ -108,3 +108,17 @@ def test_instruction_counts_under_callgrind():
     # The interpreter: a shared libpython, or the python3.X binary itself where
     # it is linked statically (Debian's).
     assert any(o.startswith(("libpython", "python3")) for o in objects), result.stdout
+
+
+def test_state_cost_runs_on_a_tiny_load():
+    """bench/README.md "What --state costs": one round each way against a local
+    redis-server, every message accepted, both figures printed."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "state_cost.py"),
+                             "--rounds", "1", "--sessions", "60", "--concurrency", "10"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert re.search(r"counts in the process: \d+\.\d+ ms server CPU per message\n",
+                     result.stdout), result.stdout
+    assert re.search(r"counts in Redis \(--state\): \d+\.\d+ ms \(\+-?\d+\.\d+ ms, x\d+\.\d+\); "
+                     r"Redis itself \d+\.\d+ ms", result.stdout), result.stdout
+    assert result.stdout.count(", 60 accepted") == 2, result.stdout

@@ -107,6 +107,26 @@ def test_two_instances_share_failed_logins_and_the_per_user_limit(make_server, r
         assert REDIS_PASSWORD not in srv.log()
 
 
+def test_recipients_are_counted_together_and_a_take_is_seen_at_once(make_server, redis):
+    """README "Accounts and limits": --max-recipients-per-user 3/1h over two instances:
+    two recipients taken on one leave room for one RCPT on either, even right after the
+    take on the instance that made it."""
+    common = ["--state", redis.url, "--max-connections-per-ip", "100",
+              "--max-recipients-per-user", "3/1h"]
+    a, b = make_server(*common), make_server(*common)
+    for srv in (a, b):  # each has seen the room before the take
+        raw = session(srv, "erin")
+        assert raw.cmd("MAIL FROM:<sender@example.org>")[0] == 250
+        raw.close()
+    assert send(a, user="erin", rcpts=("one@example.org", "two@example.org")) == 250
+    for srv in (a, b):
+        raw = session(srv, "erin")
+        assert raw.cmd("MAIL FROM:<sender@example.org>")[0] == 250
+        assert raw.cmd("RCPT TO:<three@example.org>")[0] == 250
+        assert raw.cmd("RCPT TO:<four@example.org>")[0] == 450
+        raw.close()
+
+
 def test_redis_failing_is_not_a_mail_outage(make_server, redis):
     """README "Accounts and limits": Redis stopped (SIGSTOP) and then killed during traffic:
     every message is still accepted, each instance counts locally, one ERROR line, the
