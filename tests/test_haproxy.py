@@ -5,13 +5,14 @@ ports filled in.  Clients connect to HAProxy from 127.0.0.2 and 127.0.0.3;
 HAProxy connects to ssmtpd from 127.0.0.1, the only --proxy-trusted address.
 """
 
+import contextlib
 import shutil
 import socket
 import subprocess
 
 import pytest
 
-from conftest import Raw, free_port, stop_process, wait_for_port, wait_until
+from conftest import PASSWORD, USER, Raw, free_port, plain_token, stop_process, wait_for_port, wait_until
 
 # The README's configuration; {…} are filled in by the test.
 HAPROXY_CFG = """\
@@ -51,14 +52,11 @@ backend ssmtpd_v1
 PROBE_ADDRESSES = ("127.0.0.9", "127.0.0.10")
 
 
-@pytest.fixture
-def haproxy_front(make_server, tmp_path):
+@contextlib.contextmanager
+def haproxy_in_front_of(a, b, tmp_path):
+    """HAProxy with the README's configuration before servers a and b: (port_v2, port_v1)."""
     if not shutil.which("haproxy"):
         pytest.fail("haproxy is not installed (.ci/run installs Debian's haproxy)")
-    # At DEBUG: the health checks' lines are there only (README "Logging").
-    common = ("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
-              "--max-connections-per-ip", "1", "--log-level", "debug")
-    a, b = make_server(*common), make_server(*common)
     port_v2, port_v1 = free_port(), free_port()
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(HAPROXY_CFG.format(bind="127.0.0.1", port_v2=port_v2, port_v1=port_v1,
@@ -76,10 +74,20 @@ def haproxy_front(make_server, tmp_path):
         # address's one slot taken (--max-connections-per-ip 1).
         wait_for_port(port_v2, proc=proc, source=PROBE_ADDRESSES[0])
         wait_for_port(port_v1, proc=proc, source=PROBE_ADDRESSES[1])
-        yield a, b, port_v2, port_v1
+        yield port_v2, port_v1
     finally:
         stop_process(proc, timeout=10)
         log.close()
+
+
+@pytest.fixture
+def haproxy_front(make_server, tmp_path):
+    # At DEBUG: the health checks' lines are there only (README "Logging").
+    common = ("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
+              "--max-connections-per-ip", "1", "--log-level", "debug")
+    a, b = make_server(*common), make_server(*common)
+    with haproxy_in_front_of(a, b, tmp_path) as (port_v2, port_v1):
+        yield a, b, port_v2, port_v1
 
 
 def through(port, source) -> Raw:
@@ -174,3 +182,33 @@ def test_direct_connection_from_untrusted_address_gets_nothing(haproxy_front):
     raw.send(b"EHLO sneaky.test\r\n")
     assert raw.closed(timeout=5)
     assert raw.buf == b""
+
+
+def test_instances_behind_haproxy_share_failed_logins_through_redis(make_server, tmp_path):
+    """README "Scaling": both instances behind HAProxy name one --state Redis, as the
+    README shows: a client's failed logins, spread over both by round robin, are counted
+    together, so its next login is refused 421 by whichever instance it reaches."""
+    from test_state import Redis
+    redis = Redis(tmp_path).start()
+    try:
+        common = ("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
+                  "--max-auth-failures-per-ip", "4", "--state", redis.url)
+        a, b = make_server(*common), make_server(*common)
+        ctx = a.tls_context()
+        with haproxy_in_front_of(a, b, tmp_path) as (port_v2, _):
+            codes = []
+            for password in ("wrong",) * 4 + (PASSWORD,) * 2:
+                raw = through(port_v2, "127.0.0.4")
+                raw.hello(ctx)
+                codes.append(raw.cmd(f"AUTH PLAIN {plain_token(USER, password)}")[0])
+                raw.close()
+            assert codes == [535] * 4 + [421] * 2, codes
+            failed = [srv.log().count("127.0.0.4") for srv in (a, b)]
+            assert all(failed), f"round robin sent every login to one instance: {failed}"
+            # Another client is not blocked.
+            raw = through(port_v2, "127.0.0.5")
+            raw.hello(ctx)
+            assert raw.cmd(f"AUTH PLAIN {plain_token(USER, PASSWORD)}")[0] == 235
+            raw.close()
+    finally:
+        redis.kill()
