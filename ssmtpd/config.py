@@ -519,8 +519,6 @@ def _env_name(opt: Option) -> str:
 PROGRAM_VARIABLES = ("SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_MECHANISM", "SSMTPD_TOKEN",
                      "SSMTPD_CLIENT_ADDR", "SSMTPD_MAIL_FROM", "SSMTPD_RCPT_TO", "SSMTPD_HELO",
                      "SSMTPD_TLS")
-# Left to test set-ups for their own programs' settings (README "Configuration").
-TEST_PREFIX = ENV_PREFIX + "TEST_"
 
 
 def _check_environment() -> None:
@@ -547,7 +545,7 @@ def _check_environment() -> None:
     known[ENV_PREFIX + "CONFIG"] = "--config"
     allowed = set(known) | {ENV_PREFIX + "CHECK_CONFIG"} | set(PROGRAM_VARIABLES)
     for name in sorted(os.environ):
-        if not name.startswith(ENV_PREFIX) or name in allowed or name.startswith(TEST_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in allowed:
             continue
         # Compared without the prefix that every one of them shares.
         suffix = {known_name[len(ENV_PREFIX):]: known_name for known_name in known}

@@ -198,7 +198,7 @@ class ServerProcess:
                 argv += ["--ssl-cert", self.cert, "--ssl-key", self.key]
         argv += list(args)
         self.argv = argv
-        self.env = dict(os.environ, SSMTPD_TEST_RECORD=self.record_dir,
+        self.env = dict(os.environ, TEST_RECORD=self.record_dir,
                         PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.env.update(env or {})
         self.proc = None

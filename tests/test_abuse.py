@@ -221,7 +221,7 @@ def test_login_that_cannot_get_a_slot_in_time_is_454(make_server):
     # The first run (a Python start-up, then 3 s) fits in 5.5 s on a slow
     # machine too; the second waits for it and cannot also run 3 s in time.
     srv = make_server("--max-auth-programs", "1", "--auth", AUTH_SLOW, "--auth-timeout", "5.5",
-                      env={"SSMTPD_TEST_AUTH_SECONDS": "3"})
+                      env={"TEST_AUTH_SECONDS": "3"})
     results = concurrent_logins(srv, 2)
     assert results[0][0] == 235
     assert results[1][0] == 454

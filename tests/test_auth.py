@@ -398,7 +398,7 @@ def test_password_never_appears(make_server):
     wrong = "Wm3-other-Pa55w0rd-Yt92"
     body_marker = "body-marker-8c1f5e"
     srv = make_server("--log-level", "debug", "--auth", AUTH_HASH, "--process", ENV_DUMP,
-                      env={"SSMTPD_TEST_PASSWORD_SHA256":
+                      env={"TEST_PASSWORD_SHA256":
                            hashlib.sha256(password.encode()).hexdigest()})
     raw = open_tls(srv)
     try:

@@ -47,7 +47,7 @@ def start(make_server, args=(), env=None, ini=None, tls=True, auth=True, process
     """A server whose hostname, size and TLS policy come only from what the test gives."""
     srv = make_server(defaults=False, start=False, env=env)
     srv.env = {k: v for k, v in srv.env.items()
-               if not k.startswith("SSMTPD_") or k == "SSMTPD_TEST_RECORD" or k in (env or {})}
+               if not k.startswith("SSMTPD_") or k == "TEST_RECORD" or k in (env or {})}
     argv = ["--bind", "127.0.0.1", "--port", str(srv.port), "--auth-failure-delay", "0"]
     if process:
         argv += ["--process", RECORD]
@@ -375,6 +375,8 @@ BAD_CONFIGS = {
     "env-like-no-option": ((), [], {"SSMTPD_DEBUG": "1"}, "unknown variable SSMTPD_DEBUG: no "
                            "option reads it (the nearest is --"),
     "env-example": ((), [], {"SSMTPD_EXAMPLE": "config"}, "unknown variable SSMTPD_EXAMPLE"),
+    "env-test-prefix": ((), [], {"SSMTPD_TEST_RECORD": "/tmp"},
+                        "unknown variable SSMTPD_TEST_RECORD"),
     "abbreviated-option": ((), ["--max-recipient", "5"], None,
                            "unrecognized arguments: --max-recipient 5"),
     "abbreviated-boolean": ((), ["--no-require-t"], None, "unrecognized arguments: --no-require-t"),
@@ -525,12 +527,12 @@ def test_port_below_1024_says_how(tmp_path, certs):
 
 
 def test_reserved_variables_are_accepted(tmp_path, certs):
-    """README "Configuration": the SSMTPD_ variables the server sets for its programs,
-    and those of test set-ups (SSMTPD_TEST_*), do not stop a start."""
+    """README "Configuration": the SSMTPD_ variables the server sets for its programs, and
+    variables without the prefix, do not stop a start."""
     env = {name: "x" for name in (
         "SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_MECHANISM", "SSMTPD_TOKEN",
         "SSMTPD_CLIENT_ADDR", "SSMTPD_MAIL_FROM", "SSMTPD_RCPT_TO", "SSMTPD_HELO",
-        "SSMTPD_TLS", "SSMTPD_TEST_ANYTHING")}
+        "SSMTPD_TLS", "TEST_ANYTHING")}
     result = run_ssmtpd(valid_args(certs) + ["--check-config"], tmp_path, env)
     assert (result.returncode, result.stdout, result.stderr) == (0, CHECKED_OK, "")
 

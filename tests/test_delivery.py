@@ -45,7 +45,7 @@ def open_server(tmp_path_factory, certs):
     inherited = {"SSMTPD_USERNAME": "root", "SSMTPD_MAIL_FROM": "inherited@example.org",
                  "SSMTPD_TLS": "TLSv9", "SSMTPD_RCPT_TO": "inherited@example.net",
                  # Octets that are not UTF-8 (os.environ's surrogateescape form).
-                 "SSMTPD_TEST_OCTETS": INHERITED_OCTETS.decode("utf-8", "surrogateescape")}
+                 "TEST_OCTETS": INHERITED_OCTETS.decode("utf-8", "surrogateescape")}
     srv = ServerProcess(str(tmp_path_factory.mktemp("open")), certs,
                         ["--no-require-tls", "--no-require-auth"], env=inherited).start()
     yield srv
@@ -177,7 +177,7 @@ def test_argv_and_environment_of_authenticated_tls_session(server):
     assert env["SSMTPD_TLS"] == "TLSv1.3"
     assert "SSMTPD_PASSWORD" not in env
     # The rest of the server's environment is passed on.
-    assert env["SSMTPD_TEST_RECORD"] == server.record_dir
+    assert env["TEST_RECORD"] == server.record_dir
 
 
 def test_argv_and_environment_of_plain_anonymous_session(open_srv):
@@ -195,7 +195,7 @@ def test_argv_and_environment_of_plain_anonymous_session(open_srv):
     assert env["SSMTPD_RCPT_TO"] == "a@example.net"
     assert env["SSMTPD_HELO"] == "plain.client"
     # The rest of the server's environment reaches the program octet for octet.
-    assert env["SSMTPD_TEST_OCTETS"].encode("utf-8", "surrogateescape") == INHERITED_OCTETS
+    assert env["TEST_OCTETS"].encode("utf-8", "surrogateescape") == INHERITED_OCTETS
 
 
 MESSAGES = {

@@ -181,7 +181,7 @@ def supervised(dedicated_user):
         records = os.path.join(state, "records")
         os.mkdir(records)
         os.chown(records, user.pw_uid, user.pw_gid)
-        env = dict(os.environ, SSMTPD_TEST_RECORD=records,
+        env = dict(os.environ, TEST_RECORD=records,
                    PATH=bindir + os.pathsep + os.environ["PATH"],
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         argv = in_namespace(views=views_for(user, tmp), argv=[supervisord, "-c", config])

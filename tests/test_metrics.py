@@ -364,7 +364,7 @@ def test_master_out_of_descriptors_answers_503(make_server):
 # write into their metrics directory: by its path, and through the
 # descriptors of the worker that started it and of the master.
 TRESPASSER = r"""#!/bin/sh
-out="$SSMTPD_TEST_RECORD/tries"
+out="$TEST_RECORD/tries"
 id -u > "$out"
 master=$(sed 's/.*) //' "/proc/$PPID/stat" | cut -d' ' -f2)
 for d in "$TMPDIR"/ssmtpd-metrics-* "$TMPDIR"/ssmtpd-metrics-*/* \
@@ -404,7 +404,7 @@ def test_programs_cannot_write_the_workers_metrics(dedicated_user, certs):
             "--ssl-cert", srv.cert, "--ssl-key", srv.key, "--auth", programs[0],
             "--process", programs[1], "--workers", "2", "--user", user.pw_name,
             "--metrics-bind", f"127.0.0.1:{mport}"])
-        srv.env.update(SSMTPD_TEST_RECORD=records, TMPDIR=tmpdir)
+        srv.env.update(TEST_RECORD=records, TMPDIR=tmpdir)
         srv.start(wait_port=srv.port)
         try:
             assert wait_until(lambda: srv.log().count("accepting on") == 2, timeout=30), \

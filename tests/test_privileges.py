@@ -36,12 +36,12 @@ from test_deploy import dedicated_user, in_namespace, views_for  # noqa: F401 (a
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to bind and switch")
 
 AUTH = """#!/bin/sh
-id -u > "$SSMTPD_TEST_RECORD/auth-uid"
+id -u > "$TEST_RECORD/auth-uid"
 [ "$SSMTPD_PASSWORD" = secret ]
 """
 PROCESS = """#!/bin/sh
-echo "$(id -u) $(id -g) $(id -G)" > "$SSMTPD_TEST_RECORD/process-ids"
-cat > "$SSMTPD_TEST_RECORD/message"
+echo "$(id -u) $(id -g) $(id -G)" > "$TEST_RECORD/process-ids"
+cat > "$TEST_RECORD/message"
 """
 
 
@@ -72,7 +72,7 @@ def test_binds_below_1024_then_runs_everything_as_the_user(certs, open_dir, tmp_
         "--process", program(open_dir, "process", PROCESS)])
     srv.port = port
     srv.record_dir = open_dir
-    srv.env["SSMTPD_TEST_RECORD"] = open_dir
+    srv.env["TEST_RECORD"] = open_dir
     srv.start()
     try:
         status = open(f"/proc/{srv.proc.pid}/status").read()
@@ -126,7 +126,7 @@ USER_AUTH = f"""#!/bin/sh
 # Records who ran it, for which worker, and with which capabilities.
 USER_PROCESS = """#!/bin/sh
 set -e
-out="$SSMTPD_TEST_RECORD/run-$$"
+out="$TEST_RECORD/run-$$"
 { echo "ppid $PPID"; echo "uid $(id -u)"; grep '^Cap' /proc/self/status; } > "$out.tmp"
 cat > /dev/null
 mv "$out.tmp" "$out"
@@ -287,7 +287,7 @@ def test_workers_of_a_user_show_it_nothing_and_take_sealed_data(user_dir, certs)
         "--ssl-cert", srv.cert, "--ssl-key", srv.key, "--auth", d["auth"],
         "--process", d["process"], "--auth-failure-delay", "0",
         "--max-message-size", "123456", "--workers", "2", "--user", user.pw_name])
-    srv.env["SSMTPD_TEST_RECORD"] = d["records"]
+    srv.env["TEST_RECORD"] = d["records"]
     srv.start(wait_port=srv.port)
     try:
         assert wait_until(lambda: srv.log().count("accepting on") == 2, timeout=30), srv.log()
@@ -359,7 +359,7 @@ def test_nothing_inherits_the_units_capability(user_dir, workers):
         "--ssl-cert", srv.cert, "--ssl-key", srv.key, "--auth", d["auth"],
         "--process", d["process"], "--auth-failure-delay", "0",
         "--max-message-size", "654321", "--workers", str(workers)])
-    srv.env["SSMTPD_TEST_RECORD"] = d["records"]
+    srv.env["TEST_RECORD"] = d["records"]
     srv.start(wait_port=port)
     try:
         assert wait_until(lambda: srv.log().count("accepting on" if workers > 1
