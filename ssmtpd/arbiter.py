@@ -29,10 +29,9 @@ from typing import Callable, Deque, List, Optional, Tuple
 import gevent
 from gevent.event import Event
 
-from ssmtpd import events, handover, ledger, metrics
+from ssmtpd import __version__, events, handover, ledger, log, metrics, reload
 from ssmtpd.limits import Limits
 from ssmtpd.server import SHUTDOWN_GRACE, ListenError, bind_listeners, serve_metrics
-from ssmtpd.tls import refresh_pem
 
 WORKER_ENV = "SSMTPD_WORKER"
 # A worker that lived shorter than this is taken to have crashed at start.
@@ -41,6 +40,9 @@ FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 # The master wakes up at least this often to reap and respawn.
 TICK = 0.25
+# How long a reload waits for an older worker to say it stopped accepting
+# before the new ones begin anyway (a worker too busy to answer).
+ASK_WAIT = 10.0
 
 
 @dataclass
@@ -95,6 +97,9 @@ class _Slot:
     started: float = 0.0
     backoff: float = 0.0
     due: float = 0.0  # when to start the next worker here
+    ready: bool = False  # its worker can accept clients
+    retired_at: Optional[float] = None  # of an older generation: when told to drain
+    accepts_no_more: bool = False  # and it said it stopped accepting
 
     def restart_later(self, crashed: bool) -> None:
         """At once after a worker that lived; after a doubling pause after one
@@ -107,15 +112,22 @@ class Arbiter:
     """Supervises settings.workers workers; `tls` is the master's TLSHolder (it
     has checked the certificate, or holds the self-signed one to share)."""
 
-    def __init__(self, settings, tls, logger, argv: List[str]):
+    def __init__(self, settings, tls, logger, argv: List[str],
+                 adjust: Callable = lambda settings: settings):
         self.settings = settings
         self.tls = tls
         self.log = logger
         self.argv = list(argv)
+        self._adjust = adjust  # what the machine imposes on settings read again
         self.stopping = False
         self.listeners: List[Tuple[object, bool]] = []
-        self.ledger = ledger.Ledger(Limits(settings))
+        self.ledger = ledger.Ledger(Limits(settings), on_ready=self._ready,
+                                    on_retired=self._accepts_no_more)
         self._slots = [_Slot(i + 1) for i in range(settings.workers)]
+        # Workers of earlier configurations: serving until the new ones
+        # accept (retired_at None), then draining.
+        self._older: List[_Slot] = []
+        self._reloading = False
         self._signals: Deque[int] = collections.deque()
         self._wake = Event()
         self._state: Optional[int] = None
@@ -138,7 +150,8 @@ class Arbiter:
         for sock, implicit in self.listeners:
             host, port = sock.getsockname()[:2]
             events.note(self.log, events.INFO, events.LISTENING,
-                        "master %d: listening on %s port %d (%s), %d workers", os.getpid(),
+                        "ssmtpd %s master %d: listening on %s port %d (%s), %d workers",
+                        __version__, os.getpid(),
                         host, port, "implicit TLS" if implicit else "STARTTLS",
                         self.settings.workers, address=host, port=port,
                         tls_mode="implicit" if implicit else "starttls")
@@ -158,6 +171,7 @@ class Arbiter:
                     killed = True
             else:
                 self._start_due_workers()
+                self._retire_older()
             self._wake.wait(TICK)
             self._wake.clear()
         events.note(self.log, events.INFO, events.STOPPED, "master %d: all workers stopped",
@@ -175,8 +189,14 @@ class Arbiter:
         self._wake.set()
 
     def _handle_signals(self) -> None:
+        later = []
         while self._signals:
             signum = self._signals.popleft()
+            if signum == signal.SIGHUP and self._reloading and not self._stuck():
+                # One reload at a time; those asked for meanwhile are one
+                # more after it (each would read the same files).
+                later[:] = [signum]
+                continue
             if signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                 self.stopping = True
                 events.note(self.log, events.INFO, events.SHUTDOWN,
@@ -194,14 +214,88 @@ class Arbiter:
                             os.getpid(), signal.Signals(signum).name, len(self._live()))
                 self._kill_all(signal.SIGTERM)
             elif signum == signal.SIGHUP and not self.stopping:
-                events.note(self.log, events.INFO, events.RELOAD,
-                            "master %d: SIGHUP: passed on to %d workers", os.getpid(),
-                            len(self._live()))
-                self._kill_all(signal.SIGHUP)
-                # Workers started from now on must show the renewed certificate too.
-                refresh_pem(self.tls)
-                os.close(self._state)
-                self._state = handover.seal(handover.encode(self.settings, self.tls.pem))
+                self._reload()
+        self._signals.extend(later)
+
+    # --- reload: a new generation of workers, then the old one drains -------------
+
+    def _reload(self) -> None:
+        got = reload.read_again(self.argv, self.settings, self.tls, self.log,
+                                workers_may_change=True, adjust=self._adjust)
+        if got is None:
+            return
+        self.settings, self.tls = got
+        self.ledger.limits.reconfigure(self.settings)
+        log.setup(self.settings.log_level, format=self.settings.log_format)
+        os.close(self._state)
+        self._state = handover.seal(handover.encode(self.settings, self.tls.pem))
+        # A generation that never came up (its workers keep dying at start)
+        # is dropped for this one; the one serving keeps serving until then.
+        pending = [slot for slot in self._slots if slot.pid is not None]
+        if self._reloading:
+            for slot in pending:
+                slot.retired_at = time.monotonic()
+                self.ledger.retire(slot.pid)
+        self._older.extend(pending)
+        self._slots = [_Slot(i + 1) for i in range(self.settings.workers)]
+        self._reloading = True
+        events.note(self.log, events.INFO, events.RELOAD,
+                    "reload: starting %d workers with the configuration read now; the %d "
+                    "running serve until they accept", len(self._slots),
+                    sum(slot.retired_at is None for slot in self._older))
+
+    def _ready(self, pid: int) -> None:
+        for slot in self._slots:
+            if slot.pid == pid:
+                slot.ready = True
+                if not self._reloading:
+                    self.ledger.go(pid)  # a first start, or a worker replaced
+                self._wake.set()
+
+    def _accepts_no_more(self, pid: int) -> None:
+        for slot in self._older:
+            if slot.pid == pid:
+                slot.accepts_no_more = True
+                self._wake.set()
+
+    def _stuck(self) -> bool:
+        """A reload whose new workers die at start: another may replace it."""
+        return any(slot.backoff > 0 for slot in self._slots)
+
+    def _retire_older(self) -> None:
+        """A reload's hand-over: once every new worker is ready, the older ones
+        stop accepting; once they have, the new ones begin.  Clients that
+        connect in between wait in the listening socket's queue, so each
+        session runs wholly on one configuration, and the reload's line
+        divides them.  An older worker that does not end within the drain
+        limit is killed."""
+        now = time.monotonic()
+        if self._reloading and all(slot.pid is not None and slot.ready for slot in self._slots):
+            serving = [slot for slot in self._older if slot.retired_at is None]
+            for slot in serving:
+                slot.retired_at = now
+                self.ledger.retire(slot.pid)
+            told = [slot for slot in self._older if slot.retired_at is not None
+                    and slot.pid is not None]
+            if all(slot.accepts_no_more or now - slot.retired_at > ASK_WAIT for slot in told):
+                self._reloading = False
+                reload.applied(self.log, f"{len(self._slots)} workers accept with the "
+                                         f"configuration read now; {len(told)} older ones "
+                                         "drain")
+                for slot in self._slots:
+                    self.ledger.go(slot.pid)
+        for slot in self._older:
+            if slot.pid is not None and slot.retired_at is not None \
+                    and now - slot.retired_at > self._drain_limit():
+                events.note(self.log, events.ERROR, events.WORKER,
+                            "worker %d (pid %d) of an earlier configuration did not stop in "
+                            "time; sending SIGKILL", slot.index, slot.pid,
+                            worker=slot.index, pid=slot.pid)
+                try:
+                    os.kill(slot.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                slot.retired_at = float("inf")  # killed once
 
     def _kill_all(self, signum, why: str = "") -> None:
         for slot in self._live():
@@ -216,12 +310,13 @@ class Arbiter:
 
     def _drain_limit(self) -> float:
         s = self.settings
-        return s.process_timeout + s.auth_timeout + s.auth_failure_delay + 2 * SHUTDOWN_GRACE
+        return (s.graceful_timeout + s.process_timeout + s.auth_timeout + s.auth_failure_delay
+                + 2 * SHUTDOWN_GRACE)
 
     # --- workers -----------------------------------------------------------------
 
     def _live(self) -> List[_Slot]:
-        return [slot for slot in self._slots if slot.pid is not None]
+        return [slot for slot in self._slots + self._older if slot.pid is not None]
 
     def _reap(self) -> None:
         while True:
@@ -231,7 +326,7 @@ class Arbiter:
                 return
             if pid == 0:
                 return
-            slot = next((s for s in self._slots if s.pid == pid), None)
+            slot = next((s for s in self._slots + self._older if s.pid == pid), None)
             if slot is None:
                 continue
             orphans = self.ledger.detach(pid)
@@ -243,11 +338,18 @@ class Arbiter:
             if self.settings.metrics_bind:
                 metrics.worker_died(pid)
             slot.pid = None
+            if slot in self._older:
+                self._older.remove(slot)
+                events.note(self.log, events.INFO, events.WORKER,
+                            "worker %d (pid %d) of an earlier configuration stopped: %s",
+                            slot.index, pid, _describe(status), worker=slot.index, pid=pid)
+                continue
             if self.stopping:
                 events.note(self.log, events.INFO, events.WORKER,
                             "worker %d (pid %d) stopped: %s", slot.index, pid,
                             _describe(status), worker=slot.index, pid=pid)
                 continue
+            slot.ready = False
             lived = time.monotonic() - slot.started
             slot.restart_later(crashed=lived < MIN_LIFETIME)
             events.note(self.log, events.ERROR, events.WORKER,

@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 
 from gevent import socket as gsocket
 
-from ssmtpd import arbiter, config, events, handover, ledger, log, metrics, privileges, state
+from ssmtpd import (arbiter, config, events, handover, ledger, log, metrics, privileges,
+                    reload, state)
 from ssmtpd.delivery import Programs
 from ssmtpd.server import ListenError, Server, fit_descriptor_limit
 from ssmtpd.tls import TLSError, TLSHolder
@@ -84,14 +85,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _serve(settings, logger, tls, worker)
     settings = _fit_descriptor_limit(settings, logger)
     bound = lambda: _after_binding(settings, tls, logger)  # noqa: E731
+    argv = sys.argv[1:] if argv is None else list(argv)
     if settings.workers > 1:
-        master = arbiter.Arbiter(settings, tls, logger,
-                                 sys.argv[1:] if argv is None else argv)
+        master = arbiter.Arbiter(settings, tls, logger, argv,
+                                 adjust=lambda s: _fit_descriptor_limit(s, logger))
         try:
             return master.run(bound)
         except (ListenError, config.ConfigError, privileges.PrivilegeError) as e:
             return _fail(str(e))
-    return _serve(settings, logger, tls, on_bound=bound)
+    return _serve(settings, logger, tls, on_bound=bound, argv=argv)
 
 
 def _fit_descriptor_limit(settings, logger):
@@ -137,8 +139,9 @@ def _after_binding(settings, tls, logger) -> None:
 
 
 def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
-           on_bound=None) -> int:
-    """One process serving clients: the whole server, or one worker of the master's."""
+           on_bound=None, argv: Sequence[str] = ()) -> int:
+    """One process serving clients: the whole server, or one worker of the master's
+    (which leaves SIGHUP to its master)."""
     environment = dict(os.environ)
     if worker is not None:
         # The master's metrics directory is the workers' business, not the programs'.
@@ -148,18 +151,30 @@ def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
     if worker is not None:
         limits = ledger.RemoteLimits(
             socket.socket(fileno=worker.ledger), settings.ipv6_prefix_length,
-            lambda: server.begin_shutdown("master gone"))
+            lambda: server.begin_shutdown("master gone"),
+            on_go=lambda: server.open(), on_retire=lambda: (server.retire(), limits.retired()))
         listeners = [(gsocket.socket(fileno=fd), implicit) for fd, implicit in worker.listeners]
     # A worker tells its master which programs run, so that a run it leaves
     # behind when it dies can be ended (README "Scaling").
-    programs = Programs(settings.auth, settings.process, settings.auth_timeout,
+    def programs_for(settings):
+        return Programs(settings.auth, settings.process, settings.auth_timeout,
                         settings.process_timeout, environment, settings.max_auth_programs,
                         tracker=limits)
-    server = Server(settings, tls, programs, logger, limits)
+
+    def read_again():
+        got = reload.read_again(argv, server.settings, server.tls, logger,
+                                workers_may_change=False,
+                                adjust=lambda s: _fit_descriptor_limit(s, logger))
+        return None if got is None else (*got, programs_for(got[0]))
+
+    server = Server(settings, tls, programs_for(settings), logger, limits,
+                    read_again=None if worker is not None else read_again)
     try:
         server.start(listeners, on_bound)
     except (ListenError, config.ConfigError, privileges.PrivilegeError) as e:
         return _fail(str(e))
+    if worker is not None:
+        limits.ready()
     # What start-up made lives as long as the process: out of the garbage
     # collector's sight, a full collection walks only what sessions made.
     gc.freeze()

@@ -354,6 +354,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("auth-failure-delay", 1.0, "seconds before a failed AUTH is answered", "float",
            _not_negative),
     Option("process-timeout", 300.0, "seconds the process program may run", "float", _positive),
+    Option("graceful-timeout", 300.0, "seconds a draining process waits for its sessions: an "
+           "old worker after a reload, or the server after SIGTERM (where idle sessions end "
+           "at once and one sending its message may finish); then the rest get 421 4.3.2, "
+           "a running process program is answered first", "float", _not_negative),
     Option("max-auth-failures-per-ip", 10, "failed AUTHs from one address within "
            "--auth-failure-window before its AUTHs get 421 unchecked", "int", _positive),
     Option("auth-failure-window", 600.0, "seconds over which failed AUTHs are counted",
@@ -412,6 +416,7 @@ class Settings:
     auth_timeout: float
     auth_failure_delay: float
     process_timeout: float
+    graceful_timeout: float
     max_auth_failures_per_ip: int
     auth_failure_window: float
     max_auth_programs: int

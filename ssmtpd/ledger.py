@@ -20,10 +20,15 @@ Messages are one line of ASCII each:
                        O <user>       release one
                        X <id> -       may a failing --state be logged
                                       now?  answered "1" or "0"
+                       Y              this worker is ready to accept clients
+                       Z              this worker accepts no more (after D)
     master -> worker   <id> <answer>  "ok" or a refusal reason; after F, the
                                       seconds the key is now blocked for
                        P <0|1>        the server is (not) under pressure
                        K <key> <s>    the key may not AUTH for <s> more seconds
+                       G              accept clients (after Y)
+                       D              retire: accept no more, let the sessions
+                                      finish (a reload started new workers)
 
 A connection costs one round trip to the master and one message back:
 about 100 µs of wall time, 85 µs of the worker's CPU and 65 µs of the
@@ -68,18 +73,34 @@ def channel_pair():
 class Ledger:
     """The master's side: one Limits, served to every worker's channel."""
 
-    def __init__(self, limits: Limits):
+    def __init__(self, limits: Limits, on_ready: Callable[[int], None] = lambda worker: None,
+                 on_retired: Callable[[int], None] = lambda worker: None):
         self.limits = limits
         self._channels: Dict[int, "_Channel"] = {}
         self._pressure = False
+        self._on_ready = on_ready  # a worker is ready to accept clients
+        self._on_retired = on_retired  # a retiring worker accepts no more
 
     def attach(self, worker_id: int, sock) -> None:
         """Serve a new worker's channel (a plain socket; wrapped for gevent here)."""
         from gevent import socket as gsocket
-        channel = _Channel(gsocket.socket(fileno=sock.detach()))
+        channel = _Channel(gsocket.socket(fileno=sock.detach()), worker_id)
         self._channels[worker_id] = channel
         channel.send(f"P {int(self._pressure)}")
         channel.reader = gevent.spawn(self._serve, channel)
+
+    def go(self, worker_id: int) -> None:
+        """Tell a ready worker to accept clients."""
+        self._send_to(worker_id, "G")
+
+    def retire(self, worker_id: int) -> None:
+        """Tell a worker to accept no more and drain gently."""
+        self._send_to(worker_id, "D")
+
+    def _send_to(self, worker_id: int, notice: str) -> None:
+        channel = self._channels.get(worker_id)
+        if channel is not None:
+            channel.send(notice)
 
     def _tell_blocked(self, channel: "_Channel") -> None:
         """A new worker learns the keys blocked before it started."""
@@ -141,6 +162,10 @@ class Ledger:
                 channel.programs.add(int(rest))
             elif op == "E" and rest.isdigit():
                 channel.programs.discard(int(rest))
+            elif op == "Y":
+                self._on_ready(channel.worker_id)
+            elif op == "Z":
+                self._on_retired(channel.worker_id)
             elif op == "X":
                 ident, _, _ = rest.partition(" ")
                 channel.send(f"{ident} {int(self.limits.state_failure_to_tell())}")
@@ -209,8 +234,9 @@ def _blocked_notice(key: str, seconds: float) -> str:
 
 
 class _Channel:
-    def __init__(self, sock):
+    def __init__(self, sock, worker_id: int):
         self.sock = sock
+        self.worker_id = worker_id
         self.held = collections.Counter()  # slots this worker holds, per key
         self.user_sessions = collections.Counter()  # its sessions, per user key
         self.programs: Set[int] = set()  # pids of the programs it runs now
@@ -230,7 +256,9 @@ class RemoteLimits:
     """A worker's side: the methods of limits.Limits, answered by the master,
     or for login_blocked from what the master has told."""
 
-    def __init__(self, sock, ipv6_prefix_length: int, on_master_gone: Callable[[], None]):
+    def __init__(self, sock, ipv6_prefix_length: int, on_master_gone: Callable[[], None],
+                 on_go: Callable[[], None] = lambda: None,
+                 on_retire: Callable[[], None] = lambda: None):
         from gevent import socket as gsocket
         self._sock = gsocket.socket(fileno=sock.detach())
         self.ipv6_prefix_length = ipv6_prefix_length
@@ -240,6 +268,8 @@ class RemoteLimits:
         # Blocked keys as the master told them: key -> time.monotonic() it ends.
         self._blocked: Dict[str, float] = {}
         self._on_master_gone = on_master_gone
+        self._on_go = on_go
+        self._on_retire = on_retire
         self._gone = False
         self._reader = gevent.spawn(self._read)
 
@@ -264,6 +294,14 @@ class RemoteLimits:
             return True
         del self._blocked[key]
         return False
+
+    def ready(self) -> None:
+        """Tell the master this worker can accept clients (it says when: G)."""
+        self._tell("Y")
+
+    def retired(self) -> None:
+        """Tell the master this worker accepts no more clients (after D)."""
+        self._tell("Z")
 
     def program_started(self, pid: int) -> None:
         self._tell(f"S {pid}")
@@ -373,6 +411,10 @@ class RemoteLimits:
             elif head == "K":
                 key, _, seconds = value.rpartition(" ")
                 self._note_blocked(key, seconds)
+            elif head == "G":
+                self._on_go()
+            elif head == "D":
+                self._on_retire()
             else:
                 answer = self._answers.get(head)
                 if answer is not None:

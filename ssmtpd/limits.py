@@ -185,6 +185,14 @@ class Window:
         if times is not None and not times:
             del self._events[key]
 
+    def resized(self, limit: int, window: float) -> "Window":
+        """A window of another limit and span that starts with this one's
+        events (the newest `limit` of each key): a reload keeps the counts."""
+        other = Window(limit, window, self._clock, self.max_keys)
+        for key, times in self._events.items():
+            other._events[key] = collections.deque(times, maxlen=limit)
+        return other
+
     def count(self, key: str) -> int:
         """Events of `key` inside the window (for logs and tests)."""
         horizon = self._clock() - self.window
@@ -222,10 +230,27 @@ class Limits:
             RECIPIENTS: [Window(count, seconds)
                          for count, seconds in settings.max_recipients_per_user]}
         # Only the per-key count matters for users: the total is --max-connections'.
-        self.user_sessions = ConnectionCount(sys.maxsize, settings.max_sessions_per_user) \
-            if settings.max_sessions_per_user else None
+        # Counted even when off, so that a reload that turns it on counts the
+        # sessions already open.
+        self.user_sessions = ConnectionCount(sys.maxsize,
+                                             settings.max_sessions_per_user or sys.maxsize)
         self._clock = time.monotonic
         self._state_failure_told = -STATE_FAILURE_EVERY
+
+    def reconfigure(self, settings) -> None:
+        """New limits from a reload; what was counted stays counted."""
+        self.ipv6_prefix_length = settings.ipv6_prefix_length
+        self.connections.max_total = settings.max_connections
+        self.connections.max_per_key = settings.max_connections_per_ip
+        self.logins = self.logins.resized(settings.max_auth_failures_per_ip,
+                                          settings.auth_failure_window)
+        self.connection_rates = _resized(self.connection_rates,
+                                         settings.max_connection_rate_per_ip)
+        self.sending = {MESSAGES: _resized(self.sending[MESSAGES],
+                                           settings.max_messages_per_user),
+                        RECIPIENTS: _resized(self.sending[RECIPIENTS],
+                                             settings.max_recipients_per_user)}
+        self.user_sessions.max_per_key = settings.max_sessions_per_user or sys.maxsize
 
     def key(self, ip: str) -> str:
         return address_key(ip, self.ipv6_prefix_length)
@@ -295,13 +320,10 @@ class Limits:
 
     def user_session_opened(self, user: str) -> bool:
         """Take a session slot of `user`; False when it has none left."""
-        if self.user_sessions is None:
-            return True
         return self.user_sessions.admit(user) is None
 
     def user_session_closed(self, user: str) -> None:
-        if self.user_sessions is not None:
-            self.user_sessions.release(user)
+        self.user_sessions.release(user)
 
     def state_failure_to_tell(self) -> bool:
         """Whether a failing --state is to be logged now: it is once a minute
@@ -311,3 +333,12 @@ class Limits:
             return False
         self._state_failure_told = now
         return True
+
+
+def _resized(windows, rates):
+    """Windows for `rates` ((count, seconds), ...): the first from the first
+    window now counting, and so on; a window more starts from the last one."""
+    if not windows:
+        return [Window(count, seconds) for count, seconds in rates]
+    return [windows[min(i, len(windows) - 1)].resized(count, seconds)
+            for i, (count, seconds) in enumerate(rates)]

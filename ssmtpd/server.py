@@ -15,13 +15,13 @@ import secrets
 import signal
 import socket
 import time
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from ssmtpd import events, metrics, privileges, proxy, replies, state
+from ssmtpd import __version__, events, log, metrics, privileges, proxy, reload, replies, state
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Programs
 from ssmtpd.listener import Listener
@@ -135,26 +135,65 @@ class Server:
     """One process's clients: the whole server, or one worker of --workers."""
 
     def __init__(self, settings: Settings, tls: TLSHolder, programs: Programs, logger,
-                 limits=None):
+                 limits=None, read_again: Optional[Callable[[], Optional[tuple]]] = None):
+        """`read_again()` is SIGHUP's: (settings, tls, programs) for new sessions,
+        or None when the configuration was refused (reload.py); None in a worker
+        of --workers, whose master reloads."""
         self.settings = settings
         self.tls = tls
         self.programs = programs
         self.log = logger
         self.sessions = set()
         self.metrics = metrics.Metrics() if settings.metrics_bind else metrics.NoMetrics()
-        self.limits = limits if limits is not None else Limits(settings)
-        if settings.state:
-            # Each process its own client: a connection is not shared across a fork.
-            counts = state.RedisCounts(state.connect(settings.state, settings.state_timeout),
-                                       settings.state_prefix, settings.state_timeout)
-            self.limits = state.SharedLimits(self.limits, counts, settings, logger,
-                                             self.metrics)
-        self.stopping = False
+        self._local_limits = limits if limits is not None else Limits(settings)
+        self.limits = self._with_state(settings)
+        self._read_again = read_again
+        self.stopping = False  # after SIGTERM: draining, new sessions refused
+        self.retiring = False  # an old worker after a reload: draining gently
+        self._connections = 0  # accepted and not yet closed
         self._sweeper: Optional[gevent.Greenlet] = None
         self._stopped = Event()
-        self._servers: List[StreamServer] = []
+        self._ended = Event()  # a session ended while draining
+        self._servers: List[Tuple[StreamServer, bool]] = []  # and implicit TLS
         self._signal_handlers = []
         self._awaiting_header = 0
+        self._inherited = False  # the listeners are a master's
+
+    def _with_state(self, settings: Settings):
+        """The limits sessions consult: the local counts, or with --state the
+        windowed ones in Redis in front of them."""
+        if not settings.state:
+            return self._local_limits
+        # Each process its own client: a connection is not shared across a fork.
+        counts = state.RedisCounts(state.connect(settings.state, settings.state_timeout),
+                                   settings.state_prefix, settings.state_timeout)
+        return state.SharedLimits(self._local_limits, counts, settings, self.log, self.metrics)
+
+    # --- reload --------------------------------------------------------------
+
+    def _on_sighup(self) -> None:
+        if self._read_again is None:
+            events.note(self.log, events.WARNING, events.RELOAD,
+                        "SIGHUP to worker %d ignored: the master (pid %d) reloads; send it "
+                        "there", os.getpid(), os.getppid())
+            return
+        gevent.spawn(self.reload)
+
+    def reload(self) -> bool:
+        """Read the configuration again; new sessions use it if it is good."""
+        if self.stopping:
+            return False
+        got = self._read_again()
+        if got is None:
+            return False
+        settings, tls, programs = got
+        self._local_limits.reconfigure(settings)
+        self.limits = self._with_state(settings)
+        self.settings, self.tls, self.programs = settings, tls, programs
+        log.setup(settings.log_level, format=settings.log_format)
+        reload.applied(self.log, f"new sessions use the configuration read now "
+                                 f"({len(self.sessions)} sessions in progress keep theirs)")
+        return True
 
     # --- start ---------------------------------------------------------------
 
@@ -172,8 +211,7 @@ class Server:
         self._signal_handlers = [
             gevent.signal_handler(signum, self.begin_shutdown, signal.Signals(signum).name)
             for signum in stop_signals]
-        self._signal_handlers.append(
-            gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.tls.reload)))
+        self._signal_handlers.append(gevent.signal_handler(signal.SIGHUP, self._on_sighup))
         if listeners is not None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         # A worker of --workers starts with SIGHUP blocked, so that one sent
@@ -191,17 +229,27 @@ class Server:
             for listener, _ in listeners:  # a failed start leaves nothing listening
                 listener.close()
             raise
-        for listener, implicit in listeners:
-            server = _Listener(listener, self._handler(implicit), self.log)
+        self._inherited = inherited
+        self._servers = [(_Listener(listener, self._handler(implicit), self.log), implicit)
+                         for listener, implicit in listeners]
+        self._sweeper = gevent.spawn(self._sweep_strangers)
+        if not inherited:
+            self.open()
+
+    def open(self) -> None:
+        """Accept clients: at start, or in a worker once its master says so
+        (after a reload, when the older workers have stopped accepting)."""
+        if self.stopping or self.retiring:
+            return
+        for server, implicit in self._servers:
             server.start()
-            self._servers.append(server)
-            host, port = listener.getsockname()[:2]
+            host, port = server.socket.getsockname()[:2]
             events.note(self.log, events.INFO, events.LISTENING, "%s on %s port %d (%s)",
-                        "accepting" if inherited else "listening", host, port,
+                        "accepting" if self._inherited
+                        else f"ssmtpd {__version__} listening", host, port,
                         "implicit TLS" if implicit else "STARTTLS",
                         address=host, port=port,
                         tls_mode="implicit" if implicit else "starttls")
-        self._sweeper = gevent.spawn(self._sweep_strangers)
 
     # --- per client ----------------------------------------------------------
 
@@ -211,6 +259,17 @@ class Server:
         return handle
 
     def _serve(self, sock, address, implicit_tls: bool) -> None:
+        # Counted from the accept: a drain waits for a connection accepted
+        # just before the listener closed, as for a session.
+        self._connections += 1
+        try:
+            self._serve_connection(sock, address, implicit_tls)
+        finally:
+            self._connections -= 1
+            if self.stopping or self.retiring:
+                self._ended.set()
+
+    def _serve_connection(self, sock, address, implicit_tls: bool) -> None:
         # Replies are already coalesced per flush; Nagle would only hold a
         # reply back waiting for the client's delayed ACK (~40 ms after TLS).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -243,8 +302,6 @@ class Server:
             self.metrics.session_closed()
             self.sessions.discard(session)
             self.limits.release(key)
-            if self.stopping and not self.sessions:
-                self._stopped.set()
 
     def _proxied_client(self, sock, peer: str, session_id: str) -> Optional[str]:
         """The client's address from the PROXY header, `peer` itself for a
@@ -303,12 +360,11 @@ class Server:
     def _sweep_strangers(self) -> None:
         """Postfix's stress mode, for sessions that began waiting before the
         server filled up (README "Limits and abuse": --busy-timeout)."""
-        busy_timeout = self.settings.busy_timeout
         while not self.stopping:
             gevent.sleep(PRESSURE_SWEEP)
             if self.limits.under_pressure:
                 for session in list(self.sessions):
-                    session.expire_if_stranger(busy_timeout)
+                    session.expire_if_stranger(self.settings.busy_timeout)
 
     # --- run and stop --------------------------------------------------------
 
@@ -335,7 +391,19 @@ class Server:
                     why, len(self.sessions))
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
-        gevent.spawn(self._drain)
+        gevent.spawn(self._drain, gently=False)
+
+    def retire(self) -> None:
+        """An old worker after a reload: accept no more; the sessions in
+        progress, and the connections accepted before, go on as before until
+        --graceful-timeout."""
+        if self.stopping or self.retiring:
+            return
+        self.retiring = True
+        events.note(self.log, events.INFO, events.SHUTDOWN,
+                    "retiring after a reload: no new sessions here, %d in progress finish",
+                    len(self.sessions))
+        gevent.spawn(self._drain, gently=True)
 
     def _stop_now(self, why: str) -> None:
         """A second SIGTERM or SIGINT while draining: close every session that
@@ -348,21 +416,40 @@ class Server:
         for session in sessions:
             session.interrupt(now=True)
 
-    def _drain(self) -> None:
-        for server in self._servers:
-            server.close()  # stop accepting; new clients are refused by the OS
-        for session in list(self.sessions):
-            session.interrupt()
+    def _drain(self, gently: bool) -> None:
+        """Stop accepting, and end the sessions: after SIGTERM the idle ones at
+        once, those sending a message once it is answered; gently (retiring),
+        none.  Past --graceful-timeout every session still open is closed
+        with 421 4.3.2, one whose program runs once that is answered."""
+        for server, _ in self._servers:
+            server.close()  # the socket stays open in the other processes that share it
+        if not gently:
+            for session in list(self.sessions):
+                session.interrupt()
         s = self.settings
-        limit = s.process_timeout + s.auth_timeout + s.auth_failure_delay + SHUTDOWN_GRACE
-        deadline = time.monotonic() + limit
-        while self.sessions and time.monotonic() < deadline:
-            self._stopped.wait(timeout=min(1.0, deadline - time.monotonic()))
-        if self.sessions:
+        if not self._wait_for_sessions(s.graceful_timeout):
+            running = sum(session.running_program for session in self.sessions)
             events.note(self.log, events.WARNING, events.SHUTDOWN,
-                        "%d sessions still busy after %.0fs; exiting anyway",
-                        len(self.sessions), limit)
+                        "--graceful-timeout: closing %d sessions still open; %d running a "
+                        "program are answered when it ends", len(self.sessions) - running,
+                        running)
+            for session in list(self.sessions):
+                session.interrupt(now=True)
+            # Only programs (and the auth pause) still hold sessions now.
+            limit = s.process_timeout + s.auth_timeout + s.auth_failure_delay + SHUTDOWN_GRACE
+            if not self._wait_for_sessions(limit):
+                events.note(self.log, events.WARNING, events.SHUTDOWN,
+                            "%d sessions still busy after %.0fs more; exiting anyway",
+                            len(self.sessions), limit)
         self._stopped.set()
+
+    def _wait_for_sessions(self, seconds: float) -> bool:
+        """Whether every connection ended within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while self._connections and time.monotonic() < deadline:
+            self._ended.wait(timeout=min(1.0, deadline - time.monotonic()))
+            self._ended.clear()
+        return not self._connections
 
 
 def serve_metrics(settings: Settings, of=None):

@@ -187,6 +187,7 @@ class Session:
         self._hello_screened = False  # the one HELO/EHLO a health check may send
         self.stopping = False
         self._waiting = False
+        self.receiving_data = False  # between 354 and the final dot
         # A running program is never interrupted: its client gets its answer
         # (README "Signals"); nor is the session's own closing.
         self.running_program = False
@@ -226,7 +227,12 @@ class Session:
         `now`, whatever it does but run a program), else after its reply."""
         self.stopping = True
         gevent.get_hub().loop.run_callback(
-            self._throw_if, self._interruptible if now else lambda: self._waiting, Shutdown)
+            self._throw_if, self._interruptible if now else self._idle, Shutdown)
+
+    def _idle(self) -> bool:
+        """Waiting for the client's next command: a client sending its
+        message may finish it (README "Signals")."""
+        return self._waiting and not self.receiving_data
 
     def _interruptible(self) -> bool:
         return not self.running_program and not self._closing
@@ -697,11 +703,15 @@ class Session:
             # The whole phase within --data-timeout, and each read within
             # --timeout like a command line: RFC 5321 §4.5.3.2 times DATA
             # blocks too, and a stranger stalled in DATA is a stranger.
-            result = self._wait_for_client(
-                self.settings.data_timeout,
-                lambda: dotreader.read_message(self.stream, self.settings.max_message_size,
-                                               message_spool, self._read_data),
-                phase=True)
+            self.receiving_data = True
+            try:
+                result = self._wait_for_client(
+                    self.settings.data_timeout,
+                    lambda: dotreader.read_message(self.stream, self.settings.max_message_size,
+                                                   message_spool, self._read_data),
+                    phase=True)
+            finally:
+                self.receiving_data = False
             if result.status == dotreader.TOO_BIG:
                 self.metrics.message(replies.TOO_BIG.code, result.size)
                 return _message(replies.TOO_BIG, INFO, events.MESSAGE_TOO_BIG, envelope,

@@ -1,19 +1,14 @@
-"""TLS contexts: TLS 1.2+, no renegotiation, reloadable on SIGHUP.
+"""TLS contexts: TLS 1.2+, no renegotiation; a reload makes a new holder (reload.py).
 
 README "Configuration", "The dialogue" and "Signals".
 """
 
 import datetime
-import logging
 import os
 import tempfile
 from typing import Optional, Tuple
 
 from gevent import ssl
-
-from ssmtpd.events import ERROR, INFO, RELOAD, note
-
-log = logging.getLogger("ssmtpd.tls")
 
 
 TLS12_CIPHERS = ":".join((
@@ -99,11 +94,8 @@ def self_signed_pem(hostname: str):
 
 
 class TLSHolder:
-    """Holds the context new sessions use; reload() swaps it atomically.
-
-    Sessions take `holder.context` when they start TLS, so a reload never
-    disturbs a handshake in progress.
-    """
+    """The certificate and context of one configuration: sessions keep the
+    holder they began with, so a reload never disturbs one in progress."""
 
     def __init__(self, hostname: str, cert_file: Optional[str], key_file: Optional[str],
                  pem: Optional[Tuple[bytes, bytes]] = None):
@@ -125,33 +117,6 @@ class TLSHolder:
     @property
     def self_signed(self) -> bool:
         return self.cert_file is None
-
-    def reload(self) -> bool:
-        """Re-read certificate and key; on failure keep serving the old ones."""
-        if self.self_signed:
-            note(log, INFO, RELOAD,
-                 "SIGHUP: no --ssl-cert configured, keeping the self-signed certificate")
-            return False
-        try:
-            self.context = make_context(self.cert_file, self.key_file)
-        except TLSError as e:
-            note(log, ERROR, RELOAD, "SIGHUP: reload failed, keeping the previous certificate: %s",
-                 e)
-            return False
-        note(log, INFO, RELOAD, "SIGHUP: reloaded certificate %s", self.cert_file)
-        return True
-
-
-def refresh_pem(holder: "TLSHolder") -> None:
-    """In the master of --workers, at SIGHUP: re-read the files that workers
-    started from now on are handed; on failure they get the previous pair."""
-    if holder.self_signed:
-        return
-    try:
-        make_context(holder.cert_file, holder.key_file)
-        holder.pem = (_read(holder.cert_file), _read(holder.key_file))
-    except TLSError as e:
-        note(log, ERROR, RELOAD, "SIGHUP: new workers keep the previous certificate: %s", e)
 
 
 def _read(path: str) -> bytes:

@@ -747,7 +747,7 @@ def test_sighup_without_certificate(make_server):
     srv.wait_log("self-signed")
     for _ in range(2):
         srv.signal(signal.SIGHUP)
-    srv.wait_log("SIGHUP")
+    srv.wait_log("reload: new sessions use")
     assert srv.proc.poll() is None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False

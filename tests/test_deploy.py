@@ -258,8 +258,9 @@ def test_supervisord_runs_the_example(supervised):
     shutil.copyfile(s["second"][2], s["key"])
     result = s["ctl"]("signal", "HUP", "ssmtpd")
     assert result.returncode == 0, result.stdout + result.stderr
-    # --workers 2 in the example: every worker reloads.
-    assert wait_until(lambda: log(s).count("reloaded certificate") == 2, timeout=20), log(s)
+    # --workers 2 in the example: two new workers, with the new certificate.
+    assert wait_until(lambda: "2 workers accept with the configuration read now" in log(s),
+                      timeout=60), log(s)
     for i in range(4):
         assert submit(s, ca_second, f"two{i}@example.org") == (250, "ssmtpd second")
 

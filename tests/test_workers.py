@@ -143,7 +143,8 @@ def test_crashing_worker_backs_off(workers, tmp_path):
 
 
 def test_sighup_reaches_every_worker(make_server, tmp_path):
-    """README "Scaling": SIGHUP to the master: every worker serves the new certificate."""
+    """README "Scaling", "Reloading and upgrading": SIGHUP to the master: every worker
+    serves the new certificate."""
     _, (ca_b, cert_b, key_b), cert, key = two_certificates(str(tmp_path))
     srv = make_server("--workers", str(WORKERS), "--ssl-cert", cert, "--ssl-key", key,
                       with_tls=False)
@@ -151,7 +152,8 @@ def test_sighup_reaches_every_worker(make_server, tmp_path):
     shutil.copyfile(cert_b, cert)
     shutil.copyfile(key_b, key)
     srv.signal(signal.SIGHUP)
-    assert wait_until(lambda: srv.log().count("reloaded certificate") == WORKERS), srv.log()
+    assert wait_until(lambda: "workers accept with the configuration read now" in srv.log(),
+                      timeout=60), srv.log()
     # Hold every connection open, so the kernel must spread them over the workers.
     sessions = []
     try:
@@ -310,16 +312,35 @@ def test_replacement_worker_keeps_the_masters_configuration(make_server, tmp_pat
 
 
 def test_sighup_at_once_after_start_kills_no_worker(make_server):
-    """README "Scaling": a SIGHUP that arrives before a worker has its handler waits
-    for it instead of killing the worker."""
+    """README "Scaling", "Signals": a SIGHUP that reaches a worker before it has its
+    handler waits for it instead of killing the worker, and is then ignored (the
+    master reloads); SIGHUPs to the master during a reload wait for it."""
     srv = make_server("--workers", str(WORKERS), start=False)
     srv.start()
-    for _ in range(5):
+    hupped = set()
+    deadline = time.monotonic() + 20
+    while len(hupped) < WORKERS and time.monotonic() < deadline:
+        for pid in set(worker_pids(srv)) - hupped:
+            os.kill(pid, signal.SIGHUP)  # at once: it is still starting
+            hupped.add(pid)
+        time.sleep(0.001)
+    assert len(hupped) == WORKERS, srv.log()
+    assert wait_until(lambda: srv.log().count("SIGHUP to worker") == WORKERS, timeout=20), \
+        srv.log()
+    # Three, while the first reload is still starting its workers: the others wait
+    # for it and make one more reload (two if the first was already done).
+    for _ in range(3):
         srv.signal(signal.SIGHUP)
-    assert wait_until(lambda: srv.log().count("accepting on") == WORKERS, timeout=20)
-    time.sleep(1)
+        time.sleep(0.3)
+    reloads = lambda: srv.log().count("workers accept with the configuration")  # noqa: E731
+    assert wait_until(lambda: reloads() >= 2, timeout=120), srv.log()
+    time.sleep(2)
+    assert 2 <= reloads() <= 3, srv.log()
+    assert srv.log().count("reload: starting") == reloads()
+    assert wait_until(lambda: srv.log().count("of an earlier configuration stopped: exited "
+                                              "with status 0") == reloads() * WORKERS,
+                      timeout=60), srv.log()
     assert "killed by signal" not in srv.log(), srv.log()
-    assert len(worker_pids(srv)) == WORKERS
 
 
 def test_a_stalled_master_is_not_a_dead_one(make_server):
