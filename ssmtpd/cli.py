@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 from gevent import socket as gsocket
 
 from ssmtpd import arbiter, config, events, handover, ledger, log, metrics, privileges, state
+from ssmtpd.authcache import AuthCache
 from ssmtpd.delivery import Programs
 from ssmtpd.server import ListenError, Server, fit_descriptor_limit
 from ssmtpd.tls import TLSError, TLSHolder
@@ -136,6 +137,15 @@ def _after_binding(settings, tls, logger) -> None:
                     "--no-require-auth: anyone who connects may submit mail")
 
 
+def _programs(settings, environment, tracker=None) -> Programs:
+    """The two programs as every session runs them (and --try-auth, --try-process)."""
+    return Programs(settings.auth, settings.process, settings.auth_timeout,
+                    settings.process_timeout, environment, settings.max_auth_programs,
+                    tracker=tracker,
+                    auth_cache=AuthCache(settings.auth_cache_ttl,
+                                         settings.auth_cache_negative_ttl))
+
+
 def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
            on_bound=None) -> int:
     """One process serving clients: the whole server, or one worker of the master's."""
@@ -152,9 +162,7 @@ def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
         listeners = [(gsocket.socket(fileno=fd), implicit) for fd, implicit in worker.listeners]
     # A worker tells its master which programs run, so that a run it leaves
     # behind when it dies can be ended (README "Scaling").
-    programs = Programs(settings.auth, settings.process, settings.auth_timeout,
-                        settings.process_timeout, environment, settings.max_auth_programs,
-                        tracker=limits)
+    programs = _programs(settings, environment, tracker=limits)
     server = Server(settings, tls, programs, logger, limits)
     try:
         server.start(listeners, on_bound)

@@ -353,6 +353,11 @@ OPTIONS: Tuple[Option, ...] = (
     Option("auth-timeout", 30.0, "seconds the auth program may run", "float", _positive),
     Option("auth-failure-delay", 1.0, "seconds before a failed AUTH is answered", "float",
            _not_negative),
+    Option("auth-cache-ttl", 0.0, "seconds the auth program's 235 for the same mechanism, "
+           "username and password or token is reused without running it, per process; 0: off "
+           "(default: 0)", "float", _not_negative),
+    Option("auth-cache-negative-ttl", 0.0, "seconds its 535 is reused likewise; a 454 never "
+           "is (default: 0)", "float", _not_negative),
     Option("process-timeout", 300.0, "seconds the process program may run", "float", _positive),
     Option("max-auth-failures-per-ip", 10, "failed AUTHs from one address within "
            "--auth-failure-window before its AUTHs get 421 unchecked", "int", _positive),
@@ -411,6 +416,8 @@ class Settings:
     data_timeout: float
     auth_timeout: float
     auth_failure_delay: float
+    auth_cache_ttl: float
+    auth_cache_negative_ttl: float
     process_timeout: float
     max_auth_failures_per_ip: int
     auth_failure_window: float

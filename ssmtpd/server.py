@@ -173,7 +173,7 @@ class Server:
             gevent.signal_handler(signum, self.begin_shutdown, signal.Signals(signum).name)
             for signum in stop_signals]
         self._signal_handlers.append(
-            gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.tls.reload)))
+            gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self._reload)))
         if listeners is not None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         # A worker of --workers starts with SIGHUP blocked, so that one sent
@@ -202,6 +202,15 @@ class Server:
                         address=host, port=port,
                         tls_mode="implicit" if implicit else "starttls")
         self._sweeper = gevent.spawn(self._sweep_strangers)
+
+    def _reload(self) -> None:
+        """SIGHUP, here or passed on by the master to each worker: the
+        certificate from disk, and the auth program asked afresh."""
+        forgotten = self.programs.forget_logins()
+        if forgotten is not None:
+            events.note(self.log, events.INFO, events.RELOAD,
+                        "SIGHUP: auth cache emptied, %d answers forgotten", forgotten)
+        self.tls.reload()
 
     # --- per client ----------------------------------------------------------
 
