@@ -2,6 +2,7 @@
 
 import dataclasses
 import gc
+import getpass
 import os
 import resource
 import shlex
@@ -9,11 +10,13 @@ import socket
 import sys
 from typing import Optional, Sequence
 
+import gevent
 from gevent import socket as gsocket
 
-from ssmtpd import arbiter, config, events, handover, ledger, log, metrics, privileges, state
+from ssmtpd import (arbiter, config, events, handover, ledger, log, metrics, privileges, state,
+                    trial)
 from ssmtpd.authcache import AuthCache
-from ssmtpd.delivery import Programs
+from ssmtpd.delivery import TOKEN_MECHANISMS, Programs
 from ssmtpd.server import ListenError, Server, fit_descriptor_limit
 from ssmtpd.tls import TLSError, TLSHolder
 
@@ -65,6 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (config.ConfigError, handover.HandoverError, privileges.PrivilegeError) as e:
         return _fail(str(e))
     logger = log.setup(settings.log_level, format=settings.log_format)
+    if settings.try_auth is not None or settings.try_process is not None:
+        return _try(settings)
     try:
         tls = TLSHolder(settings.hostname, settings.ssl_cert, settings.ssl_key, pem)
     except TLSError as e:
@@ -93,6 +98,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (ListenError, config.ConfigError, privileges.PrivilegeError) as e:
             return _fail(str(e))
     return _serve(settings, logger, tls, on_bound=bound)
+
+
+def _try(settings) -> int:
+    """--try-auth, --try-process: one run of a program, as the server's own
+    would be after start-up gave up root (README "The auth program")."""
+    secret = b""
+    if settings.try_auth is not None:
+        noun = "token" if settings.try_mechanism in TOKEN_MECHANISMS else "password"
+        secret = trial.read_secret(
+            sys.stdin.buffer, lambda: getpass.getpass(f"{noun} for {settings.try_auth}: "))
+    # The event loop the program is watched from, made before the switch as
+    # the server's is: it imports modules that --user may not be able to read.
+    gevent.get_hub()
+    try:
+        if privileges.drop(settings.identity):
+            config.recheck_as_user(settings)
+        privileges.give_up_capabilities()
+    except (config.ConfigError, privileges.PrivilegeError) as e:
+        return _fail(str(e))
+    programs = _programs(settings, dict(os.environ))
+    sys.stdout.flush()
+    if settings.try_auth is not None:
+        return trial.try_auth(programs, settings.try_auth, settings.try_mechanism, secret,
+                              sys.stdout)
+    return trial.try_process(programs, settings.try_process, sys.stdin.buffer, sys.stdout,
+                             hostname=settings.hostname,
+                             max_message_size=settings.max_message_size,
+                             spool_dir=settings.spool_dir,
+                             with_received=settings.received_header)
 
 
 def _fit_descriptor_limit(settings, logger):
