@@ -209,3 +209,32 @@ def test_the_cache_is_per_worker_and_sighup_empties_each(make_server, auth_progr
         assert auth(srv, GOOD)[0] == 235
     assert both_workers_ran_again(), srv.log()
     assert len(runs(srv)) == 4
+
+
+# --- the two options, from each place ---------------------------------------------------
+
+@pytest.mark.parametrize("args, env, ini, option", [
+    (["--auth-cache-ttl", "-1"], {}, "", "--auth-cache-ttl"),
+    (["--auth-cache-negative-ttl", "nan"], {}, "", "--auth-cache-negative-ttl"),
+    ([], {"SSMTPD_AUTH_CACHE_TTL": "a minute"}, "", "--auth-cache-ttl"),
+    ([], {}, "auth-cache-negative-ttl = soon\n", "--auth-cache-negative-ttl"),
+])
+def test_a_bad_ttl_stops_the_start_naming_the_option(tmp_path, certs, args, env, ini, option):
+    """README "Configuration": one line naming the option, exit status 2."""
+    from test_config import assert_refused, run_ssmtpd, valid_args, write_ini
+    if ini:
+        args = args + ["-c", write_ini(tmp_path, ini)]
+    result = run_ssmtpd(valid_args(certs) + args + ["--check-config"], tmp_path, env)
+    assert_refused(result, option)
+
+
+def test_the_ttls_come_from_the_environment_and_the_ini_file(make_server, auth_program,
+                                                              tmp_path):
+    """README "Configuration": SSMTPD_AUTH_CACHE_TTL and the ini key work like the flag."""
+    ini = tmp_path / "cache.ini"
+    ini.write_text("[ssmtpd]\nauth_cache_negative_ttl = 60\n")
+    srv = make_server("--auth", auth_program, "-c", str(ini),
+                      env={"SSMTPD_AUTH_CACHE_TTL": "60"})
+    for password in (GOOD, GOOD, WRONG, WRONG):
+        auth(srv, password)
+    assert len(runs(srv)) == 2
