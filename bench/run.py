@@ -473,8 +473,9 @@ def run_logins(opts, workdir: str, cert: str, key: str, go_binary: Optional[str]
             finally:
                 srv.stop()
             rnd[(name, "logins")] = r
-            print(f"  {({k: r[k] for k in ('sessions_per_s', 'p50', 'server_ms_per_session', 'programs_ms_per_session', 'failures') if k in r})}",
-                  file=sys.stderr, flush=True)
+            shown = ("sessions_per_s", "p50", "server_ms_per_session", "programs_ms_per_session",
+                     "failures")
+            print(f"  {({k: r[k] for k in shown if k in r})}", file=sys.stderr, flush=True)
         results.append(rnd)
     return results
 

@@ -209,7 +209,7 @@ class Server:
         forgotten = self.programs.forget_logins()
         if forgotten is not None:
             events.note(self.log, events.INFO, events.RELOAD,
-                        "SIGHUP: auth cache emptied, %d answers forgotten", forgotten)
+                        "SIGHUP: auth cache emptied (it held %d answers)", forgotten)
         self.tls.reload()
 
     # --- per client ----------------------------------------------------------
