@@ -11,8 +11,11 @@ median of the per-round paired ratios server / aiosmtpd.
 
     python3 bench/run.py            # full run: 3 rounds, about 4 minutes on 2 cores
     python3 bench/run.py --quick    # one round of smaller loads, about a minute
+    python3 bench/run.py --logins   # logins/s with the scrypt auth program, cache on and off
 
-Writes the results table to bench/RESULTS.md (see --out) and prints it.
+Writes the results table to bench/RESULTS.md (see --out) and prints it; the
+--logins mode writes its own section of that file and leaves the rest, and
+a full run keeps the --logins section.
 """
 
 import argparse
@@ -49,6 +52,16 @@ START_TIMEOUT = 20.0
 SSMTPD, WORKERS2, GO, AIOSMTPD = "ssmtpd", "ssmtpd --workers 2", "go-smtp", "aiosmtpd"
 SERVERS = [SSMTPD, WORKERS2, GO, AIOSMTPD]
 BASELINE = AIOSMTPD  # every ratio is server / aiosmtpd, paired within a round
+
+# The --logins mode: the shipped scrypt auth program (conf/auth-users, the
+# command ssmtpd-auth-users of an installed ssmtpd), run by this Python
+# directly rather than through a PATH lookup of python3 that may be a shim.
+SCRYPT_AUTH = os.path.join(ROOT, "conf", "auth-users")
+CACHE_TTL = 300
+CACHED = f"ssmtpd --auth-cache-ttl {CACHE_TTL}"
+CACHED_WORKERS2 = f"ssmtpd --workers 2 --auth-cache-ttl {CACHE_TTL}"
+LOGIN_SERVERS = [SSMTPD, CACHED, CACHED_WORKERS2, GO]
+LOGINS_HEADING = "## Logins: sessions/s with the scrypt auth program"
 
 # The Go server: built in GOPATH mode from Debian's packaged sources
 # (golang-github-emersion-go-smtp-dev, golang-github-emersion-go-sasl-dev).
@@ -218,8 +231,9 @@ class ServerUnderTest:
 
     def __init__(self, name: str, workdir: str, cert: str, key: str, extra=(),
                  pythonpath: str = ROOT, kind: Optional[str] = None, workers: int = 1,
-                 binary: Optional[str] = None):
+                 binary: Optional[str] = None, auth: str = AUTH):
         self.name = name
+        self.auth = auth  # split on spaces by the Go server, shell-style by the others
         self.kind = kind or name
         self.pythonpath = pythonpath
         self.workdir = workdir
@@ -235,7 +249,7 @@ class ServerUnderTest:
     def argv(self, port: int) -> List[str]:
         common = ["--bind", "127.0.0.1", "--port", str(port), "--hostname", HOSTNAME,
                   "--ssl-cert", self.cert, "--ssl-key", self.key,
-                  "--auth", AUTH, "--process", PROCESS, "--log-level", "warning"]
+                  "--auth", self.auth, "--process", PROCESS, "--log-level", "warning"]
         if self.kind == "ssmtpd":
             return ([sys.executable, "-m", "ssmtpd"] + common +
                     ["--auth-failure-delay", "0", "--max-connections", "5000",
@@ -395,6 +409,118 @@ def load_big(srv, opts) -> Dict:
 
 LOADS = [("throughput", load_throughput), ("latency", load_latency),
          ("idle", load_idle), ("big", load_big)]
+
+
+# --- the --logins mode -----------------------------------------------------------------
+
+def make_users(workdir: str) -> str:
+    """A users file holding the load generator's login, hashed by the shipped program."""
+    path = os.path.join(workdir, "users")
+    subprocess.run([sys.executable, SCRYPT_AUTH, "--users", path, "add", loadgen.USER],
+                   input=(loadgen.PASSWORD + "\n").encode(), check=True, timeout=60,
+                   stdout=subprocess.DEVNULL)
+    return path
+
+
+def load_logins(srv, opts) -> Dict:
+    """Sessions of connect, EHLO, STARTTLS, EHLO, AUTH PLAIN, QUIT: no message."""
+    own0, kids0 = srv.cpu()
+    r = loadgen.run_load("127.0.0.1", srv.port, opts.concurrency, opts.sessions, 0,
+                         messages=0, processes=opts.processes, deadline=opts.deadline,
+                         timeout=opts.socket_timeout, nodelay=opts.nodelay)
+    time.sleep(0.3)  # the last programs reaped, their CPU counted
+    n = max(r["ok_sessions"], 1)
+    r["sessions_per_s"] = r["ok_sessions"] / r["seconds"] if r["seconds"] > 0 else 0.0
+    if srv.worker_pids and worker_pids(srv.pid) != srv.worker_pids:
+        r["failures"]["workers changed during the load"] = 1
+        return r
+    own1, kids1 = srv.cpu()
+    r["server_ms_per_session"] = (own1 - own0) * 1000 / n
+    r["programs_ms_per_session"] = (kids1 - kids0) * 1000 / n
+    return r
+
+
+def run_logins(opts, workdir: str, cert: str, key: str, go_binary: Optional[str]) -> List[Dict]:
+    users = make_users(workdir)
+    auth = " ".join([sys.executable, SCRYPT_AUTH, "--users", users])
+    if any(" " in part for part in (sys.executable, SCRYPT_AUTH, users)):
+        raise SystemExit("--logins: a path with a space cannot be given to the Go server")
+    servers = {
+        SSMTPD: lambda: ServerUnderTest(SSMTPD, workdir, cert, key, kind="ssmtpd",
+                                        pythonpath=opts.ssmtpd_path, auth=auth),
+        CACHED: lambda: ServerUnderTest(CACHED, workdir, cert, key,
+                                        ["--auth-cache-ttl", str(CACHE_TTL)], kind="ssmtpd",
+                                        pythonpath=opts.ssmtpd_path, auth=auth),
+        CACHED_WORKERS2: lambda: ServerUnderTest(
+            CACHED_WORKERS2, workdir, cert, key, ["--auth-cache-ttl", str(CACHE_TTL)],
+            kind="ssmtpd", pythonpath=opts.ssmtpd_path, workers=2, auth=auth),
+        GO: lambda: ServerUnderTest(GO, workdir, cert, key, kind="go", binary=go_binary,
+                                    auth=auth),
+    }
+    names = [name for name in LOGIN_SERVERS if name != GO or go_binary]
+    results = []
+    for i in range(opts.rounds):
+        order = names if i % 2 == 0 else names[::-1]
+        rnd: Dict = {"order": order}
+        for name in order:
+            srv = servers[name]().start()
+            try:
+                # Also fills the caches: the measured logins are all answered from them.
+                warm_up(srv, opts)
+                print(f"round {i + 1}/{opts.rounds}: logins on {name} ...", file=sys.stderr,
+                      flush=True)
+                r = load_logins(srv, opts)
+            finally:
+                srv.stop()
+            rnd[(name, "logins")] = r
+            shown = ("sessions_per_s", "p50", "server_ms_per_session", "programs_ms_per_session",
+                     "failures")
+            print(f"  {({k: r[k] for k in shown if k in r})}", file=sys.stderr, flush=True)
+        results.append(rnd)
+    return results
+
+
+def logins_report(results: List[Dict], opts, started: datetime.datetime,
+                  seconds: float) -> str:
+    def med(name, key):
+        return median([rnd.get((name, "logins"), {}).get(key) for rnd in results])
+
+    measured = [name for name in LOGIN_SERVERS if any(name in rnd["order"] for rnd in results)]
+    v = versions()
+    v.update(opts.go_versions)
+    out = [LOGINS_HEADING, "",
+           f"- date: {started:%Y-%m-%d %H:%M} UTC, {len(results)} round(s), "
+           f"{seconds / 60:.1f} min",
+           f"- machine: {machine()}",
+           "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+           "- command: `" + " ".join(["python3 bench/run.py"] + opts.argv) + "`",
+           f"- load: C={opts.concurrency}, {opts.sessions} sessions per server and round, "
+           "each connect, EHLO, STARTTLS, EHLO, AUTH PLAIN, QUIT (no message); one login "
+           f"for all; {opts.processes} load generator processes",
+           "- auth program: conf/auth-users (ssmtpd-auth-users: scrypt N=16384, r=8, p=1) "
+           "for every server; the cached servers' caches filled by the warm-up "
+           f"({opts.warmup} sessions), so every measured login is answered from them"]
+    if opts.go_note:
+        out.append(f"- {GO}: not measured: {opts.go_note}")
+    out += ["", "Medians over the rounds (the servers' order reversed in every other round). "
+            "Server own CPU = utime+stime of the server (and its workers); programs = "
+            "cutime+cstime of the process that reaps the auth program.", "",
+            "| server | sessions/s | session p50 | session p90 | server own CPU ms/session "
+            "| auth program CPU ms/session |",
+            "|---|---|---|---|---|---|"]
+    for name in measured:
+        out.append(f"| {name} | {fmt(med(name, 'sessions_per_s'))} "
+                   f"| {fmt(None if med(name, 'p50') is None else med(name, 'p50') * 1000, ' ms')} "
+                   f"| {fmt(None if med(name, 'p90') is None else med(name, 'p90') * 1000, ' ms')} "
+                   f"| {fmt(med(name, 'server_ms_per_session'), '', 2)} "
+                   f"| {fmt(med(name, 'programs_ms_per_session'), '', 2)} |")
+    out += ["", "| round | server | sessions/s | failures |", "|---|---|---|---|"]
+    for i, rnd in enumerate(results, 1):
+        for name in rnd["order"]:
+            r = rnd.get((name, "logins"), {})
+            fails = ", ".join(f"{k} ×{n}" for k, n in sorted(r.get("failures", {}).items()))
+            out.append(f"| {i} | {name} | {fmt(r.get('sessions_per_s'))} | {fails or 'none'} |")
+    return "\n".join(out) + "\n"
 
 
 # --- statistics and the table ----------------------------------------------------------
@@ -616,6 +742,10 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="one round of smaller loads (about a minute)")
+    p.add_argument("--logins", action="store_true",
+                   help="instead of the four loads: sessions/s of logins without a message, "
+                        "with the scrypt auth program, ssmtpd with and without "
+                        "--auth-cache-ttl beside go-smtp (--sessions: 600, quick 150)")
     p.add_argument("--rounds", type=int,
                    help="rounds, the servers' order reversed in every other one "
                         "(default 3, quick 1)")
@@ -653,6 +783,8 @@ def parse(argv):
     quick = opts.quick
     if opts.rounds is None:
         opts.rounds = 1 if quick else 3
+    if opts.sessions is None and opts.logins:
+        opts.sessions = 150 if quick else 600
     if opts.sessions is None:
         opts.sessions = 500 if quick else 2000
     if opts.latency_sessions is None:
@@ -689,6 +821,11 @@ def main(argv=None) -> int:
                   flush=True)
         else:
             opts.go_versions = found
+        if opts.logins:
+            results = run_logins(opts, workdir, cert, key, go_binary)
+            text = logins_report(results, opts, started, time.monotonic() - t0)
+            publish(text, opts.out, section=True)
+            return 0
         servers = {
             SSMTPD: lambda: ServerUnderTest(SSMTPD, workdir, cert, key, kind="ssmtpd",
                                             pythonpath=opts.ssmtpd_path),
@@ -734,12 +871,28 @@ def main(argv=None) -> int:
     return 0
 
 
-def publish(text: str, out: str) -> None:
-    """Print the report and write it to `out` ("-": print only)."""
+def publish(text: str, out: str, section: bool = False) -> None:
+    """Print the report and write it to `out` ("-": print only).
+
+    The --logins report (`section`) replaces its own section of the file and
+    keeps the rest; a full run's report keeps the file's --logins section.
+    """
     sys.stdout.write(text)
-    if out != "-":
-        with open(out, "w") as f:
-            f.write(text)
+    if out == "-":
+        return
+    try:
+        with open(out) as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = ""
+    at = old.find("\n" + LOGINS_HEADING)
+    main_part, logins_part = (old, "") if at < 0 else (old[:at + 1], old[at + 1:])
+    if section:
+        new = (main_part.rstrip("\n") + "\n\n" if main_part.strip() else "") + text
+    else:
+        new = text + ("\n" + logins_part if logins_part else "")
+    with open(out, "w") as f:
+        f.write(new)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,8 @@ class Arbiter:
         later = []
         while self._signals:
             signum = self._signals.popleft()
+            if signum == signal.SIGHUP and not self.stopping:
+                self.ledger.forget_logins()  # at once, even if the reload must wait
             if signum == signal.SIGHUP and self._reloading and not self._stuck():
                 # One reload at a time; those asked for meanwhile are one
                 # more after it (each would read the same files).

@@ -2,6 +2,7 @@
 
 import dataclasses
 import gc
+import getpass
 import os
 import resource
 import shlex
@@ -9,11 +10,13 @@ import socket
 import sys
 from typing import Optional, Sequence
 
+import gevent
 from gevent import socket as gsocket
 
 from ssmtpd import (arbiter, config, events, handover, ledger, log, metrics, privileges,
-                    reload, state)
-from ssmtpd.delivery import Programs
+                    reload, state, trial)
+from ssmtpd.authcache import AuthCache
+from ssmtpd.delivery import TOKEN_MECHANISMS, Programs
 from ssmtpd.server import ListenError, Server, fit_descriptor_limit
 from ssmtpd.tls import TLSError, TLSHolder
 
@@ -65,6 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (config.ConfigError, handover.HandoverError, privileges.PrivilegeError) as e:
         return _fail(str(e))
     logger = log.setup(settings.log_level, format=settings.log_format)
+    if settings.try_auth is not None or settings.try_process is not None:
+        return _try(settings)
     try:
         tls = TLSHolder(settings.hostname, settings.ssl_cert, settings.ssl_key, pem)
     except TLSError as e:
@@ -94,6 +99,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (ListenError, config.ConfigError, privileges.PrivilegeError) as e:
             return _fail(str(e))
     return _serve(settings, logger, tls, on_bound=bound, argv=argv)
+
+
+def _try(settings) -> int:
+    """--try-auth, --try-process: one run of a program, as the server's own
+    would be after start-up gave up root (README "The auth program")."""
+    secret = b""
+    if settings.try_auth is not None:
+        noun = "token" if settings.try_mechanism in TOKEN_MECHANISMS else "password"
+        secret = trial.read_secret(
+            sys.stdin.buffer, lambda: getpass.getpass(f"{noun} for {settings.try_auth}: "))
+    # The event loop the program is watched from, made before the switch as
+    # the server's is: it imports modules that --user may not be able to read.
+    gevent.get_hub()
+    try:
+        if privileges.drop(settings.identity):
+            config.recheck_as_user(settings)
+        privileges.give_up_capabilities()
+    except (config.ConfigError, privileges.PrivilegeError) as e:
+        return _fail(str(e))
+    programs = _programs(settings, dict(os.environ))
+    sys.stdout.flush()
+    if settings.try_auth is not None:
+        return trial.try_auth(programs, settings.try_auth, settings.try_mechanism, secret,
+                              sys.stdout)
+    return trial.try_process(programs, settings.try_process, sys.stdin.buffer, sys.stdout,
+                             hostname=settings.hostname,
+                             max_message_size=settings.max_message_size,
+                             spool_dir=settings.spool_dir,
+                             with_received=settings.received_header)
 
 
 def _fit_descriptor_limit(settings, logger):
@@ -138,6 +172,15 @@ def _after_binding(settings, tls, logger) -> None:
                     "--no-require-auth: anyone who connects may submit mail")
 
 
+def _programs(settings, environment, tracker=None) -> Programs:
+    """The two programs as every session runs them (and --try-auth, --try-process)."""
+    return Programs(settings.auth, settings.process, settings.auth_timeout,
+                    settings.process_timeout, environment, settings.max_auth_programs,
+                    tracker=tracker,
+                    auth_cache=AuthCache(settings.auth_cache_ttl,
+                                         settings.auth_cache_negative_ttl))
+
+
 def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
            on_bound=None, argv: Sequence[str] = ()) -> int:
     """One process serving clients: the whole server, or one worker of the master's
@@ -152,22 +195,18 @@ def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
         limits = ledger.RemoteLimits(
             socket.socket(fileno=worker.ledger), settings.ipv6_prefix_length,
             lambda: server.begin_shutdown("master gone"),
-            on_go=lambda: server.open(), on_retire=lambda: (server.retire(), limits.retired()))
+            on_go=lambda: server.open(), on_retire=lambda: (server.retire(), limits.retired()),
+            on_forget=lambda: server.forget_logins())
         listeners = [(gsocket.socket(fileno=fd), implicit) for fd, implicit in worker.listeners]
     # A worker tells its master which programs run, so that a run it leaves
     # behind when it dies can be ended (README "Scaling").
-    def programs_for(settings):
-        return Programs(settings.auth, settings.process, settings.auth_timeout,
-                        settings.process_timeout, environment, settings.max_auth_programs,
-                        tracker=limits)
-
     def read_again():
         got = reload.read_again(argv, server.settings, server.tls, logger,
                                 workers_may_change=False,
                                 adjust=lambda s: _fit_descriptor_limit(s, logger))
-        return None if got is None else (*got, programs_for(got[0]))
+        return None if got is None else (*got, _programs(got[0], environment, limits))
 
-    server = Server(settings, tls, programs_for(settings), logger, limits,
+    server = Server(settings, tls, _programs(settings, environment, limits), logger, limits,
                     read_again=None if worker is not None else read_again)
     try:
         server.start(listeners, on_bound)

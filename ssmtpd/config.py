@@ -353,6 +353,11 @@ OPTIONS: Tuple[Option, ...] = (
     Option("auth-timeout", 30.0, "seconds the auth program may run", "float", _positive),
     Option("auth-failure-delay", 1.0, "seconds before a failed AUTH is answered", "float",
            _not_negative),
+    Option("auth-cache-ttl", 0.0, "seconds the auth program's 235 for the same mechanism, "
+           "username and password or token is reused without running it, per process; 0: off "
+           "(default: 0)", "float", _not_negative),
+    Option("auth-cache-negative-ttl", 0.0, "seconds its 535 is reused likewise; a 454 never "
+           "is (default: 0)", "float", _not_negative),
     Option("process-timeout", 300.0, "seconds the process program may run", "float", _positive),
     Option("graceful-timeout", 300.0, "seconds a draining process waits for its sessions: an "
            "old worker after a reload, or the server after SIGTERM (where idle sessions end "
@@ -415,6 +420,8 @@ class Settings:
     data_timeout: float
     auth_timeout: float
     auth_failure_delay: float
+    auth_cache_ttl: float
+    auth_cache_negative_ttl: float
     process_timeout: float
     graceful_timeout: float
     max_auth_failures_per_ip: int
@@ -434,8 +441,17 @@ class Settings:
     log_format: str
     # Not settings of the server: what the command line asked this run to do.
     check_config: bool = False
+    try_auth: Optional[str] = None  # USERNAME of --try-auth
+    try_process: Optional[str] = None  # USERNAME of --try-process
+    try_mechanism: str = "PLAIN"
     identity: Any = None  # privileges.Identity of --user/--group, or None
 
+
+# What a run is asked to do once instead of serving (README "The auth program",
+# "The process program"): on the command line only, so that no environment
+# variable or ini key can turn a server's start into a one-shot run.
+ONE_SHOT = ("try-auth", "try-process", "try-mechanism")
+TRY_MECHANISMS = ("PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2")
 
 # Values split shell-style later: their quotes must reach shlex.
 _SHELL_STYLE = ("auth", "process")
@@ -477,6 +493,9 @@ class _IniParser(configargparse.ConfigFileParser):
                 raise configargparse.ConfigFileParserException(
                     f"--config: key {key!r} in {where}: keys are option names without the "
                     f"leading dashes ({name.lstrip('-')} = ...)")
+            if name in ONE_SHOT:
+                raise configargparse.ConfigFileParserException(
+                    f"--{name}: is command-line only, not an ini key ({key} in {where})")
             if name not in self.kinds:
                 near = difflib.get_close_matches(name, self.kinds, n=1, cutoff=0.6)
                 hint = f"; did you mean {near[0]}?" if near else ""
@@ -509,10 +528,14 @@ class _Parser(configargparse.ArgParser):
 
     def get_possible_config_keys(self, action):
         # Printing an example is asked for on the command line only: no
-        # SSMTPD_EXAMPLE variable or ini key that would make every start print.
-        if isinstance(action, _PrintExample):
+        # SSMTPD_EXAMPLE variable or ini key that would make every start print;
+        # nor may one make every start a one-shot run.
+        if isinstance(action, _PrintExample) or action.dest in _ONE_SHOT_DESTS:
             return []
         return super().get_possible_config_keys(action)
+
+
+_ONE_SHOT_DESTS = frozenset(name.replace("-", "_") for name in ONE_SHOT)
 
 
 def _env_name(opt: Option) -> str:
@@ -547,6 +570,11 @@ def _check_environment() -> None:
         if opt.kind in _KIND_WORDS and not _parses(raw, opt.kind):
             raise ConfigError(f"{opt.flag}: {_env_name(opt)}={raw!r} "
                               f"is not {_KIND_WORDS[opt.kind]}")
+    for name in ONE_SHOT:
+        variable = ENV_PREFIX + name.replace("-", "_").upper()
+        if variable in os.environ:
+            raise ConfigError(f"--{name}: is command-line only; remove {variable} from the "
+                              "environment")
     known[ENV_PREFIX + "CONFIG"] = "--config"
     allowed = set(known) | {ENV_PREFIX + "CHECK_CONFIG"} | set(PROGRAM_VARIABLES)
     for name in sorted(os.environ):
@@ -613,6 +641,19 @@ def build_parser() -> configargparse.ArgParser:
                         help="check every setting, the certificate and both programs as a "
                              "start would, print 'ssmtpd: configuration OK' and exit; binds "
                              "nothing")
+    parser.add_argument("--try-auth", metavar="USERNAME",
+                        help="run the auth program once for USERNAME as a login would (the "
+                             "password or token from a prompt, or the first line of stdin), "
+                             "print what the client would be told and exit: 0 for 235, 1 "
+                             "otherwise; command line only")
+    parser.add_argument("--try-mechanism", type=str.upper, choices=TRY_MECHANISMS,
+                        help="the mechanism of --try-auth (default: PLAIN); OAUTHBEARER and "
+                             "XOAUTH2 pass a token as SSMTPD_TOKEN")
+    parser.add_argument("--try-process", metavar="USERNAME",
+                        help="pipe the message on stdin (LF line ends taken as CRLF) to the "
+                             "process program once, as after USERNAME's final dot; print what "
+                             "the client would be told and exit: 0 for 250, 1 otherwise; "
+                             "command line only")
     types = {"str": str, "int": int, "float": float}
     for opt in OPTIONS:
         help = opt.help
@@ -669,12 +710,31 @@ def parse(argv: Optional[Sequence[str]] = None) -> Settings:
     if identity is not None and os.geteuid() not in (0, identity.uid):
         raise ConfigError(f"--user: only root can switch to {identity.user}")
     values["check_config"] = ns.check_config
+    values.update(_one_shot(ns, values))
     if values["proxy_protocol"] and not values["proxy_trusted"]:
         raise ConfigError("--proxy-trusted: is required with --proxy-protocol")
     if values["smtps_port"] is not None and values["smtps_port"] == values["port"]:
         raise ConfigError("--smtps-port: must differ from --port")
     assert set(values) == {f.name for f in fields(Settings)}
     return Settings(**values)
+
+
+def _one_shot(ns, values) -> dict:
+    """--try-auth, --try-process, --try-mechanism, checked against each other."""
+    asked = [flag for flag, value in (("--check-config", ns.check_config),
+                                      ("--try-auth", ns.try_auth),
+                                      ("--try-process", ns.try_process)) if value]
+    if len(asked) > 1:
+        raise ConfigError(f"{asked[1]}: one of --check-config, --try-auth, --try-process "
+                          "at a time")
+    if ns.try_mechanism is not None and ns.try_auth is None:
+        raise ConfigError("--try-mechanism: goes with --try-auth")
+    if ns.try_auth is not None and values["auth"] is None:
+        raise ConfigError("--try-auth: no --auth program is configured")
+    if ns.try_auth == "":
+        raise ConfigError("--try-auth: needs a USERNAME")
+    return {"try_auth": ns.try_auth, "try_process": ns.try_process,
+            "try_mechanism": ns.try_mechanism or "PLAIN"}
 
 
 def recheck_as_user(settings: Settings) -> None:

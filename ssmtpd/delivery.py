@@ -3,6 +3,7 @@
 README "The auth program" and "The process program", as data.
 """
 
+import dataclasses
 import email.utils
 import os
 import re
@@ -13,6 +14,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 from gevent.lock import BoundedSemaphore
 
 from ssmtpd import programs, replies
+from ssmtpd.authcache import AuthCache
 from ssmtpd.programs import Outcome
 from ssmtpd.replies import Reply
 from ssmtpd.sasl import Credentials
@@ -36,8 +38,12 @@ PROCESS_OTHER_EXIT = replies.PROCESS_REJECTED
 PROCESS_ABNORMAL = replies.PROCESS_TEMPFAIL
 
 # Variables we set ourselves; an inherited copy is never passed through.
-_OWN_VARIABLES = ("SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_MECHANISM", "SSMTPD_CLIENT_ADDR",
-                  "SSMTPD_MAIL_FROM", "SSMTPD_RCPT_TO", "SSMTPD_HELO", "SSMTPD_TLS")
+_OWN_VARIABLES = ("SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_TOKEN", "SSMTPD_MECHANISM",
+                  "SSMTPD_CLIENT_ADDR", "SSMTPD_MAIL_FROM", "SSMTPD_RCPT_TO", "SSMTPD_HELO",
+                  "SSMTPD_TLS")
+# Mechanisms whose secret is a bearer token (RFC 7628, and XOAUTH2): the
+# program gets it as SSMTPD_TOKEN, never as SSMTPD_PASSWORD.
+TOKEN_MECHANISMS = ("OAUTHBEARER", "XOAUTH2")
 
 
 _UNSAFE_IN_HELO = re.compile(r'[\s<>()\[\]\\";@]')
@@ -107,8 +113,11 @@ class Programs:
 
     def __init__(self, auth: Optional[Sequence[str]], process: Sequence[str],
                  auth_timeout: float, process_timeout: float, base_env: Mapping[str, str],
-                 max_auth_programs: int = 16, tracker=None):
+                 max_auth_programs: int = 16, tracker=None,
+                 auth_cache: Optional[AuthCache] = None):
         self.auth = tuple(auth) if auth else None
+        # Only when it is on: a lookup costs an HMAC per login.
+        self.auth_cache = auth_cache if auth_cache is not None and auth_cache.enabled else None
         self.tracker = tracker  # told of every run (programs.run)
         self.process = tuple(process)
         self.auth_timeout = auth_timeout
@@ -124,11 +133,21 @@ class Programs:
 
     def authenticate(self, creds: Credentials, mechanism: str, client_addr: str,
                      on_stderr: Callable[[str], None]) -> Tuple[Reply, Outcome]:
-        """Run the auth program; waiting for a free slot counts against --auth-timeout."""
-        env = dict(self.base_env)
-        env.update(SSMTPD_USERNAME=creds.username, SSMTPD_PASSWORD=creds.password,
-                   SSMTPD_MECHANISM=mechanism, SSMTPD_CLIENT_ADDR=client_addr)
+        """Run the auth program, or take the auth cache's answer (Outcome.cached);
+        waiting for a free slot counts against --auth-timeout."""
         started = time.monotonic()
+        cache = self.auth_cache
+        key = cache.key(mechanism, creds.username, creds.secret) if cache is not None else None
+        if key is not None:
+            hit = cache.get(key)
+            if hit is not None:
+                reply, outcome = hit
+                return reply, dataclasses.replace(outcome, cached=True,
+                                                  seconds=time.monotonic() - started)
+        env = dict(self.base_env)
+        secret = "SSMTPD_TOKEN" if mechanism in TOKEN_MECHANISMS else "SSMTPD_PASSWORD"
+        env.update({"SSMTPD_USERNAME": creds.username, secret: creds.secret,
+                    "SSMTPD_MECHANISM": mechanism, "SSMTPD_CLIENT_ADDR": client_addr})
         if not self._auth_slots.acquire(timeout=self.auth_timeout):
             outcome = Outcome(programs.NO_SLOT, seconds=time.monotonic() - started)
         else:
@@ -139,7 +158,19 @@ class Programs:
                                        tracker=self.tracker)
             finally:
                 self._auth_slots.release()
-        return reply_for(outcome, AUTH_EXIT, AUTH_OTHER_EXIT, AUTH_ABNORMAL, False), outcome
+        reply = reply_for(outcome, AUTH_EXIT, AUTH_OTHER_EXIT, AUTH_ABNORMAL, False)
+        if key is not None:
+            cache.put(key, reply, outcome)
+        return reply, outcome
+
+    def forget_logins(self) -> Optional[int]:
+        """SIGHUP: every answer is asked of the program again (README "Signals");
+        how many were held, or None without a cache."""
+        if self.auth_cache is None:
+            return None
+        held = self.auth_cache.size
+        self.auth_cache.clear()
+        return held
 
     def deliver(self, envelope: Envelope, message,
                 on_stderr: Callable[[str], None]) -> Tuple[Reply, Outcome]:

@@ -59,7 +59,10 @@ def _auth_text(f: Fields) -> str:
     if "authzid" in f:
         result = f"authzid {quote(f['authzid'], 64)} refused"
     else:
-        result = f"{f['program_result']} in {_seconds(f['duration_ms'])}"
+        # A cached answer says so, after the program result it repeats
+        # (README "The auth cache"); the fail2ban filters read no further than the code.
+        cached = " (cached)" if f.get("cached") else ""
+        result = f"{f['program_result']}{cached} in {_seconds(f['duration_ms'])}"
     return f"AUTH {f['mechanism']} user={quote(f['username'], 128)}: {f['code']}, {result}"
 
 

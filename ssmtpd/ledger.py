@@ -27,6 +27,7 @@ Messages are one line of ASCII each:
                        P <0|1>        the server is (not) under pressure
                        K <key> <s>    the key may not AUTH for <s> more seconds
                        G              accept clients (after Y)
+                       C              SIGHUP: empty the auth cache
                        D              retire: accept no more, let the sessions
                                       finish (a reload started new workers)
 
@@ -88,6 +89,10 @@ class Ledger:
         self._channels[worker_id] = channel
         channel.send(f"P {int(self._pressure)}")
         channel.reader = gevent.spawn(self._serve, channel)
+
+    def forget_logins(self) -> None:
+        """SIGHUP: every worker empties its auth cache."""
+        self._tell_every_worker("C")
 
     def go(self, worker_id: int) -> None:
         """Tell a ready worker to accept clients."""
@@ -258,7 +263,8 @@ class RemoteLimits:
 
     def __init__(self, sock, ipv6_prefix_length: int, on_master_gone: Callable[[], None],
                  on_go: Callable[[], None] = lambda: None,
-                 on_retire: Callable[[], None] = lambda: None):
+                 on_retire: Callable[[], None] = lambda: None,
+                 on_forget: Callable[[], None] = lambda: None):
         from gevent import socket as gsocket
         self._sock = gsocket.socket(fileno=sock.detach())
         self.ipv6_prefix_length = ipv6_prefix_length
@@ -270,6 +276,7 @@ class RemoteLimits:
         self._on_master_gone = on_master_gone
         self._on_go = on_go
         self._on_retire = on_retire
+        self._on_forget = on_forget
         self._gone = False
         self._reader = gevent.spawn(self._read)
 
@@ -415,6 +422,8 @@ class RemoteLimits:
                 self._on_go()
             elif head == "D":
                 self._on_retire()
+            elif head == "C":
+                self._on_forget()
             else:
                 answer = self._answers.get(head)
                 if answer is not None:

@@ -49,7 +49,9 @@ class Metrics:
             ["result"], registry=r)
         self._sessions = Gauge("ssmtpd_sessions", "Sessions open now", registry=r,
                                multiprocess_mode="livesum")
-        self._auth = Counter("ssmtpd_auth", "AUTH attempts, by result", ["result"], registry=r)
+        # `cached`: "yes" when the auth cache answered, no program ran.
+        self._auth = Counter("ssmtpd_auth", "AUTH attempts, by result and whether the auth "
+                             "cache answered", ["result", "cached"], registry=r)
         self._messages = Counter("ssmtpd_messages", "Messages, by the final reply code",
                                  ["code"], registry=r)
         self._bytes = Counter("ssmtpd_message_bytes", "Octets of message data received",
@@ -76,8 +78,9 @@ class Metrics:
     def session_closed(self) -> None:
         self._sessions.dec()
 
-    def auth(self, result: str, program_seconds: Optional[float] = None) -> None:
-        self._auth.labels(result).inc()
+    def auth(self, result: str, program_seconds: Optional[float] = None,
+             cached: bool = False) -> None:
+        self._auth.labels(result, "yes" if cached else "no").inc()
         if program_seconds is not None:
             self._auth_seconds.observe(program_seconds)
 
@@ -106,7 +109,8 @@ class NoMetrics:
     def session_closed(self) -> None:
         pass
 
-    def auth(self, result: str, program_seconds: Optional[float] = None) -> None:
+    def auth(self, result: str, program_seconds: Optional[float] = None,
+             cached: bool = False) -> None:
         pass
 
     def rate_limited(self, limit: str) -> None:

@@ -47,6 +47,9 @@ class Outcome:
     last_line: str = ""  # last non-empty printable stdout line, at most 200 chars
     seconds: float = 0.0
     error: str = ""  # why it could not start
+    # The auth cache's answer, as the program gave it earlier: no run now
+    # (README "The auth cache").
+    cached: bool = False
 
     @property
     def not_started(self) -> bool:

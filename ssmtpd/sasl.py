@@ -33,6 +33,12 @@ class Credentials:
         authcid may, so the session refuses it (535) like a wrong password."""
         return bool(self.authzid) and self.authzid != self.username
 
+    @property
+    def secret(self) -> str:
+        """What proves the login: the password (a bearer token, once token
+        mechanisms exist)."""
+        return self.password
+
     def __repr__(self) -> str:  # never show the password, not even in a traceback
         return f"Credentials(username={self.username!r}, password=***)"
 

@@ -177,7 +177,16 @@ class Server:
                         "SIGHUP to worker %d ignored: the master (pid %d) reloads; send it "
                         "there", os.getpid(), os.getppid())
             return
+        self.forget_logins()
         gevent.spawn(self.reload)
+
+    def forget_logins(self) -> None:
+        """SIGHUP: every login is asked of the auth program again (README "The auth
+        cache"), whether or not the configuration read with it is taken."""
+        forgotten = self.programs.forget_logins()
+        if forgotten is not None:
+            events.note(self.log, events.INFO, events.RELOAD,
+                        "SIGHUP: auth cache emptied (it held %d answers)", forgotten)
 
     def reload(self) -> bool:
         """Read the configuration again; new sessions use it if it is good."""

@@ -607,7 +607,7 @@ class Session:
             creds = sasl.login(username, password)
         else:
             return replies.UNKNOWN_MECHANISM
-        ran = None
+        ran, cached = None, False
         if creds.foreign_authzid:
             reply, result = replies.BAD_CREDENTIALS, {"authzid": creds.authzid}
         else:
@@ -618,16 +618,17 @@ class Session:
             finally:
                 self.running_program = False
             self._log_if_not_started("auth", self.programs.auth, outcome)
-            result = _program_fields(outcome, "duration_ms")
-            ran = outcome.seconds if outcome.status != programs.NO_SLOT else None
+            cached = outcome.cached  # README "The auth cache": no program ran
+            result = {**_program_fields(outcome, "duration_ms"), "cached": cached}
+            ran = outcome.seconds if outcome.status != programs.NO_SLOT and not cached else None
         # Asked only once the program said yes: the answer tells only someone
         # who holds the password that the account is busy, and a stranger
         # cannot fill an account's slots (README "Accounts and limits").
         if reply.code == 235 and not self.limits.user_session_opened(creds.username):
-            self.metrics.auth("tempfail", ran)
+            self.metrics.auth("tempfail", ran, cached)
             return self._rate_limited("AUTH", "", replies.TOO_MANY_USER_SESSIONS,
                                       SESSIONS, creds.username, result)
-        self.metrics.auth(metrics.AUTH_RESULTS.get(reply.code, "tempfail"), ran)
+        self.metrics.auth(metrics.AUTH_RESULTS.get(reply.code, "tempfail"), ran, cached)
         # One line per attempt with the address and the quoted name: a failure
         # is a warning, the line fail2ban reads (conf/fail2ban/); a temporary
         # failure is a refusal like any other, not a failed login.

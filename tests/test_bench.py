@@ -86,6 +86,50 @@ def test_benchmark_runs_end_to_end_on_a_tiny_load(tmp_path):
     assert "machine:" in text and "versions:" in text and "aiosmtpd 1." in text
 
 
+def test_logins_mode_runs_end_to_end_on_a_tiny_load(tmp_path):
+    """bench/README.md "Logins": the --logins mode measures logins without a message,
+    with the scrypt auth program, on ssmtpd with and without the auth cache (and
+    go-smtp where installed), and writes its own section, keeping the file's rest."""
+    out_path = tmp_path / "RESULTS.md"
+    out_path.write_text("# Benchmark results\n\nthe four loads' tables\n")
+    argv = [sys.executable, RUN, "--logins", "--rounds", "1", "--concurrency", "2",
+            "--sessions", "6", "--warmup", "2", "--deadline", "60", "--out", str(out_path)]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE,
+                            start_new_session=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out_path.read_text()
+    assert text.startswith("# Benchmark results\n\nthe four loads' tables\n\n## Logins")
+    assert text.endswith(result.stdout)
+    with_go = "go-smtp: not measured" not in text
+    servers = ["ssmtpd", "ssmtpd --auth-cache-ttl 300",
+               "ssmtpd --workers 2 --auth-cache-ttl 300"] + (["go-smtp"] if with_go else [])
+    summary = _table(text, "| server | sessions/s")
+    assert [row[0] for row in summary] == servers
+    for row in summary:
+        assert all(NUMBER.match(cell) for cell in row[1:]), row
+    # Answered from the cache, no program ran: the cached servers' programs took no CPU.
+    programs_cpu = {row[0]: float(row[-1]) for row in summary}
+    assert programs_cpu["ssmtpd --auth-cache-ttl 300"] == 0.0
+    assert programs_cpu["ssmtpd"] > 0.0
+    rounds = _table(text, "| round |")
+    assert [row[1] for row in rounds] == servers
+    assert all(row[-1] == "none" for row in rounds), rounds
+
+
+def test_a_full_run_keeps_the_logins_section(tmp_path, monkeypatch):
+    """bench/README.md: the four loads' report replaces its part of the file only."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import run
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\nold tables\n\n" + run.LOGINS_HEADING + "\n\nlogins\n")
+    run.publish("# Benchmark results\n\nnew tables\n", str(out))
+    assert out.read_text() == \
+        "# Benchmark results\n\nnew tables\n\n" + run.LOGINS_HEADING + "\n\nlogins\n"
+    run.publish(run.LOGINS_HEADING + "\n\nnew logins\n", str(out), section=True)
+    assert out.read_text() == \
+        "# Benchmark results\n\nnew tables\n\n" + run.LOGINS_HEADING + "\n\nnew logins\n"
+
+
 INSTRUCTIONS = os.path.join(ROOT, "bench", "instructions.py")
 
 

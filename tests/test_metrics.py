@@ -88,10 +88,10 @@ def test_metrics_count_what_happened(make_server, workers):
         m = scrape(port)
         assert value(m, "ssmtpd_connections_total", result="accepted") == probes + 6
         assert value(m, "ssmtpd_connections_total", result="max-connections-per-ip") == 1
-        assert value(m, "ssmtpd_auth_total", result="ok") == 3
-        assert value(m, "ssmtpd_auth_total", result="invalid") == 1
-        assert value(m, "ssmtpd_auth_total", result="tempfail") == 1
-        assert value(m, "ssmtpd_auth_total", result="throttled") == 1
+        assert value(m, "ssmtpd_auth_total", result="ok", cached="no") == 3
+        assert value(m, "ssmtpd_auth_total", result="invalid", cached="no") == 1
+        assert value(m, "ssmtpd_auth_total", result="tempfail", cached="no") == 1
+        assert value(m, "ssmtpd_auth_total", result="throttled", cached="no") == 1
         assert value(m, "ssmtpd_messages_total", code="250") == 2
         assert value(m, "ssmtpd_messages_total", code="554") == 1
         # Each message: the 106 octets sent, plus the Received header.
@@ -254,7 +254,7 @@ def test_idle_metrics_connections_leave_smtp_and_supervision_alone(make_server, 
     m = scrape(mport)
     assert value(m, "ssmtpd_connections_total", result="accepted") == accepted + sessions
     assert value(m, "ssmtpd_messages_total", code="250") == messages
-    assert value(m, "ssmtpd_auth_total", result="ok") == sessions
+    assert value(m, "ssmtpd_auth_total", result="ok", cached="no") == sessions
     assert "Traceback" not in srv.log()
 
 
