@@ -450,7 +450,7 @@ class Settings:
 # What a run is asked to do once instead of serving (README "The auth program",
 # "The process program"): on the command line only, so that no environment
 # variable or ini key can turn a server's start into a one-shot run.
-ONE_SHOT = ("try-auth", "try-process", "try-mechanism")
+ONE_SHOT = ("check-config", "try-auth", "try-process", "try-mechanism")
 TRY_MECHANISMS = ("PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2")
 
 # Values split shell-style later: their quotes must reach shlex.
@@ -576,7 +576,7 @@ def _check_environment() -> None:
             raise ConfigError(f"--{name}: is command-line only; remove {variable} from the "
                               "environment")
     known[ENV_PREFIX + "CONFIG"] = "--config"
-    allowed = set(known) | {ENV_PREFIX + "CHECK_CONFIG"} | set(PROGRAM_VARIABLES)
+    allowed = set(known) | set(PROGRAM_VARIABLES)
     for name in sorted(os.environ):
         if not name.startswith(ENV_PREFIX) or name in allowed:
             continue
@@ -742,7 +742,7 @@ def recheck_as_user(settings: Settings) -> None:
 
     Raises ConfigError naming the option.  The certificate files are not
     checked: they were read before the switch and are needed again only at
-    SIGHUP, whose failure is logged and keeps the loaded certificate.
+    SIGHUP, whose failure is logged and keeps the running configuration.
     """
     for opt in OPTIONS:
         value = getattr(settings, opt.attr)

@@ -298,6 +298,7 @@ def bad_files(tmp_path, certs):
                        ("ini_dashes", "[ssmtpd]\n--port = 25\n"),
                        ("ini_port_word", "[ssmtpd]\nport = x25\n"),
                        ("ini_no_header", "port = 25\n"),
+                       ("ini_check_config", "[ssmtpd]\ncheck-config = true\n"),
                        ("ini_other_section", "[smtpd]\nport = 25\n")]:
         path = tmp_path / f"{name}.ini"
         path.write_text(text)
@@ -377,6 +378,10 @@ BAD_CONFIGS = {
     "env-example": ((), [], {"SSMTPD_EXAMPLE": "config"}, "unknown variable SSMTPD_EXAMPLE"),
     "env-test-prefix": ((), [], {"SSMTPD_TEST_RECORD": "/tmp"},
                         "unknown variable SSMTPD_TEST_RECORD"),
+    "env-check-config": ((), [], {"SSMTPD_CHECK_CONFIG": "true"},
+                         "--check-config: is command-line only; remove SSMTPD_CHECK_CONFIG"),
+    "ini-check-config": ((), ["-c", "{ini_check_config}"], None,
+                         "--check-config: is command-line only, not an ini key"),
     "abbreviated-option": ((), ["--max-recipient", "5"], None,
                            "unrecognized arguments: --max-recipient 5"),
     "abbreviated-boolean": ((), ["--no-require-t"], None, "unrecognized arguments: --no-require-t"),
