@@ -12,10 +12,11 @@ this one, shares no event loop, greenlet or lock with the master.
 
 Signals are queued by their handlers and acted on in the master's loop:
 SIGTERM/SIGINT are passed to every worker, which drains as a single server
-does, and the master exits 0 once all have; SIGHUP is passed on so each
-worker reloads the certificate.  A worker that dies is replaced; one that
-dies soon after starting is replaced after a growing pause, so a worker that
-cannot start does not spin.
+does, and the master exits 0 once all have.  SIGHUP reads the configuration
+again (reload.py) and starts a new generation of workers with it on the same
+sockets; the older one drains (README "Reloading and upgrading").  A worker
+that dies is replaced; one that dies soon after starting is replaced after a
+growing pause, so a worker that cannot start does not spin.
 """
 
 import collections
