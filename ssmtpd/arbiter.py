@@ -129,6 +129,7 @@ class Arbiter:
         # accept (retired_at None), then draining.
         self._older: List[_Slot] = []
         self._reloading = False
+        self._before = None  # while reloading: the settings of the workers serving
         self._signals: Deque[int] = collections.deque()
         self._wake = Event()
         self._state: Optional[int] = None
@@ -227,6 +228,7 @@ class Arbiter:
                                 workers_may_change=True, adjust=self._adjust)
         if got is None:
             return
+        self._before = self._before or self.settings  # of the generation serving now
         self.settings, self.tls = got
         self.ledger.limits.reconfigure(self.settings)
         log.setup(self.settings.log_level, format=self.settings.log_format)
@@ -284,7 +286,8 @@ class Arbiter:
                 self._reloading = False
                 reload.applied(self.log, f"{len(self._slots)} workers accept with the "
                                          f"configuration read now; {len(told)} older ones "
-                                         "drain")
+                                         "drain", self._before, self.settings)
+                self._before = None
                 for slot in self._slots:
                     self.ledger.go(slot.pid)
         for slot in self._older:

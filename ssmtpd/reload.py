@@ -58,9 +58,18 @@ def read_again(argv: Sequence[str], running: Settings, running_tls: TLSHolder, l
     return settings, tls
 
 
-def applied(logger, what: str) -> None:
-    """The one INFO line of a reload that took effect."""
-    events.note(logger, events.INFO, events.RELOAD, "reload: %s", what)
+def applied(logger, what: str, before: Settings, after: Settings) -> None:
+    """The one INFO line of a reload that took effect, naming what changed."""
+    changed = [f"--{name.replace('_', '-')}" for name in _OPTIONS
+               if getattr(before, name) != getattr(after, name)]
+    events.note(logger, events.INFO, events.RELOAD, "reload: %s (%s)", what,
+                "changed: " + ", ".join(changed) if changed
+                else "no setting changed; the certificate and programs are read again",
+                changed=changed)
+
+
+# The settings a user sets (not what a run was asked to do, nor derived values).
+_OPTIONS = [opt.attr for opt in config.OPTIONS]
 
 
 def _refused(logger, why: str) -> None:

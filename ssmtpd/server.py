@@ -198,10 +198,11 @@ class Server:
         settings, tls, programs = got
         self._local_limits.reconfigure(settings)
         self.limits = self._with_state(settings)
-        self.settings, self.tls, self.programs = settings, tls, programs
+        before, self.settings, self.tls, self.programs = self.settings, settings, tls, programs
         log.setup(settings.log_level, format=settings.log_format)
-        reload.applied(self.log, f"new sessions use the configuration read now "
-                                 f"({len(self.sessions)} sessions in progress keep theirs)")
+        reload.applied(self.log, f"new sessions use the configuration read now, "
+                                 f"{len(self.sessions)} in progress keep theirs",
+                       before, settings)
         return True
 
     # --- start ---------------------------------------------------------------

@@ -153,6 +153,8 @@ def test_reloads_under_load_lose_nothing(tmp_path, certs, layout):
                 time.sleep(0.5)
         times = applied_times(srv)
         assert len(times) == RELOADS
+        assert len(re.findall(r"INFO reload: .*\(changed: --process, --max-recipients",
+                              srv.log())) == RELOADS, srv.log()[-3000:]
         assert len(load.sessions) > 2 * CLIENTS, len(load.sessions)
         check_sessions(srv, load.sessions, times)
         assert "ERROR" not in srv.log(), srv.log()
