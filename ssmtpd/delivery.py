@@ -15,7 +15,7 @@ from gevent.lock import BoundedSemaphore
 from ssmtpd import programs, replies
 from ssmtpd.programs import Outcome
 from ssmtpd.replies import Reply
-from ssmtpd.sasl import Credentials
+from ssmtpd.sasl import TOKEN_MECHANISMS, Credentials
 
 EX_TEMPFAIL = 75
 EX_OSERR = 71
@@ -36,8 +36,9 @@ PROCESS_OTHER_EXIT = replies.PROCESS_REJECTED
 PROCESS_ABNORMAL = replies.PROCESS_TEMPFAIL
 
 # Variables we set ourselves; an inherited copy is never passed through.
-_OWN_VARIABLES = ("SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_MECHANISM", "SSMTPD_CLIENT_ADDR",
-                  "SSMTPD_MAIL_FROM", "SSMTPD_RCPT_TO", "SSMTPD_HELO", "SSMTPD_TLS")
+_OWN_VARIABLES = ("SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_TOKEN", "SSMTPD_MECHANISM",
+                  "SSMTPD_CLIENT_ADDR", "SSMTPD_MAIL_FROM", "SSMTPD_RCPT_TO", "SSMTPD_HELO",
+                  "SSMTPD_TLS")
 
 
 _UNSAFE_IN_HELO = re.compile(r'[\s<>()\[\]\\";@]')
@@ -61,6 +62,15 @@ class Envelope:
         if not self.esmtp:
             return "SMTP"
         return "ESMTP" + ("S" if self.tls else "") + ("A" if self.username is not None else "")
+
+
+def program_fields(outcome: Outcome, duration: str) -> dict:
+    """How a program run ended, for its AUTH or message line (README "Logging")."""
+    fields = {"program_result": outcome.describe()}
+    if outcome.status == programs.EXITED:
+        fields["program_exit"] = outcome.code
+    fields[duration] = round(outcome.seconds * 1000)
+    return fields
 
 
 def reply_for(outcome: Outcome, by_exit: Mapping[int, Reply], other: Reply,
@@ -126,8 +136,14 @@ class Programs:
                      on_stderr: Callable[[str], None]) -> Tuple[Reply, Outcome]:
         """Run the auth program; waiting for a free slot counts against --auth-timeout."""
         env = dict(self.base_env)
-        env.update(SSMTPD_USERNAME=creds.username, SSMTPD_PASSWORD=creds.password,
-                   SSMTPD_MECHANISM=mechanism, SSMTPD_CLIENT_ADDR=client_addr)
+        env.update(SSMTPD_USERNAME=creds.username, SSMTPD_MECHANISM=mechanism,
+                   SSMTPD_CLIENT_ADDR=client_addr)
+        # A token mechanism's program gets the token and no password at all
+        # (README "OAuth 2 tokens"), so it cannot mistake one for the other.
+        if mechanism in TOKEN_MECHANISMS:
+            env["SSMTPD_TOKEN"] = creds.token
+        else:
+            env["SSMTPD_PASSWORD"] = creds.password
         started = time.monotonic()
         if not self._auth_slots.acquire(timeout=self.auth_timeout):
             outcome = Outcome(programs.NO_SLOT, seconds=time.monotonic() - started)

@@ -35,6 +35,18 @@ class Event:
         return f"Event({self.name!r})"
 
 
+class Told:
+    """A reply, and the event that says what happened (README "Logging")."""
+
+    __slots__ = ("reply", "level", "event", "fields")
+
+    def __init__(self, reply, level: int, event: Event, fields: Fields):
+        self.reply = reply
+        self.level = level
+        self.event = event
+        self.fields = fields
+
+
 def _seconds(milliseconds: int) -> str:
     return f"{milliseconds / 1000:.3f}s"
 
