@@ -585,6 +585,7 @@ EXAMPLES = {
     "fail2ban-filter": "fail2ban-filter.conf",
     "fail2ban-filter-json": "fail2ban-filter-json.conf",
     "fail2ban-jail": "fail2ban-jail.local",
+    "auth-introspect": "auth-introspect",
 }
 
 
@@ -621,7 +622,8 @@ def build_parser() -> configargparse.ArgParser:
                              "installed ssmtpd: the example programs, state in ./var), "
                              "systemd (a unit), supervisord (a [program:ssmtpd] section), "
                              "fail2ban-filter, fail2ban-filter-json (for --log-format json), "
-                             "fail2ban-jail")
+                             "fail2ban-jail, auth-introspect (an auth program for OAuth 2 "
+                             "tokens)")
     parser.add_argument("--example-config", action=_PrintExample, nargs=0, const="config",
                         help="the same as --example config")
     parser.add_argument("--check-config", action="store_true",

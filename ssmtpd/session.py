@@ -414,7 +414,7 @@ class Session:
         return answer
 
     def rate_limited(self, verb: str, arg: str, reply: Reply, limit: str, user: str,
-                      fields: Optional[dict] = None) -> Told:
+                     fields: Optional[dict] = None) -> Told:
         """A refusal by a per-user limit: its own event, naming the user
         and the limit (README "Accounts and limits")."""
         self.metrics.rate_limited(limit)
@@ -564,7 +564,7 @@ class Session:
             raw = self._wait_for_line(self._next_line)
         except LineTooLong:
             raise SmtpError(replies.LINE_TOO_LONG) from None
-        line = raw.rstrip(b"\n").rstrip(b"\r") if raw.endswith(b"\n") else raw
+        line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
         if len(line) > limit:
             raise SmtpError(replies.LINE_TOO_LONG)
         return line.decode("ascii", "replace").strip()
