@@ -36,15 +36,21 @@ class Event:
 
 
 class Told:
-    """A reply, and the event that says what happened (README "Logging")."""
+    """A reply, and the event that says what happened (README "Logging").
 
-    __slots__ = ("reply", "level", "event", "fields")
+    `said` once its line is written: a failed login's is written as soon as
+    it is known, before the pause and any challenge, and not again with the
+    reply.
+    """
+
+    __slots__ = ("reply", "level", "event", "fields", "said")
 
     def __init__(self, reply, level: int, event: Event, fields: Fields):
         self.reply = reply
         self.level = level
         self.event = event
         self.fields = fields
+        self.said = False
 
 
 def _seconds(milliseconds: int) -> str:

@@ -5,8 +5,9 @@ The session's AUTH verb hands its argument here.  This module chooses the
 mechanism among those offered, holds each mechanism's line limit, reads the
 credentials through the session's 334 challenges, runs the auth program and,
 for a rejected token, sends the error challenge of RFC 7628 §3.2.2.  The
-session lends what it owns: its settings, programs, limits and metrics, and
-`challenge()`, `login_failed()`, `tell_now()`, `rate_limited()`.
+session lends what it owns: its settings, programs, limits, metrics and
+client address, and `challenge()` (a 334 and the response), `login_failed()`,
+`rate_limited()`, `stderr_logger()`, `log_if_not_started()`.
 """
 
 from typing import Union
@@ -78,9 +79,9 @@ def authenticate(session, arg: str) -> Union[Reply, Told]:
         return Told(reply, INFO, events.AUTH, fields)
     if reply.code == 535:
         told = Told(reply, WARNING, events.AUTH_FAILED, fields)
-        session.login_failed()
+        session.login_failed(told)
         if mechanism in sasl.TOKEN_MECHANISMS:
-            _error_challenge(session, told, limit)
+            _error_challenge(session, limit)
         return told
     fields["reason"] = reply.text
     return Told(reply, INFO, events.AUTH_REFUSED, fields)
@@ -102,15 +103,11 @@ def _credentials(session, mechanism: str, initial: str, limit: int) -> sasl.Cred
     return decode(message)
 
 
-def _error_challenge(session, told: Told, limit: int) -> None:
+def _error_challenge(session, limit: int) -> None:
     """RFC 7628 §3.2.2: a rejected token gets a 334 with the error status,
     and the 535 only after the client's reply, whatever it is (`AQ==`, an
-    empty line, even `*`).  The failure is counted already; if the client
-    hangs up or times out here, its line is still written for fail2ban."""
+    empty line, even `*`).  The failure is written and counted already."""
     try:
         session.challenge(sasl.token_error_challenge(), limit)
     except SmtpError:
         pass  # an over-long reply is as good as any: the answer is 535
-    except BaseException:
-        session.tell_now(told)
-        raise

@@ -403,7 +403,8 @@ class Session:
         or `refused` for an answer of 400 and up to MAIL, RCPT, DATA or AUTH
         (README "Logging"); returns the reply."""
         if type(answer) is Told:
-            self.log.say(answer.level, answer.event, **answer.fields)
+            if not answer.said:
+                self.log.say(answer.level, answer.event, **answer.fields)
             if answer.event is events.AUTH:
                 # Lines name the user from the one after the login's own.
                 self.log.set_user(self.user)
@@ -569,19 +570,19 @@ class Session:
             raise SmtpError(replies.LINE_TOO_LONG)
         return line.decode("ascii", "replace").strip()
 
-    def login_failed(self) -> None:
-        """A failed login (535), counted and paused for as soon as it is
-        known, before anything more is said to the client: a token's error
-        challenge comes after this (README "OAuth 2 tokens")."""
+    def login_failed(self, told: Told) -> None:
+        """A failed login (535), as soon as the AUTH exchange knows it: its
+        line written, the failure counted and the pause taken, before
+        anything more is said to the client.  A token's error challenge
+        comes after this, so a client that hangs up there, or a stop during
+        the pause, cannot take the failure back (README "OAuth 2 tokens")."""
+        self.log.say(told.level, told.event, **told.fields)  # the line fail2ban reads
+        told.said = True
         self.auth_failures += 1
         # Counted per address too: a reconnect must not reset it (README "Limits and abuse").
         self.limits.login_failed(self.address_key)
         # A pause before answering makes password guessing slow (README "The dialogue").
         gevent.sleep(self.settings.auth_failure_delay)
-
-    def tell_now(self, told: Told) -> None:
-        """Write a verb's line before its reply is known to reach the client."""
-        self.log.say(told.level, told.event, **told.fields)
 
     @requires(HELO_DONE, TLS_UP, AUTHENTICATED, outside_mail(replies.NESTED_MAIL),
               SPOOL_HAS_ROOM)
