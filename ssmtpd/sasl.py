@@ -120,7 +120,7 @@ def _pairs(data: bytes) -> Dict[bytes, bytes]:
     pairs = {}
     for pair in data[:-1].split(_KVSEP):
         key, eq, value = pair.partition(b"=")
-        if not eq or not key.isalpha() or not key.isascii() or key in pairs:
+        if not eq or not key.isalpha() or key in pairs:
             raise SmtpError(replies.BAD_CREDENTIALS_SYNTAX)
         pairs[key] = value
     return pairs
