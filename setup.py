@@ -9,8 +9,10 @@ setup(
     license="MIT",
     packages=find_packages(include=["ssmtpd", "ssmtpd.*"]),
     # The files `ssmtpd --example NAME` prints: a configuration, the systemd
-    # unit, the supervisord section, the fail2ban filter and jail.
-    package_data={"ssmtpd.examples": ["*.ini", "*.service", "*.conf", "*.local"]},
+    # unit, the supervisord section, the fail2ban filter and jail, the token
+    # introspection auth program.
+    package_data={"ssmtpd.examples": ["*.ini", "*.service", "*.conf", "*.local",
+                                      "auth-introspect"]},
     python_requires=">=3.9",
     install_requires=[
         "gevent>=22.10",

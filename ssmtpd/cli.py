@@ -16,7 +16,8 @@ from gevent import socket as gsocket
 from ssmtpd import (arbiter, config, events, handover, ledger, log, metrics, privileges,
                     reload, state, trial)
 from ssmtpd.authcache import AuthCache
-from ssmtpd.delivery import TOKEN_MECHANISMS, Programs
+from ssmtpd.delivery import Programs
+from ssmtpd.sasl import TOKEN_MECHANISMS
 from ssmtpd.server import ListenError, Server, fit_descriptor_limit
 from ssmtpd.tls import TLSError, TLSHolder
 

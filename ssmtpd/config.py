@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import configargparse
 
-from ssmtpd import __version__, privileges
+from ssmtpd import __version__, privileges, sasl
 
 ENV_PREFIX = "SSMTPD_"
 INI_SECTION = "ssmtpd"
@@ -295,6 +295,20 @@ def _hostname(value):
     return value
 
 
+def _mechanisms(value):
+    """MECHANISM[,MECHANISM...] of sasl.MECHANISMS, in the order given: a tuple."""
+    if isinstance(value, tuple):
+        return value
+    names = [part.strip().upper() for part in str(value).split(",")]
+    for name in names:
+        if name not in sasl.MECHANISMS:
+            shown = repr(name) if name else "an empty name"
+            raise ValueError(f"{shown} is not one of {', '.join(sasl.MECHANISMS)}")
+    if len(set(names)) != len(names):
+        raise ValueError("names a mechanism twice")
+    return tuple(names)
+
+
 def _log_level(value):
     value = value.lower()
     if value not in ("debug", "info", "warning", "error"):
@@ -350,6 +364,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("timeout", 300.0, "seconds to wait for a command line or a TLS handshake", "float",
            _positive),
     Option("data-timeout", 600.0, "seconds a whole DATA phase may take", "float", _positive),
+    Option("auth-mechanisms", "PLAIN,LOGIN", "SASL mechanisms AUTH offers, comma-separated: "
+           "PLAIN, LOGIN, OAUTHBEARER, XOAUTH2 (the last two take an OAuth 2 bearer token)",
+           check=_mechanisms),
     Option("auth-timeout", 30.0, "seconds the auth program may run", "float", _positive),
     Option("auth-failure-delay", 1.0, "seconds before a failed AUTH is answered", "float",
            _not_negative),
@@ -418,6 +435,7 @@ class Settings:
     state_timeout: float
     timeout: float
     data_timeout: float
+    auth_mechanisms: Tuple[str, ...]
     auth_timeout: float
     auth_failure_delay: float
     auth_cache_ttl: float
@@ -598,6 +616,7 @@ EXAMPLES = {
     "fail2ban-filter": "fail2ban-filter.conf",
     "fail2ban-filter-json": "fail2ban-filter-json.conf",
     "fail2ban-jail": "fail2ban-jail.local",
+    "auth-introspect": "auth-introspect",
 }
 
 
@@ -634,7 +653,8 @@ def build_parser() -> configargparse.ArgParser:
                              "installed ssmtpd: the example programs, state in ./var), "
                              "systemd (a unit), supervisord (a [program:ssmtpd] section), "
                              "fail2ban-filter, fail2ban-filter-json (for --log-format json), "
-                             "fail2ban-jail")
+                             "fail2ban-jail, auth-introspect (an auth program for OAuth 2 "
+                             "tokens)")
     parser.add_argument("--example-config", action=_PrintExample, nargs=0, const="config",
                         help="the same as --example config")
     parser.add_argument("--check-config", action="store_true",

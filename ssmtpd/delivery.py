@@ -17,7 +17,7 @@ from ssmtpd import programs, replies
 from ssmtpd.authcache import AuthCache
 from ssmtpd.programs import Outcome
 from ssmtpd.replies import Reply
-from ssmtpd.sasl import Credentials
+from ssmtpd.sasl import TOKEN_MECHANISMS, Credentials
 
 EX_TEMPFAIL = 75
 EX_OSERR = 71
@@ -41,9 +41,6 @@ PROCESS_ABNORMAL = replies.PROCESS_TEMPFAIL
 _OWN_VARIABLES = ("SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_TOKEN", "SSMTPD_MECHANISM",
                   "SSMTPD_CLIENT_ADDR", "SSMTPD_MAIL_FROM", "SSMTPD_RCPT_TO", "SSMTPD_HELO",
                   "SSMTPD_TLS")
-# Mechanisms whose secret is a bearer token (RFC 7628, and XOAUTH2): the
-# program gets it as SSMTPD_TOKEN, never as SSMTPD_PASSWORD.
-TOKEN_MECHANISMS = ("OAUTHBEARER", "XOAUTH2")
 
 
 _UNSAFE_IN_HELO = re.compile(r'[\s<>()\[\]\\";@]')
@@ -67,6 +64,15 @@ class Envelope:
         if not self.esmtp:
             return "SMTP"
         return "ESMTP" + ("S" if self.tls else "") + ("A" if self.username is not None else "")
+
+
+def program_fields(outcome: Outcome, duration: str) -> dict:
+    """How a program run ended, for its AUTH or message line (README "Logging")."""
+    fields = {"program_result": outcome.describe()}
+    if outcome.status == programs.EXITED:
+        fields["program_exit"] = outcome.code
+    fields[duration] = round(outcome.seconds * 1000)
+    return fields
 
 
 def reply_for(outcome: Outcome, by_exit: Mapping[int, Reply], other: Reply,

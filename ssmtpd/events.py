@@ -35,6 +35,24 @@ class Event:
         return f"Event({self.name!r})"
 
 
+class Told:
+    """A reply, and the event that says what happened (README "Logging").
+
+    `said` once its line is written: a failed login's is written as soon as
+    it is known, before the pause and any challenge, and not again with the
+    reply.
+    """
+
+    __slots__ = ("reply", "level", "event", "fields", "said")
+
+    def __init__(self, reply, level: int, event: Event, fields: Fields):
+        self.reply = reply
+        self.level = level
+        self.event = event
+        self.fields = fields
+        self.said = False
+
+
 def _seconds(milliseconds: int) -> str:
     return f"{milliseconds / 1000:.3f}s"
 

@@ -18,11 +18,11 @@ from typing import Callable, List, Optional, Tuple, Union
 import gevent
 from gevent import ssl
 
-from ssmtpd import dotreader, events, metrics, programs, replies, sasl, spool, syntax
+from ssmtpd import dotreader, events, login, metrics, replies, spool, syntax
 from ssmtpd.config import Settings
-from ssmtpd.delivery import Envelope, Programs, received_header
-from ssmtpd.events import DEBUG, ERROR, INFO, WARNING
-from ssmtpd.limits import SESSIONS, Limits
+from ssmtpd.delivery import Envelope, Programs, program_fields, received_header
+from ssmtpd.events import DEBUG, ERROR, INFO, WARNING, Told
+from ssmtpd.limits import Limits
 from ssmtpd.log import SessionLog, clean, quote
 from ssmtpd.metrics import Metrics, NoMetrics
 from ssmtpd.replies import Reply, SmtpError
@@ -31,12 +31,12 @@ from ssmtpd.tls import TLSHolder
 
 # RFC 5321 §4.5.3.1.4: 512 octets with CRLF.  MAIL may grow by the allowances
 # of the extensions we offer: SIZE +26 (RFC 1870), AUTH= +500 (RFC 4954 §5),
-# SMTPUTF8 +10 (RFC 6531 §3.4).  An AUTH line may carry 12288 (RFC 4954 §4).
+# SMTPUTF8 +10 (RFC 6531 §3.4).  An AUTH line is read up to the longest any
+# mechanism allows; each mechanism's own limit is login.py's.
 COMMAND_LIMIT = 512
 MAIL_LIMIT = 512 + 26 + 500 + 10
-AUTH_LINE_LIMIT = 12288
-READ_LIMIT = AUTH_LINE_LIMIT + 2
-LINE_LIMITS = {b"MAIL": MAIL_LIMIT, b"AUTH": READ_LIMIT}
+READ_LIMIT = login.TOKEN_LINE_LIMIT + 2
+LINE_LIMITS = {b"MAIL": MAIL_LIMIT}
 
 MAX_AUTH_FAILURES = 3
 MAX_ERRORS = 10
@@ -68,18 +68,6 @@ class IdleTimeout(Exception):
 
 class _Close(Exception):
     """End the session without a further reply."""
-
-
-class Told:
-    """A reply, and the event that says what happened (README "Logging")."""
-
-    __slots__ = ("reply", "level", "event", "fields")
-
-    def __init__(self, reply: Reply, level: int, event: events.Event, fields: dict):
-        self.reply = reply
-        self.level = level
-        self.event = event
-        self.fields = fields
 
 
 # --- verb requirements, declared once per verb ------------------------------
@@ -124,7 +112,7 @@ class SendingRoom(Need):
                                                len(session.rcpt_to) + self.recipients)
         if limit is None:
             return None
-        return session._rate_limited(verb, arg, self.reply, limit, user)
+        return session.rate_limited(verb, arg, self.reply, limit, user)
 
 
 HELO_DONE = Need(lambda s: s.helo is not None, replies.NO_HELO)
@@ -364,15 +352,10 @@ class Session:
         verb, reply = self._dispatch(raw)
         if reply is None:  # STARTTLS answered before its handshake
             return None
-        if reply.code == 535:
-            self.auth_failures += 1
-            # Counted per address too: a reconnect must not reset it (README "Limits and abuse").
-            self.limits.login_failed(self.address_key)
-            # A pause before answering makes password guessing slow (README "The dialogue").
-            gevent.sleep(self.settings.auth_failure_delay)
-            if self.auth_failures >= MAX_AUTH_FAILURES:
-                self._send(reply)
-                return replies.TOO_MANY_AUTH_FAILURES
+        if reply.code == 535 and self.auth_failures >= MAX_AUTH_FAILURES:
+            # Counted (login_failed) when the AUTH exchange knew it had failed.
+            self._send(reply)
+            return replies.TOO_MANY_AUTH_FAILURES
         elif verb == "DATA" and reply.code == 250:
             self.junk = 0
         elif verb in JUNK_VERBS:
@@ -417,7 +400,11 @@ class Session:
         # Octets, so a non-ASCII letter that str.upper() folds into ASCII
         # ("quıt") is no verb.
         known = _VERBS.get(verb_bytes)
-        if len(raw) > LINE_LIMITS.get(verb_bytes, COMMAND_LIMIT):
+        if verb_bytes == b"AUTH":
+            too_long = len(line) > login.command_limit(line)
+        else:
+            too_long = len(raw) > LINE_LIMITS.get(verb_bytes, COMMAND_LIMIT)
+        if too_long:
             return "", self._tell(known[0] if known else "", "", replies.LINE_TOO_LONG)
         try:
             text = line.decode("utf-8")
@@ -449,7 +436,8 @@ class Session:
         or `refused` for an answer of 400 and up to MAIL, RCPT, DATA or AUTH
         (README "Logging"); returns the reply."""
         if type(answer) is Told:
-            self.log.say(answer.level, answer.event, **answer.fields)
+            if not answer.said:
+                self.log.say(answer.level, answer.event, **answer.fields)
             if answer.event is events.AUTH:
                 # Lines name the user from the one after the login's own.
                 self.log.set_user(self.user)
@@ -459,8 +447,8 @@ class Session:
             self.log.say(told.level, told.event, **told.fields)
         return answer
 
-    def _rate_limited(self, verb: str, arg: str, reply: Reply, limit: str, user: str,
-                      fields: Optional[dict] = None) -> Told:
+    def rate_limited(self, verb: str, arg: str, reply: Reply, limit: str, user: str,
+                     fields: Optional[dict] = None) -> Told:
         """A refusal by a per-user limit: its own event, naming the user
         and the limit (README "Accounts and limits")."""
         self.metrics.rate_limited(limit)
@@ -542,7 +530,7 @@ class Session:
         self.log.say(INFO, events.TLS, tls_version=self.tls_version,
                      cipher=cipher[0] if cipher else "")
 
-    def _log_if_not_started(self, program: str, argv, outcome) -> None:
+    def log_if_not_started(self, program: str, argv, outcome) -> None:
         # Every login or message fails the same way until someone looks: say
         # so at error level, with the path (README "Monitoring").
         if outcome.not_started:
@@ -550,7 +538,7 @@ class Session:
                          reason=outcome.error
                          or f"{outcome.describe()}, a command it runs did not start")
 
-    def _stderr_logger(self, program: str):
+    def stderr_logger(self, program: str):
         def log_line(line: str) -> None:
             self.log.say(INFO, events.PROGRAM_OUTPUT, program=program, stderr=line)
         return log_line
@@ -567,7 +555,8 @@ class Session:
         if not self.tls_version:
             keywords.append("STARTTLS")
         if self.programs.auth and (self.tls_version or not self.settings.require_tls):
-            keywords.append("AUTH " + " ".join(sasl.MECHANISMS))  # RFC 4954 §4
+            # RFC 4954 §4: exactly the mechanisms AUTH accepts.
+            keywords.append("AUTH " + " ".join(self.settings.auth_mechanisms))
         return replies.ehlo(self.settings.hostname, clean(self.helo, 64), keywords)
 
     @requires()
@@ -596,61 +585,37 @@ class Session:
     @requires(AUTH_ENABLED, HELO_DONE, outside_mail(replies.AUTH_IN_TRANSACTION),
               NOT_AUTHENTICATED, TLS_UP, LOGINS_ALLOWED)
     def smtp_AUTH(self, arg: str) -> Union[Reply, Told]:
-        mechanism, _, initial = arg.strip().partition(" ")
-        mechanism = mechanism.upper()
-        initial = initial.strip()
-        if mechanism == "PLAIN":
-            creds = sasl.plain(sasl.decode_response(initial or self._challenge("")))
-        elif mechanism == "LOGIN":
-            username = sasl.decode_response(initial or self._challenge(sasl.LOGIN_USERNAME_PROMPT))
-            password = sasl.decode_response(self._challenge(sasl.LOGIN_PASSWORD_PROMPT))
-            creds = sasl.login(username, password)
-        else:
-            return replies.UNKNOWN_MECHANISM
-        ran, cached = None, False
-        if creds.foreign_authzid:
-            reply, result = replies.BAD_CREDENTIALS, {"authzid": creds.authzid}
-        else:
-            self.running_program = True
-            try:
-                reply, outcome = self.programs.authenticate(
-                    creds, mechanism, self.client_addr, self._stderr_logger("auth"))
-            finally:
-                self.running_program = False
-            self._log_if_not_started("auth", self.programs.auth, outcome)
-            cached = outcome.cached  # README "The auth cache": no program ran
-            result = {**_program_fields(outcome, "duration_ms"), "cached": cached}
-            ran = outcome.seconds if outcome.status != programs.NO_SLOT and not cached else None
-        # Asked only once the program said yes: the answer tells only someone
-        # who holds the password that the account is busy, and a stranger
-        # cannot fill an account's slots (README "Accounts and limits").
-        if reply.code == 235 and not self.limits.user_session_opened(creds.username):
-            self.metrics.auth("tempfail", ran, cached)
-            return self._rate_limited("AUTH", "", replies.TOO_MANY_USER_SESSIONS,
-                                      SESSIONS, creds.username, result)
-        self.metrics.auth(metrics.AUTH_RESULTS.get(reply.code, "tempfail"), ran, cached)
-        # One line per attempt with the address and the quoted name: a failure
-        # is a warning, the line fail2ban reads (conf/fail2ban/); a temporary
-        # failure is a refusal like any other, not a failed login.
-        fields = {"command": "AUTH", "mechanism": mechanism, "username": creds.username,
-                  "code": reply.code, "enhanced": reply.enhanced, **result}
-        if reply.code == 235:
-            self.user = self._session_of = creds.username
-            fields["user"] = creds.username
-            return Told(reply, INFO, events.AUTH, fields)
-        if reply.code == 535:
-            return Told(reply, WARNING, events.AUTH_FAILED, fields)
-        fields["reason"] = reply.text
-        return Told(reply, INFO, events.AUTH_REFUSED, fields)
+        answer = login.authenticate(self, arg)
+        if type(answer) is Told and answer.event is events.AUTH:
+            self.user = self._session_of = answer.fields["user"]
+        return answer
 
-    def _challenge(self, prompt: str) -> str:
-        """Send a 334 and read one response line (RFC 4954 §4)."""
+    def challenge(self, prompt: str, limit: int) -> str:
+        """Send a 334 and read one response line of at most `limit` octets
+        without its line end (RFC 4954 §4)."""
         self.stream.write(f"334 {prompt}\r\n".encode("ascii"))
         try:
             raw = self._wait_for_line(self._next_line)
         except LineTooLong:
             raise SmtpError(replies.LINE_TOO_LONG) from None
-        return raw.decode("ascii", "replace").strip()
+        line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        if len(line) > limit:
+            raise SmtpError(replies.LINE_TOO_LONG)
+        return line.decode("ascii", "replace").strip()
+
+    def login_failed(self, told: Told) -> None:
+        """A failed login (535), as soon as the AUTH exchange knows it: its
+        line written, the failure counted and the pause taken, before
+        anything more is said to the client.  A token's error challenge
+        comes after this, so a client that hangs up there, or a stop during
+        the pause, cannot take the failure back (README "OAuth 2 tokens")."""
+        self.log.say(told.level, told.event, **told.fields)  # the line fail2ban reads
+        told.said = True
+        self.auth_failures += 1
+        # Counted per address too: a reconnect must not reset it (README "Limits and abuse").
+        self.limits.login_failed(self.address_key)
+        # A pause before answering makes password guessing slow (README "The dialogue").
+        gevent.sleep(self.settings.auth_failure_delay)
 
     @requires(HELO_DONE, TLS_UP, AUTHENTICATED, outside_mail(replies.NESTED_MAIL),
               SPOOL_HAS_ROOM, SendingRoom(messages=1, recipients=1))
@@ -739,23 +704,23 @@ class Session:
                     self.metrics.message(replies.RATE_LIMITED.code, result.size)
                     told = _message(replies.RATE_LIMITED, WARNING, events.RATE_LIMITED,
                                     envelope, result.size, started)
-                    return self._rate_limited("DATA", "", replies.RATE_LIMITED, limit,
+                    return self.rate_limited("DATA", "", replies.RATE_LIMITED, limit,
                                               self.user, told.fields)
             self.running_program = True
             reply = None
             try:
                 reply, outcome = self.programs.deliver(envelope, message,
-                                                       self._stderr_logger("process"))
+                                                       self.stderr_logger("process"))
             finally:
                 self.running_program = False
                 if taken and (reply is None or reply.code != 250):
                     self.limits.give_back_message(self.user, taken)
-            self._log_if_not_started("process", self.programs.process, outcome)
+            self.log_if_not_started("process", self.programs.process, outcome)
         finally:
             message_spool.close()
         self.metrics.message(reply.code, result.size, outcome.seconds)
         return _message(reply, INFO, events.MESSAGE, envelope, result.size, started,
-                        **_program_fields(outcome, "program_ms"))
+                        **program_fields(outcome, "program_ms"))
 
     @requires()
     def smtp_RSET(self, arg: str) -> Reply:
@@ -785,15 +750,6 @@ class Session:
 
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
-
-
-def _program_fields(outcome: programs.Outcome, duration: str) -> dict:
-    """How a program run ended, for its AUTH or message line (README "Logging")."""
-    fields = {"program_result": outcome.describe()}
-    if outcome.status == programs.EXITED:
-        fields["program_exit"] = outcome.code
-    fields[duration] = _ms(outcome.seconds)
-    return fields
 
 
 def _message(reply: Reply, level: int, event: events.Event, envelope: Envelope, size: int,

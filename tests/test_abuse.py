@@ -454,7 +454,8 @@ def test_fail2ban_finds_every_real_failure_and_no_forged_address(make_server, tm
     or a temporary failure."""
     if not shutil.which("fail2ban-regex"):
         pytest.fail("fail2ban-regex is not installed (.ci/run installs Debian's fail2ban)")
-    srv = make_server("--log-format", log_format)
+    srv = make_server("--log-format", log_format,
+                      "--auth-mechanisms", "PLAIN,LOGIN,OAUTHBEARER,XOAUTH2")
     failures = {}  # address -> how it failed
     logins = {"127.0.0.2": "bob", "127.0.0.3": FORGED, "127.0.0.4": "john smith",
               "127.0.0.5": 'quo"te\\back', "127.0.0.6": "x" * 300,
@@ -475,6 +476,19 @@ def test_fail2ban_finds_every_real_failure_and_no_forged_address(make_server, tm
     assert raw.cmd(f"AUTH PLAIN {plain_token(USER, PASSWORD, authzid='root')}")[0] == 535
     raw.close()
     failures["127.0.0.13"] = "authzid"
+    # Rejected tokens (README "OAuth 2 tokens"): one client answers the error
+    # challenge, the other hangs up at it, as curl does for XOAUTH2.
+    raw = tls_session(srv, "127.0.0.14")
+    bearer = b"n,a=dave,\x01auth=Bearer expired\x01\x01"
+    assert raw.cmd("AUTH OAUTHBEARER " + base64.b64encode(bearer).decode())[0] == 334
+    assert raw.cmd("AQ==")[0] == 535
+    raw.close()
+    failures["127.0.0.14"] = "dave"
+    raw = tls_session(srv, "127.0.0.15")
+    xoauth2 = f"user={FORGED}\x01auth=Bearer expired\x01\x01".encode()
+    assert raw.cmd("AUTH XOAUTH2 " + base64.b64encode(xoauth2).decode())[0] == 334
+    raw.close()
+    failures["127.0.0.15"] = FORGED
     raw = tls_session(srv, "127.0.0.7")
     assert auth(raw)[0] == 235  # a success is not a failure
     raw.close()

@@ -224,7 +224,8 @@ def test_plain_authzid_differs(server, tls_client):
 
 @pytest.mark.parametrize("command", ["AUTH CRAM-MD5", "AUTH DIGEST-MD5 abcd", "AUTH XOAUTH2 abcd"])
 def test_unknown_mechanism(server, tls_client, command):
-    """README "The dialogue" AUTH: only PLAIN and LOGIN exist; another mechanism gets 504 (RFC 4954 §4)."""
+    """README "The dialogue" AUTH: by default only PLAIN and LOGIN are offered; another
+    mechanism, a token one too, gets 504 (RFC 4954 §4)."""
     raw = tls_client()
     code, lines = raw.cmd(command)
     assert code == 504, lines

@@ -202,6 +202,7 @@ HELP_DEFAULTS = {
     "data-timeout": r"\(default: 600(\.0)?\)",
     "auth-timeout": r"\(default: 30(\.0)?\)",
     "auth-failure-delay": r"\(default: 1(\.0)?\)",
+    "auth-mechanisms": r"\(default: PLAIN,LOGIN\)",
     "process-timeout": r"\(default: 300(\.0)?\)",
     "received-header": r"\(default: (on|True)\)",
     "log-level": r"\(default: info\)",
@@ -284,8 +285,11 @@ def bad_files(tmp_path, certs):
     ini_bool.write_text("[ssmtpd]\nrequire_tls = maybe\n")
     ini_port = tmp_path / "port.ini"
     ini_port.write_text("[ssmtpd]\nport = 0\n")
+    ini_mechanisms = tmp_path / "mechanisms.ini"
+    ini_mechanisms.write_text("[ssmtpd]\nauth_mechanisms = PLAIN XOAUTH2\n")
     files = {"not_exec": str(not_exec), "not_pem": str(not_pem), "ini": str(ini),
-             "ini_bool": str(ini_bool), "ini_port": str(ini_port)}
+             "ini_bool": str(ini_bool), "ini_port": str(ini_port),
+             "ini_mechanisms": str(ini_mechanisms)}
     # Programs that exec(2) would refuse at every login or message.
     for name, text in [("no_shebang", "echo hello\n"), ("cr_shebang", "#!/bin/sh\r\nexit 0\n"),
                        ("bad_interpreter", "#!/nonexistent/python\nexit 0\n"),
@@ -335,6 +339,16 @@ BAD_CONFIGS = {
     "auth-failure-delay-negative": ((), ["--auth-failure-delay=-1"], None,
                                     "--auth-failure-delay"),
     "log-level-unknown": ((), ["--log-level", "loud"], None, "--log-level"),
+    # README "OAuth 2 tokens": only the four mechanisms, each once.
+    "auth-mechanisms-unknown": ((), ["--auth-mechanisms", "PLAIN,CRAM-MD5"], None,
+                                "--auth-mechanisms: 'CRAM-MD5' is not one of PLAIN, LOGIN, "
+                                "OAUTHBEARER, XOAUTH2"),
+    "auth-mechanisms-empty-from-env": ((), [], {"SSMTPD_AUTH_MECHANISMS": "XOAUTH2,"},
+                                       "--auth-mechanisms: an empty name is not one of"),
+    "auth-mechanisms-ini-without-commas": ((), ["-c", "{ini_mechanisms}"], None,
+                                           "--auth-mechanisms: 'PLAIN XOAUTH2' is not one of"),
+    "auth-mechanisms-twice": ((), ["--auth-mechanisms", "xoauth2,XOAUTH2"], None,
+                              "--auth-mechanisms: names a mechanism twice"),
     "require-tls-env-maybe": ((), [], {"SSMTPD_REQUIRE_TLS": "maybe"}, "REQUIRE_TLS"),
     "require-tls-ini-maybe": ((), ["-c", "{ini_bool}"], None, "require-tls"),
     "bind-not-an-ip": ((), ["--bind", "not-an-ip"], None, "--bind"),

@@ -568,3 +568,133 @@ def test_installed_package_alone_runs_its_example(tmp_path):
     assert str(bindir.parent) in subprocess.run(
         [str(bindir / "python"), "-c", "import ssmtpd; print(ssmtpd.__file__)"], env=env,
         cwd=home, capture_output=True, text=True).stdout
+
+
+# --- conf/auth-introspect (README "OAuth 2 tokens") -----------------------------------------
+
+INTROSPECT = os.path.join(CONF, "auth-introspect")
+CLIENT_ID, CLIENT_SECRET = "ssmtpd", 'se"cr\\et'
+# token -> the introspection answer (RFC 7662 §2.2)
+INTROSPECTED = {
+    "ya29.alice-token": {"active": True, "username": "alice", "scope": "openid smtp"},
+    "ya29.expired": {"active": False},
+    "ya29.odd-answer": {"active": "yes", "username": "alice"},
+}
+
+
+@pytest.fixture
+def introspection(tmp_path):
+    """A fake RFC 7662 endpoint on loopback: (url, client file, requests seen, state)."""
+    import base64
+    import http.server
+    import json
+    import threading
+    import urllib.parse
+
+    seen = []
+    state = {"status": 200}
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length", "0"))
+            form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+            seen.append({"authorization": self.headers.get("Authorization"), "form": form})
+            expected = "Basic " + base64.b64encode(
+                f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+            if self.headers.get("Authorization") != expected:
+                status, answer = 401, {"error": "invalid_client"}
+            else:
+                status = state["status"]
+                answer = INTROSPECTED.get(form.get("token", [""])[0], {"active": False})
+            body = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    client = tmp_path / "introspection-client"
+    client.write_text(f"{CLIENT_ID}:{CLIENT_SECRET}\n")
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/introspect", str(client), seen, state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def introspect(url, client, user="alice", token="ya29.alice-token", **extra):
+    """Run conf/auth-introspect as the server does for an XOAUTH2 login."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSMTPD_")}
+    env.update(SSMTPD_USERNAME=user, SSMTPD_MECHANISM="XOAUTH2", SSMTPD_CLIENT_ADDR="127.0.0.1",
+               INTROSPECTION_URL=url, INTROSPECTION_CLIENT=client, **extra)
+    if token is not None:
+        env["SSMTPD_TOKEN"] = token
+    proc = subprocess.run([INTROSPECT], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout=RUN_TIMEOUT)
+    assert b"Traceback" not in proc.stderr, proc.stderr
+    if token:
+        assert token.encode() not in proc.stdout + proc.stderr
+    return proc.returncode
+
+
+@pytest.mark.parametrize("user, token, extra, expected", [
+    ("alice", "ya29.alice-token", {}, 0),
+    ("alice", "ya29.alice-token", {"INTROSPECTION_SCOPE": "smtp"}, 0),
+    ("alice", "ya29.alice-token", {"INTROSPECTION_SCOPE": "imap"}, 1),
+    ("bob", "ya29.alice-token", {}, 1),  # someone else's token
+    ("alice", "ya29.alice-token", {"INTROSPECTION_USER_FIELD": "email"}, 1),
+    ("alice", "ya29.expired", {}, 1),
+    ("alice", "ya29.unknown", {}, 1),
+    ("alice", "ya29.odd-answer", {}, 1),  # only a JSON true is active
+    ("alice", None, {"SSMTPD_PASSWORD": "secret"}, 1),  # a password login
+], ids=["active", "scope", "other-scope", "other-user", "no-such-field", "inactive", "unknown",
+        "active-not-true", "password"])
+def test_auth_introspect_decides_by_the_endpoint(introspection, user, token, extra, expected):
+    """README "OAuth 2 tokens": the introspection example exits 0 only for an active token
+    (RFC 7662 §2.2) issued to the login name, with the scope if one is asked for; it
+    authenticates to the endpoint with the client credentials and sends the token."""
+    url, client, seen, _ = introspection
+    assert introspect(url, client, user, token, **extra) == expected
+    if token is not None:
+        (request,) = seen
+        assert request["form"]["token"] == [token]
+        assert request["form"]["token_type_hint"] == ["access_token"]
+
+
+def test_auth_introspect_endpoint_trouble_is_temporary(introspection, tmp_path):
+    """README "OAuth 2 tokens": an endpoint that fails, refuses our client credentials or
+    cannot be reached gives exit 75, a 454 for the client, not a failed login."""
+    url, client, seen, state = introspection
+    state["status"] = 503
+    assert introspect(url, client) == 75
+    state["status"] = 200
+    wrong = tmp_path / "wrong-client"
+    wrong.write_text("ssmtpd:wrong\n")
+    assert introspect(url, str(wrong)) == 75
+    assert introspect("http://127.0.0.1:9/introspect", client) == 75
+    assert introspect(url, str(tmp_path / "missing")) == 75
+
+
+def test_auth_introspect_behind_server(make_server, introspection):
+    """README "OAuth 2 tokens" end to end: the server with --auth conf/auth-introspect and
+    --auth-mechanisms XOAUTH2 logs in a valid token and refuses an expired one."""
+    import base64
+    url, client, seen, _ = introspection
+    srv = make_server("--auth", INTROSPECT, "--auth-mechanisms", "XOAUTH2",
+                      env={"INTROSPECTION_URL": url, "INTROSPECTION_CLIENT": client})
+    raw = srv.raw()
+    try:
+        raw.hello(srv.tls_context())
+        message = base64.b64encode(b"user=alice\x01auth=Bearer ya29.expired\x01\x01").decode()
+        assert raw.cmd(f"AUTH XOAUTH2 {message}")[0] == 334
+        assert raw.cmd("")[1] == ["535 5.7.8 Authentication credentials invalid"]
+        message = base64.b64encode(b"user=alice\x01auth=Bearer ya29.alice-token\x01\x01").decode()
+        assert raw.cmd(f"AUTH XOAUTH2 {message}")[1] == ["235 2.7.0 Authentication successful"]
+    finally:
+        raw.close()
+    assert [r["form"]["token"] for r in seen] == [["ya29.expired"], ["ya29.alice-token"]]
+    assert "ya29." not in srv.log()

@@ -22,6 +22,7 @@ EXAMPLES = {
     "fail2ban-filter": "conf/fail2ban/filter.d/ssmtpd.conf",
     "fail2ban-filter-json": "conf/fail2ban/filter.d/ssmtpd-json.conf",
     "fail2ban-jail": "conf/fail2ban/jail.d/ssmtpd.local",
+    "auth-introspect": "conf/auth-introspect",
 }
 PASSPHRASE = "a long passphrase"
 

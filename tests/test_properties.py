@@ -7,6 +7,7 @@ over real sockets.
 
 import base64
 import io
+import json
 import os
 import re
 
@@ -338,6 +339,107 @@ def test_login_round_trip(user, secret):
     creds = sasl.login(base64.b64decode(base64.b64encode(user.encode())), secret)
     assert creds.username == user
     assert creds.password.encode("utf-8", "surrogateescape") == secret
+
+
+# --- bearer tokens: OAUTHBEARER (RFC 7628) and XOAUTH2 (README "OAuth 2 tokens")
+
+# RFC 6750 §2.1 b64token.
+bearer_token = st.builds(lambda body, pad: body + "=" * pad,
+                         st.text("ABCXYZabcxyz0189-._~+/", min_size=1, max_size=80),
+                         st.integers(0, 2))
+# Other pairs a client may add (RFC 7628 §3.1: host, port; any ALPHA key).
+extra_pairs = st.lists(st.tuples(st.sampled_from(["host", "port", "mth", "path", "qs"]),
+                                 st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e),
+                                         max_size=20)),
+                       max_size=3, unique_by=lambda kv: kv[0])
+
+
+def saslname(name: str) -> str:
+    """RFC 5801 §4: "," and "=" escaped in an authzid."""
+    return name.replace("=", "=3D").replace(",", "=2C")
+
+
+def kv(pairs) -> str:
+    return "".join(f"{k}={v}\x01" for k, v in pairs)
+
+
+@PROPERTY
+@given(username, bearer_token, extra_pairs, st.sampled_from(["n", "y"]), st.booleans())
+def test_oauthbearer_round_trip(user, token, extra, flag, auth_first):
+    """RFC 7628 §3.1: gs2-header %x01 key=value pairs (auth=Bearer among any others)
+    %x01 decodes to the authzid as the user name and exactly the token."""
+    pairs = [("auth", f"Bearer {token}")] + extra if auth_first \
+        else extra + [("auth", f"Bearer {token}")]
+    message = f"{flag},a={saslname(user)},\x01{kv(pairs)}\x01".encode("utf-8")
+    creds = sasl.oauthbearer(sasl.decode_response(base64.b64encode(message).decode()))
+    assert (creds.username, creds.token, creds.password) == (user, token, "")
+    assert creds.secret == token
+    assert repr(creds) == f"Credentials(username={user!r}, password=***)"
+
+
+@PROPERTY
+@given(username, bearer_token)
+def test_xoauth2_round_trip(user, token):
+    """XOAUTH2: user=NAME %x01 auth=Bearer TOKEN %x01 %x01 decodes to exactly those."""
+    message = f"user={user}\x01auth=Bearer {token}\x01\x01".encode("utf-8")
+    creds = sasl.xoauth2(sasl.decode_response(base64.b64encode(message).decode()))
+    assert (creds.username, creds.token, creds.password) == (user, token, "")
+    assert creds.secret == token
+    assert repr(creds) == f"Credentials(username={user!r}, password=***)"
+
+
+# Pieces of token messages, so that near-misses are common among the arbitrary bytes.
+token_piece = st.sampled_from([b"n,", b"y,", b"p=tls-unique,", b"a=", b"alice", b"=2C", b"=3D",
+                               b"=", b",", b"\x01", b"\x01\x01", b"auth=", b"Bearer ",
+                               b"bearer ", b"user=", b"host=x", b"tok/en+==", b" ", b"\x00",
+                               b"\xe2\x80\xae", b"\xff", b"\n"])
+token_bytes = st.one_of(st.binary(max_size=200), st.lists(token_piece, max_size=16).map(b"".join))
+
+
+@PROPERTY
+@given(token_bytes)
+def test_token_decoders_never_raise_anything_else(message):
+    """README "OAuth 2 tokens": arbitrary octets give credentials or 501 5.5.2, never
+    another exception; what they give is a safe name and a b64token."""
+    for decode in (sasl.oauthbearer, sasl.xoauth2):
+        try:
+            creds = decode(message)
+        except SmtpError as e:
+            assert e.reply == replies.BAD_CREDENTIALS_SYNTAX
+            continue
+        assert creds.username and not syntax.has_unsafe_char(creds.username)
+        assert re.fullmatch(r"[A-Za-z0-9\-._~+/]+=*", creds.token), creds.token
+        assert creds.password == ""
+
+
+@PROPERTY
+@given(username, username, st.characters(whitelist_categories=UNSAFE), bearer_token)
+def test_token_unsafe_name_is_refused(head, tail, bad, token):
+    """README "Envelope rules": an authzid or user= with a control, format or separator
+    character (bidi controls among them) → 501 5.5.2."""
+    for name in (head + bad + tail, bad + tail, head + bad):
+        for message in (f"n,a={saslname(name)},\x01auth=Bearer {token}\x01\x01",
+                        f"user={name}\x01auth=Bearer {token}\x01\x01"):
+            decode = sasl.oauthbearer if message.startswith("n,") else sasl.xoauth2
+            with pytest.raises(SmtpError) as e:
+                decode(message.encode("utf-8", "surrogatepass"))
+            assert e.value.reply == replies.BAD_CREDENTIALS_SYNTAX
+
+
+@PROPERTY
+@given(username, bearer_token, st.text("abc-", min_size=1, max_size=12))
+def test_oauthbearer_channel_binding_is_refused(user, token, cb_name):
+    """RFC 7628 §3.1 / RFC 5801 §4: a `p=` (channel binding) GS2 header → 501 5.5.2."""
+    message = f"p={cb_name},a={saslname(user)},\x01auth=Bearer {token}\x01\x01"
+    with pytest.raises(SmtpError) as e:
+        sasl.oauthbearer(message.encode("utf-8"))
+    assert e.value.reply == replies.BAD_CREDENTIALS_SYNTAX
+
+
+def test_token_error_challenge_is_rfc_7628_json():
+    """RFC 7628 §3.2.2: the error challenge is base64 of a JSON object with the status."""
+    status = json.loads(base64.b64decode(sasl.token_error_challenge(), validate=True))
+    assert status == {"status": "invalid_token", "schemes": "bearer"}
 
 
 # --- envelope paths and log fields: the fast paths agree with the character walk
