@@ -430,6 +430,10 @@ def test_a_worker_takes_only_sealed_read_only_data(case, certs, tmp_path):
         s.close()
     try:
         if case == "good":
+            # As its master would: the worker says it is ready, and is told to accept.
+            ledger_ours.settimeout(30)
+            assert ledger_ours.recv(64) == b"Y", log_path.read_text()
+            ledger_ours.send(b"G")
             assert wait_until(lambda: "accepting on" in log_path.read_text(), timeout=30), \
                 log_path.read_text()
             proc.terminate()
