@@ -307,3 +307,14 @@ def test_sigterm_lets_a_message_finish_until_the_graceful_timeout(tmp_path, cert
     finally:
         srv.stop()
     assert [r["env"]["SSMTPD_MAIL_FROM"] for r in srv.runs()] == ["sleep5@example.org"]
+
+
+def test_the_start_up_line_names_the_version(make_server):
+    """README "Logging": the line that says a port is served names ssmtpd's version,
+    in one process and in a master."""
+    from ssmtpd import __version__
+    single = make_server()
+    master = make_server("--workers", "2")
+    assert f"INFO ssmtpd {__version__} listening on 127.0.0.1 port {single.port}" in single.log()
+    assert re.search(rf"INFO ssmtpd {re.escape(__version__)} master \d+: listening on "
+                     rf"127\.0\.0\.1 port {master.port}", master.log()), master.log()
