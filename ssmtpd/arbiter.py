@@ -32,7 +32,8 @@ from gevent.event import Event
 
 from ssmtpd import __version__, events, handover, ledger, log, metrics, reload
 from ssmtpd.limits import Limits
-from ssmtpd.server import SHUTDOWN_GRACE, ListenError, bind_listeners, serve_metrics
+from ssmtpd.server import (SHUTDOWN_GRACE, STARTING_BLOCKED, ListenError, bind_listeners,
+                           serve_metrics)
 
 WORKER_ENV = "SSMTPD_WORKER"
 # A worker that lived shorter than this is taken to have crashed at start.
@@ -44,6 +45,9 @@ TICK = 0.25
 # How long a reload waits for an older worker to say it stopped accepting
 # before the new ones begin anyway (a worker too busy to answer).
 ASK_WAIT = 10.0
+# A new generation not ready this long after a reload began is stuck: the
+# next SIGHUP replaces it rather than wait for it.
+READY_WAIT = 60.0
 
 
 @dataclass
@@ -101,6 +105,8 @@ class _Slot:
     ready: bool = False  # its worker can accept clients
     retired_at: Optional[float] = None  # of an older generation: when told to drain
     accepts_no_more: bool = False  # and it said it stopped accepting
+    told_to_accept: bool = False
+    drain_limit: float = 0.0  # by the settings it was started with
 
     def restart_later(self, crashed: bool) -> None:
         """At once after a worker that lived; after a doubling pause after one
@@ -129,6 +135,9 @@ class Arbiter:
         # accept (retired_at None), then draining.
         self._older: List[_Slot] = []
         self._reloading = False
+        self._reload_began = 0.0
+        self._reload_wanted = False  # a SIGHUP came during a reload: one more after it
+        self._handing_over = False  # the reload's older workers are told to stop accepting
         self._before = None  # while reloading: the settings of the workers serving
         self._signals: Deque[int] = collections.deque()
         self._wake = Event()
@@ -167,13 +176,18 @@ class Arbiter:
                 if not self._live():
                     break
                 if stop_deadline is None:
-                    stop_deadline = time.monotonic() + self._drain_limit()
+                    # By each worker's own settings: an older one may have longer.
+                    stop_deadline = time.monotonic() + max(
+                        [self._drain_limit()] + [slot.drain_limit for slot in self._live()])
                 elif time.monotonic() > stop_deadline and not killed:
                     self._kill_all(signal.SIGKILL, "did not stop in time")
                     killed = True
             else:
                 self._start_due_workers()
                 self._retire_older()
+                if self._reload_wanted and (not self._reloading or self._stuck()):
+                    self._reload_wanted = False
+                    self._reload()
             self._wake.wait(TICK)
             self._wake.clear()
         events.note(self.log, events.INFO, events.STOPPED, "master %d: all workers stopped",
@@ -191,7 +205,6 @@ class Arbiter:
         self._wake.set()
 
     def _handle_signals(self) -> None:
-        later = []
         while self._signals:
             signum = self._signals.popleft()
             if signum == signal.SIGHUP and not self.stopping:
@@ -199,7 +212,7 @@ class Arbiter:
             if signum == signal.SIGHUP and self._reloading and not self._stuck():
                 # One reload at a time; those asked for meanwhile are one
                 # more after it (each would read the same files).
-                later[:] = [signum]
+                self._reload_wanted = True
                 continue
             if signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                 self.stopping = True
@@ -219,7 +232,6 @@ class Arbiter:
                 self._kill_all(signal.SIGTERM)
             elif signum == signal.SIGHUP and not self.stopping:
                 self._reload()
-        self._signals.extend(later)
 
     # --- reload: a new generation of workers, then the old one drains -------------
 
@@ -228,12 +240,18 @@ class Arbiter:
                                 workers_may_change=True, adjust=self._adjust)
         if got is None:
             return
+        try:
+            state = handover.seal(handover.encode(got[0], got[1].pem))
+        except OSError as e:
+            events.note(self.log, events.ERROR, events.RELOAD,
+                        "reload refused, the running configuration stays: cannot hand it "
+                        "to workers: %s", e.strerror or e, reason=str(e))
+            return
         self._before = self._before or self.settings  # of the generation serving now
         self.settings, self.tls = got
-        self.ledger.limits.reconfigure(self.settings)
         log.setup(self.settings.log_level, format=self.settings.log_format)
         os.close(self._state)
-        self._state = handover.seal(handover.encode(self.settings, self.tls.pem))
+        self._state = state
         # A generation that never came up (its workers keep dying at start)
         # is dropped for this one; the one serving keeps serving until then.
         pending = [slot for slot in self._slots if slot.pid is not None]
@@ -244,6 +262,7 @@ class Arbiter:
         self._older.extend(pending)
         self._slots = [_Slot(i + 1) for i in range(self.settings.workers)]
         self._reloading = True
+        self._reload_began = time.monotonic()
         events.note(self.log, events.INFO, events.RELOAD,
                     "reload: starting %d workers with the configuration read now; the %d "
                     "running serve until they accept", len(self._slots),
@@ -253,9 +272,16 @@ class Arbiter:
         for slot in self._slots:
             if slot.pid == pid:
                 slot.ready = True
-                if not self._reloading:
-                    self.ledger.go(pid)  # a first start, or a worker replaced
+                # A first start, a worker replaced, or one replaced during a
+                # reload's hand-over (the older workers already told to stop).
+                if not self._reloading or self._handing_over:
+                    self._tell_to_accept(slot)
                 self._wake.set()
+
+    def _tell_to_accept(self, slot: _Slot) -> None:
+        if not slot.told_to_accept:
+            slot.told_to_accept = True
+            self.ledger.go(slot.pid)
 
     def _accepts_no_more(self, pid: int) -> None:
         for slot in self._older:
@@ -264,8 +290,10 @@ class Arbiter:
                 self._wake.set()
 
     def _stuck(self) -> bool:
-        """A reload whose new workers die at start: another may replace it."""
-        return any(slot.backoff > 0 for slot in self._slots)
+        """A reload whose new workers die at start, or are not ready in time:
+        another may replace it."""
+        return (any(slot.backoff > 0 for slot in self._slots)
+                or time.monotonic() - self._reload_began > READY_WAIT)
 
     def _retire_older(self) -> None:
         """A reload's hand-over: once every new worker is ready, the older ones
@@ -275,24 +303,32 @@ class Arbiter:
         divides them.  An older worker that does not end within the drain
         limit is killed."""
         now = time.monotonic()
-        if self._reloading and all(slot.pid is not None and slot.ready for slot in self._slots):
-            serving = [slot for slot in self._older if slot.retired_at is None]
-            for slot in serving:
-                slot.retired_at = now
-                self.ledger.retire(slot.pid)
+        if self._reloading and not self._handing_over \
+                and all(slot.pid is not None and slot.ready for slot in self._slots):
+            self._handing_over = True
+            for slot in self._older:
+                if slot.retired_at is None and slot.pid is not None:
+                    slot.retired_at = now
+                    self.ledger.retire(slot.pid)
+        if self._handing_over:
+            # A new worker that dies meanwhile does not hold the others back:
+            # its replacement is told to accept once it is ready (_ready).
             told = [slot for slot in self._older if slot.retired_at is not None
                     and slot.pid is not None]
             if all(slot.accepts_no_more or now - slot.retired_at > ASK_WAIT for slot in told):
-                self._reloading = False
+                self._reloading = self._handing_over = False
+                # The server-wide limits change with the line, as the workers do.
+                self.ledger.limits.reconfigure(self.settings)
                 reload.applied(self.log, f"{len(self._slots)} workers accept with the "
                                          f"configuration read now; {len(told)} older ones "
                                          "drain", self._before, self.settings)
                 self._before = None
                 for slot in self._slots:
-                    self.ledger.go(slot.pid)
+                    if slot.pid is not None and slot.ready:
+                        self._tell_to_accept(slot)
         for slot in self._older:
             if slot.pid is not None and slot.retired_at is not None \
-                    and now - slot.retired_at > self._drain_limit():
+                    and now - slot.retired_at > slot.drain_limit:
                 events.note(self.log, events.ERROR, events.WORKER,
                             "worker %d (pid %d) of an earlier configuration did not stop in "
                             "time; sending SIGKILL", slot.index, slot.pid,
@@ -355,7 +391,7 @@ class Arbiter:
                             "worker %d (pid %d) stopped: %s", slot.index, pid,
                             _describe(status), worker=slot.index, pid=pid)
                 continue
-            slot.ready = False
+            slot.ready = slot.told_to_accept = False
             lived = time.monotonic() - slot.started
             slot.restart_later(crashed=lived < MIN_LIFETIME)
             events.note(self.log, events.ERROR, events.WORKER,
@@ -396,10 +432,10 @@ class Arbiter:
         for fd in inherited:
             os.set_inheritable(fd, True)
         try:
-            # SIGHUP stays blocked until the worker has its handler (it
-            # unblocks it then): the default action would kill it.
+            # SIGHUP, SIGTERM and SIGINT stay blocked until the worker has
+            # its handlers (it unblocks them then).
             slot.pid = os.posix_spawn(sys.executable, argv, env,
-                                      setsigmask={signal.SIGHUP})
+                                      setsigmask=STARTING_BLOCKED)
         except OSError as e:
             self._retry_later(slot, e.strerror or str(e))
             master_end.close()
@@ -410,6 +446,7 @@ class Arbiter:
             worker_end.close()
             handed.close()
         slot.started = time.monotonic()
+        slot.drain_limit = self._drain_limit()
         self.ledger.attach(slot.pid, master_end)
         events.note(self.log, events.INFO, events.WORKER, "worker %d (pid %d) started",
                     slot.index, slot.pid, worker=slot.index, pid=slot.pid)

@@ -45,6 +45,9 @@ class AuthCache:
         # digest -> (expires, answer), least recently used first.
         self._entries: "collections.OrderedDict[bytes, Tuple[float, Answer]]" = \
             collections.OrderedDict()
+        # Counts clear()s: an answer asked for before one is not kept after it
+        # (a password revoked, then SIGHUP, while its program still ran).
+        self.generation = 0
 
     @property
     def enabled(self) -> bool:
@@ -76,10 +79,11 @@ class AuthCache:
         self._entries.move_to_end(key)
         return answer
 
-    def put(self, key: bytes, reply: Reply, outcome: Outcome) -> None:
-        """Keep a 235 or a 535 for its TTL; anything else (454) is never kept."""
+    def put(self, key: bytes, reply: Reply, outcome: Outcome, generation: int) -> None:
+        """Keep a 235 or a 535 for its TTL; anything else (454) is never kept,
+        nor an answer asked for before the last clear()."""
         ttl = self._ttl.get(reply.code, 0)
-        if ttl <= 0:
+        if ttl <= 0 or generation != self.generation:
             return
         self._entries[key] = (self._clock() + ttl, (reply, outcome))
         self._entries.move_to_end(key)
@@ -88,3 +92,4 @@ class AuthCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self.generation += 1

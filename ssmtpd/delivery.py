@@ -145,6 +145,7 @@ class Programs:
         cache = self.auth_cache
         key = cache.key(mechanism, creds.username, creds.secret) if cache is not None else None
         if key is not None:
+            generation = cache.generation
             hit = cache.get(key)
             if hit is not None:
                 reply, outcome = hit
@@ -166,7 +167,7 @@ class Programs:
                 self._auth_slots.release()
         reply = reply_for(outcome, AUTH_EXIT, AUTH_OTHER_EXIT, AUTH_ABNORMAL, False)
         if key is not None:
-            cache.put(key, reply, outcome)
+            cache.put(key, reply, outcome, generation)
         return reply, outcome
 
     def forget_logins(self) -> Optional[int]:

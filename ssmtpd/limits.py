@@ -336,9 +336,12 @@ class Limits:
 
 
 def _resized(windows, rates):
-    """Windows for `rates` ((count, seconds), ...): the first from the first
-    window now counting, and so on; a window more starts from the last one."""
+    """Windows for `rates` ((count, seconds), ...), each starting from the
+    window now counting that holds the most events: every window records
+    every event, and each keeps only its newest COUNT, so that one has the
+    longest history (a reload must not let a user send again what an hour's
+    limit had refused)."""
     if not windows:
         return [Window(count, seconds) for count, seconds in rates]
-    return [windows[min(i, len(windows) - 1)].resized(count, seconds)
-            for i, (count, seconds) in enumerate(rates)]
+    fullest = max(windows, key=lambda window: window.limit)
+    return [fullest.resized(count, seconds) for count, seconds in rates]

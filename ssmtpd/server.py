@@ -34,6 +34,9 @@ from ssmtpd.tls import TLSHolder
 BACKLOG = 1024
 # After SIGTERM, how long beyond the longest program run we wait for busy sessions.
 SHUTDOWN_GRACE = 15.0
+# What a worker of --workers starts with blocked, until it has its handlers:
+# the default actions would kill it mid-import (a reload, a stop, a Ctrl-C).
+STARTING_BLOCKED = frozenset((signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
 # How often, while the server is nearly full, sessions that already wait for a
 # line are checked against --busy-timeout (new waits get it directly).
 PRESSURE_SWEEP = 0.5
@@ -224,9 +227,9 @@ class Server:
         self._signal_handlers.append(gevent.signal_handler(signal.SIGHUP, self._on_sighup))
         if listeners is not None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # A worker of --workers starts with SIGHUP blocked, so that one sent
-        # before the handler above existed waits instead of killing it.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        # A worker of --workers starts with these blocked, so that one sent
+        # before the handlers above existed waits instead of killing it.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTING_BLOCKED)
         inherited = listeners is not None
         if not inherited:
             listeners = bind_listeners(self.settings)
@@ -433,6 +436,9 @@ class Server:
         with 421 4.3.2, one whose program runs once that is answered."""
         for server, _ in self._servers:
             server.close()  # the socket stays open in the other processes that share it
+        # Connections accepted just before have their greenlets queued: let them
+        # be counted, so the wait below waits for them too.
+        gevent.sleep(0)
         if not gently:
             for session in list(self.sessions):
                 session.interrupt()

@@ -244,6 +244,10 @@ class Session:
 
     def _wait_for_client(self, seconds: float, call, phase: bool = False):
         """call(), where the session may be interrupted and times out after `seconds`."""
+        # A wait that begins after the server asked the session to end (the
+        # token error challenge after a failed login's pause, say) is not begun.
+        if self.stopping and not self.receiving_data:
+            raise Shutdown()
         self._waiting = True
         try:
             with self._deadline(seconds, phase):

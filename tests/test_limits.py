@@ -186,6 +186,32 @@ def test_sessions_per_user_are_held_and_released():
     assert limits.user_session_opened("alice")
 
 
+def test_a_reload_keeps_what_the_windows_counted(monkeypatch):
+    """README "Reloading and upgrading": a reload is no way around a limit. 100 messages
+    sent over 10 minutes under 10/1m,100/1h stay counted after a reload to 100/1h alone,
+    and a session slot taken while the limit was off is counted once it is on."""
+    clock = Clock()
+    monkeypatch.setattr("ssmtpd.limits.time.monotonic", clock)
+    limits = Limits(settings(max_messages_per_user=((10, 60.0), (100, 3600.0)),
+                             max_sessions_per_user=0))
+    for window in limits.sending[MESSAGES]:
+        window._clock = clock
+    taken = 0
+    for _ in range(11):
+        taken += sum(limits.take_message("alice", 1)[0] is None for _ in range(10))
+        clock.now += 61
+    assert taken == 100
+    assert limits.user_session_opened("alice")
+    limits.reconfigure(settings(max_messages_per_user=((100, 3600.0),),
+                                max_sessions_per_user=1))
+    for window in limits.sending[MESSAGES]:
+        window._clock = clock
+    assert limits.take_message("alice", 1)[0] == MESSAGES
+    assert not limits.user_session_opened("alice")
+    limits.user_session_closed("alice")
+    assert limits.user_session_opened("alice")
+
+
 def test_table_is_bounded_and_forgets_expired_addresses():
     clock = Clock()
     logins = Window(limit=2, window=10, clock=clock, max_keys=100)
