@@ -33,69 +33,122 @@ ROOM_FRESH = 1.0
 MAX_ROOMS = 10_000
 
 # Each check-and-count is one script, so two instances can never both take
-# the last unit.  A sorted set per key: members "token:count", scored by
-# Redis's own clock in milliseconds, so instances need no common clock.
-_SENDING = """
-local now = redis.call('TIME')
-now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local take, token, nlimits = ARGV[1] == '1', ARGV[2], 2
-local pos = 3
-local plan = {}
-for i = 1, nlimits do
-  local wanted, nwindows = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
-  pos = pos + 2
-  local longest = 0
-  for w = 1, nwindows do
-    local count, ms = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
+# the last unit.  Per user and limit, a sorted set of what was sent (members
+# "token:count", scored by Redis's own clock in milliseconds, so instances
+# need no common clock), and beside it a hash with each window's running sum
+# and the time up to which members have left it: a call reads only the
+# members that left a window since the last one, not the whole window (a
+# user at 5000 recipients an hour would otherwise cost every call 5000).
+# The fields carry the limit's longest span, as members past it are
+# removed: a reload to other windows starts fresh sums, read once.
+#
+# ARGV of all three: two limits (messages, recipients), each as its wanted
+# count, its number of windows, then COUNT and milliseconds of each window;
+# KEYS: the two sorted sets, then the two hashes.
+_PRELUDE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function count_of(member) return tonumber(string.match(member, ':(%d+)$')) end
+local function limits(pos)
+  local out = {}
+  for i = 1, 2 do
+    local wanted, nwindows = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
     pos = pos + 2
-    if ms > longest then longest = ms end
-    if wanted > 0 then
-      local used = 0
-      for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. (now - ms), '+inf')) do
-        used = used + tonumber(string.match(member, ':(%d+)$'))
+    local windows, longest = {}, 0
+    for w = 1, nwindows do
+      windows[w] = {tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])}
+      if windows[w][2] > longest then longest = windows[w][2] end
+      pos = pos + 2
+    end
+    out[i] = {wanted = wanted, windows = windows, longest = longest}
+  end
+  return out
+end
+local function field(kind, ms, longest) return kind .. ms .. '/' .. longest end
+local function used(i, ms, longest)
+  local horizon = now - ms
+  local cursor = redis.call('HGET', KEYS[i + 2], field('c', ms, longest))
+  local sum = 0
+  if not cursor then
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. horizon, '+inf')) do
+      sum = sum + count_of(m)
+    end
+  else
+    cursor = tonumber(cursor)
+    sum = tonumber(redis.call('HGET', KEYS[i + 2], field('s', ms, longest)) or '0')
+    if horizon > cursor then
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. cursor, horizon)) do
+        sum = sum - count_of(m)
       end
-      if used + wanted > count then return i end
+    else
+      horizon = cursor
     end
   end
-  plan[i] = {wanted, longest}
+  redis.call('HSET', KEYS[i + 2], field('c', ms, longest), horizon, field('s', ms, longest), sum)
+  return sum
 end
-if take then
-  for i = 1, nlimits do
-    local wanted, longest = plan[i][1], plan[i][2]
-    if wanted > 0 and longest > 0 then
-      redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - longest)
-      redis.call('ZADD', KEYS[i], now, token .. ':' .. wanted)
-      redis.call('PEXPIRE', KEYS[i], longest)
+"""
+
+# Check and take: 0, or the limit (1, 2) without room.  ARGV[1] is the token.
+_SENDING = _PRELUDE + """
+local plan = limits(2)
+for i = 1, 2 do
+  if plan[i].wanted > 0 then
+    for _, w in ipairs(plan[i].windows) do
+      if used(i, w[2], plan[i].longest) + plan[i].wanted > w[1] then return i end
     end
+  end
+end
+for i = 1, 2 do
+  local p = plan[i]
+  if p.wanted > 0 and p.longest > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - p.longest)
+    redis.call('ZADD', KEYS[i], now, ARGV[1] .. ':' .. p.wanted)
+    for _, w in ipairs(p.windows) do
+      redis.call('HINCRBY', KEYS[i + 2], field('s', w[2], p.longest), p.wanted)
+    end
+    redis.call('PEXPIRE', KEYS[i], p.longest)
+    redis.call('PEXPIRE', KEYS[i + 2], p.longest)
   end
 end
 return 0
 """
 
-# The room left of each limit (ARGV as _SENDING's, the wanted counts
-# ignored): the least of COUNT - used over its windows, -1 for a limit that
-# is off.
-_ROOM = """
-local now = redis.call('TIME')
-now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local pos = 3
+# The room left of each limit (the wanted counts ignored): the least of
+# COUNT - used over its windows, -1 for a limit that is off.  ARGV[1] unused.
+_ROOM = _PRELUDE + """
+local plan = limits(2)
 local rooms = {}
 for i = 1, 2 do
-  local nwindows = tonumber(ARGV[pos + 1])
-  pos = pos + 2
   local room = -1
-  for w = 1, nwindows do
-    local count, ms = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
-    pos = pos + 2
-    local used = 0
-    for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. (now - ms), '+inf')) do
-      used = used + tonumber(string.match(member, ':(%d+)$'))
-    end
-    if room < 0 or count - used < room then room = math.max(count - used, 0) end
+  for _, w in ipairs(plan[i].windows) do
+    local left = math.max(w[1] - used(i, w[2], plan[i].longest), 0)
+    if room < 0 or left < room then room = left end
   end
   rooms[i] = room
 end
 return rooms
+"""
+
+# A message given back: its members removed, and taken off each window's
+# sum that still counts them.  ARGV[1] is the token; the wanted counts are
+# the message's (1, its recipients).
+_GIVE_BACK = _PRELUDE + """
+local plan = limits(2)
+for i = 1, 2 do
+  local member = ARGV[1] .. ':' .. plan[i].wanted
+  local score = redis.call('ZSCORE', KEYS[i], member)
+  if score then
+    redis.call('ZREM', KEYS[i], member)
+    for _, w in ipairs(plan[i].windows) do
+      local cursor = redis.call('HGET', KEYS[i + 2], field('c', w[2], plan[i].longest))
+      if cursor and tonumber(score) > tonumber(cursor) then
+        redis.call('HINCRBY', KEYS[i + 2], field('s', w[2], plan[i].longest), -plan[i].wanted)
+      end
+    end
+  end
+end
+return 0
 """
 
 # A failed login (ARGV[1] == '1') or only a look: the seconds the key is
@@ -162,6 +215,7 @@ class RedisCounts:
         self._timeout = timeout
         self._sending = client.register_script(_SENDING)
         self._room = client.register_script(_ROOM)
+        self._give_back = client.register_script(_GIVE_BACK)
         self._logins = client.register_script(_LOGINS)
 
     def _call(self, script, keys, args):
@@ -188,9 +242,13 @@ class RedisCounts:
         digest = hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16)
         return f"{self._prefix}{kind}:{digest.hexdigest()}"
 
+    def _keys(self, user: str) -> list:
+        sets = [self._user("m", user), self._user("r", user)]
+        return sets + [f"{key}:sums" for key in sets]
+
     @staticmethod
-    def _sending_args(rates, wanted: Tuple[int, int], take: bool, token: str) -> list:
-        args = ["1" if take else "0", token]
+    def _args(rates, wanted: Tuple[int, int], token: str) -> list:
+        args = [token]
         for limit, count in zip((MESSAGES, RECIPIENTS), wanted):
             windows = rates[limit]
             args += [count, len(windows)]
@@ -200,23 +258,17 @@ class RedisCounts:
 
     def take(self, user: str, rates, recipients: int, token: str) -> Optional[str]:
         """Check and take a message with `recipients`: the limit without room, or None."""
-        refused = self._call(self._sending, [self._user("m", user), self._user("r", user)],
-                             self._sending_args(rates, (1, recipients), True, token))
+        refused = self._call(self._sending, self._keys(user),
+                             self._args(rates, (1, recipients), token))
         return {1: MESSAGES, 2: RECIPIENTS}.get(int(refused))
 
     def room(self, user: str, rates) -> Tuple[int, int]:
         """(messages, recipients) the user may still send now; -1 for no limit."""
-        rooms = self._call(self._room, [self._user("m", user), self._user("r", user)],
-                           self._sending_args(rates, (0, 0), False, ""))
+        rooms = self._call(self._room, self._keys(user), self._args(rates, (0, 0), ""))
         return int(rooms[0]), int(rooms[1])
 
-    def give_back(self, user: str, token: str, recipients: int) -> None:
-        def remove():
-            pipe = self._client.pipeline()
-            pipe.zrem(self._user("m", user), f"{token}:1")
-            pipe.zrem(self._user("r", user), f"{token}:{recipients}")
-            pipe.execute()
-        self._off_loop(remove)
+    def give_back(self, user: str, rates, token: str, recipients: int) -> None:
+        self._call(self._give_back, self._keys(user), self._args(rates, (1, recipients), token))
 
     def logins(self, key: str, failed: bool, limit: int, window: float) -> float:
         left = self._call(self._logins, [f"{self._prefix}f:{key}"],
@@ -342,6 +394,6 @@ class SharedLimits:
             # failing one is tried all the same, and the unit expires with
             # its window if that fails too.
             try:
-                self._counts.give_back(user, token, int(recipients))
+                self._counts.give_back(user, self._rates, token, int(recipients))
             except StateError as e:
                 self._failed(e)

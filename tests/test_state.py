@@ -127,6 +127,32 @@ def test_recipients_are_counted_together_and_a_take_is_seen_at_once(make_server,
         raw.close()
 
 
+def test_in_redis_a_window_frees_up_and_a_refused_message_counts_for_nothing(make_server,
+                                                                             redis):
+    """README "Accounts and limits", with --state: 2/3s,10/1h: a message the program
+    refuses is given back, two are accepted, the third refused, and once 3 s have passed
+    the short window has room again while the hour's still counts; several rounds, so
+    the windows' running sums in Redis are taken down as messages leave them."""
+    srv = make_server("--state", redis.url, "--max-connections-per-ip", "100",
+                      "--max-messages-per-user", "2/3s,10/1h")
+    assert send(srv, user="frank", sender="exit1@example.org") == 554
+    for _ in range(3):
+        assert [send(srv, user="frank"), send(srv, user="frank")] == [250, 250]
+        raw = session(srv, "frank")
+        assert raw.cmd("MAIL FROM:<sender@example.org>")[0] == 450
+        raw.close()
+        time.sleep(3.5)
+    # 6 of the hour's 10 taken: two more rounds of two fit, the eleventh does not.
+    assert [send(srv, user="frank"), send(srv, user="frank")] == [250, 250]
+    time.sleep(3.5)
+    assert [send(srv, user="frank"), send(srv, user="frank")] == [250, 250]
+    time.sleep(3.5)
+    raw = session(srv, "frank")
+    assert raw.cmd("MAIL FROM:<sender@example.org>")[0] == 450
+    raw.close()
+    assert "counting locally" not in srv.log()
+
+
 def test_redis_failing_is_not_a_mail_outage(make_server, redis):
     """README "Accounts and limits": Redis stopped (SIGSTOP) and then killed during traffic:
     every message is still accepted, each instance counts locally, one ERROR line, the
