@@ -350,23 +350,31 @@ def warm_up(srv: ServerUnderTest, opts) -> None:
             print(f"  warning: warm-up failures on {srv.name}: {r['failures']}", file=sys.stderr)
 
 
-def load_throughput(srv, opts) -> Dict:
+def with_cpu(srv, load):
+    """(load()'s result, (server CPU, programs' CPU) seconds it cost), or None for
+    the CPU when a worker died or was replaced meanwhile: its CPU is lost, and
+    the figures would lie (counted as a failure)."""
     own0, kids0 = srv.cpu()
-    r = loadgen.run_load("127.0.0.1", srv.port, opts.concurrency, opts.sessions, opts.size,
-                         messages=opts.messages, processes=opts.processes,
-                         deadline=opts.deadline, timeout=opts.socket_timeout,
-                         nodelay=opts.nodelay)
+    r = load()
     # Let the last program exits be reaped so their CPU shows as children's.
     time.sleep(0.3)
+    if srv.worker_pids and worker_pids(srv.pid) != srv.worker_pids:
+        r["failures"]["workers changed during the load"] = 1
+        return r, None
+    own1, kids1 = srv.cpu()
+    return r, (own1 - own0, kids1 - kids0)
+
+
+def load_throughput(srv, opts) -> Dict:
+    r, cpu = with_cpu(srv, lambda: loadgen.run_load(
+        "127.0.0.1", srv.port, opts.concurrency, opts.sessions, opts.size,
+        messages=opts.messages, processes=opts.processes, deadline=opts.deadline,
+        timeout=opts.socket_timeout, nodelay=opts.nodelay))
     n = max(r["accepted"], 1)
     r["client_ms_per_msg"] = r["client_cpu"] * 1000 / n
-    if srv.worker_pids and worker_pids(srv.pid) != srv.worker_pids:
-        # A worker died (or was replaced): its CPU is lost, the figures would lie.
-        r["failures"]["workers changed during the load"] = 1
-        return r
-    own1, kids1 = srv.cpu()
-    r["server_ms_per_msg"] = (own1 - own0) * 1000 / n
-    r["children_ms_per_msg"] = (kids1 - kids0) * 1000 / n
+    if cpu is not None:
+        r["server_ms_per_msg"] = cpu[0] * 1000 / n
+        r["children_ms_per_msg"] = cpu[1] * 1000 / n
     return r
 
 
@@ -424,19 +432,15 @@ def make_users(workdir: str) -> str:
 
 def load_logins(srv, opts) -> Dict:
     """Sessions of connect, EHLO, STARTTLS, EHLO, AUTH PLAIN, QUIT: no message."""
-    own0, kids0 = srv.cpu()
-    r = loadgen.run_load("127.0.0.1", srv.port, opts.concurrency, opts.sessions, 0,
-                         messages=0, processes=opts.processes, deadline=opts.deadline,
-                         timeout=opts.socket_timeout, nodelay=opts.nodelay)
-    time.sleep(0.3)  # the last programs reaped, their CPU counted
+    r, cpu = with_cpu(srv, lambda: loadgen.run_load(
+        "127.0.0.1", srv.port, opts.concurrency, opts.sessions, 0, messages=0,
+        processes=opts.processes, deadline=opts.deadline, timeout=opts.socket_timeout,
+        nodelay=opts.nodelay))
     n = max(r["ok_sessions"], 1)
     r["sessions_per_s"] = r["ok_sessions"] / r["seconds"] if r["seconds"] > 0 else 0.0
-    if srv.worker_pids and worker_pids(srv.pid) != srv.worker_pids:
-        r["failures"]["workers changed during the load"] = 1
-        return r
-    own1, kids1 = srv.cpu()
-    r["server_ms_per_session"] = (own1 - own0) * 1000 / n
-    r["programs_ms_per_session"] = (kids1 - kids0) * 1000 / n
+    if cpu is not None:
+        r["server_ms_per_session"] = cpu[0] * 1000 / n
+        r["programs_ms_per_session"] = cpu[1] * 1000 / n
     return r
 
 

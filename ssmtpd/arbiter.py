@@ -329,26 +329,24 @@ class Arbiter:
         for slot in self._older:
             if slot.pid is not None and slot.retired_at is not None \
                     and now - slot.retired_at > slot.drain_limit:
-                events.note(self.log, events.ERROR, events.WORKER,
-                            "worker %d (pid %d) of an earlier configuration did not stop in "
-                            "time; sending SIGKILL", slot.index, slot.pid,
-                            worker=slot.index, pid=slot.pid)
-                try:
-                    os.kill(slot.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                self._signal(slot, signal.SIGKILL,
+                             "of an earlier configuration did not stop in time")
                 slot.retired_at = float("inf")  # killed once
 
     def _kill_all(self, signum, why: str = "") -> None:
         for slot in self._live():
-            if why:
-                events.note(self.log, events.ERROR, events.WORKER,
-                            "worker %d (pid %d) %s; sending %s", slot.index, slot.pid, why,
-                            signal.Signals(signum).name, worker=slot.index, pid=slot.pid)
-            try:
-                os.kill(slot.pid, signum)
-            except ProcessLookupError:
-                pass
+            self._signal(slot, signum, why)
+
+    def _signal(self, slot: _Slot, signum, why: str = "") -> None:
+        """Send `signum` to the worker of `slot`; with `why`, an ERROR line says so."""
+        if why:
+            events.note(self.log, events.ERROR, events.WORKER,
+                        "worker %d (pid %d) %s; sending %s", slot.index, slot.pid, why,
+                        signal.Signals(signum).name, worker=slot.index, pid=slot.pid)
+        try:
+            os.kill(slot.pid, signum)
+        except ProcessLookupError:
+            pass
 
     def _drain_limit(self) -> float:
         s = self.settings

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import smtplib
 import socket
 import subprocess
 import time
@@ -51,6 +50,14 @@ def open_tls(srv, source="127.0.0.1") -> Raw:
                                        source_address=(source, 0)))
     raw.hello(srv.tls_context())
     return raw
+
+
+def token_auth(raw, mechanism: str, message: str, initial: bool):
+    """AUTH with `message` as the initial response, or as the answer to an empty 334."""
+    if initial:
+        return raw.cmd(f"AUTH {mechanism} {message}")
+    assert raw.cmd(f"AUTH {mechanism}")[1] == ["334 "]
+    return raw.cmd(message)
 
 
 def auth_lines(lines):
@@ -178,11 +185,7 @@ def test_token_login_and_the_programs_view(srv, client, mechanism, initial):
     SSMTPD_TOKEN and no SSMTPD_PASSWORD; the process program sees the user."""
     raw = client()
     message = b64(MESSAGES[mechanism]())
-    if initial:
-        code, lines = raw.cmd(f"AUTH {mechanism} {message}")
-    else:
-        assert raw.cmd(f"AUTH {mechanism}")[1] == ["334 "]
-        code, lines = raw.cmd(message)
+    code, lines = token_auth(raw, mechanism, message, initial)
     assert lines == [OK_LINE]
     (run,) = srv.runs("auth")
     assert run["argv"] == [AUTH] and run["stdin"] == ""
@@ -358,11 +361,7 @@ def test_malformed_token_message(srv, client, case, initial):
     mechanism = "OAUTHBEARER" if case.startswith("oauthbearer") else "XOAUTH2"
     raw = client()
     message = b64(MALFORMED[case])
-    if initial:
-        code, lines = raw.cmd(f"AUTH {mechanism} {message}")
-    else:
-        assert raw.cmd(f"AUTH {mechanism}")[1] == ["334 "]
-        code, lines = raw.cmd(message)
+    code, lines = token_auth(raw, mechanism, message, initial)
     assert lines == [MALFORMED_LINE]
     assert srv.runs("auth") == []
     assert raw.cmd("NOOP")[0] == 250

@@ -109,6 +109,16 @@ def generation_of(run) -> int:
     return int(word[4:])
 
 
+def generation_of_a_message(srv) -> int:
+    """Which configuration's program ran a message sent now (the only one so far)."""
+    raw = srv.raw(timeout=30)
+    raw.login(srv.tls_context())
+    assert raw.send_message(sender="after@example.org")[0] == 250
+    raw.close()
+    (run,) = srv.runs()
+    return generation_of(run)
+
+
 def check_sessions(srv, sessions, times, workers_of=None) -> None:
     """Every session got 250, its message ran exactly once, on the configuration of
     the reload line it followed: a session that began after a line ran that line's
@@ -194,12 +204,7 @@ def test_a_refused_reload_keeps_the_running_configuration(tmp_path, certs, broke
         srv.signal(signal.SIGHUP)
         line = srv.wait_log("reload refused")
         assert why in line.split("reload refused", 1)[1].splitlines()[0], line
-        raw = srv.raw(timeout=30)
-        raw.login(srv.tls_context())
-        assert raw.send_message(sender="after@example.org")[0] == 250
-        raw.close()
-        (run,) = srv.runs()
-        assert generation_of(run) == 0
+        assert generation_of_a_message(srv) == 0
         log = srv.log()
         assert log.count("ERROR") == 1 and "reload: " not in log.replace("reload refused", "")
         assert len(re.findall(r"worker \d+ \(pid \d+\) started", log)) == (
@@ -220,12 +225,7 @@ def test_settings_that_need_a_restart_are_kept_with_a_warning(tmp_path, certs):
         assert re.search(r"WARNING reload: --workers changed from 1 to 2: that needs a "
                          r"restart; keeping 1", log), log
         assert re.search(r"WARNING reload: --smtps-port changed from none to 2465", log), log
-        raw = srv.raw(timeout=30)
-        raw.login(srv.tls_context())
-        assert raw.send_message(sender="after@example.org")[0] == 250
-        raw.close()
-        (run,) = srv.runs()
-        assert generation_of(run) == 1
+        assert generation_of_a_message(srv) == 1
         assert not re.search(r"worker \d+ \(pid", srv.log())
     finally:
         assert srv.stop() == 0, srv.log()
