@@ -22,6 +22,7 @@ growing pause, so a worker that cannot start does not spin.
 import collections
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Callable, Deque, List, Optional, Tuple
 import gevent
 from gevent.event import Event
 
-from ssmtpd import __version__, events, handover, ledger, log, metrics, reload
+from ssmtpd import __version__, events, handover, ledger, log, metrics, reload, upgrade
 from ssmtpd.limits import Limits
 from ssmtpd.server import (SHUTDOWN_GRACE, STARTING_BLOCKED, ListenError, bind_listeners,
                            serve_metrics)
@@ -143,18 +144,34 @@ class Arbiter:
         self._wake = Event()
         self._state: Optional[int] = None
         self._metrics_dir: Optional[metrics.Directory] = None
+        self._metrics_server = None
+        # SIGUSR2 (upgrade.py): checking the installed code, then a reload
+        # whose workers run it, then this process goes on with it.
+        self._checking = False
+        self._upgrade_wanted = False  # a SIGUSR2 came while one was under way
+        self._upgrade_to: Optional[str] = None  # the version checked
 
-    def run(self, on_bound: Callable[[], None]) -> int:
+    def run(self, on_bound: Callable[[], None],
+            inherited: Optional[upgrade.Inherited] = None) -> int:
         """Bind, start the workers and supervise them until SIGTERM/SIGINT; the exit status.
 
         `on_bound()` runs once the ports are bound, before any worker starts
         (where root and the capability to bind are given up).  Raises
         server.ListenError, or what on_bound raises, before any worker starts.
+        After an upgrade, `inherited` is what the master before this image
+        handed over: its sockets and workers are taken over instead.
         """
         # No SIGCHLD: libev's default loop owns that signal; dead workers are
         # found by polling waitpid every TICK instead.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             gevent.signal_handler(signum, self._queue, signum)
+        # Blocked while an upgrade replaced the image; now they have handlers.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, upgrade.EXEC_BLOCKED)
+        if inherited is not None:
+            self._adopt(inherited)
+            on_bound()
+            self._state = handover.seal(handover.encode(self.settings, self.tls.pem))
+            return self._supervise()
         self.listeners = bind_listeners(self.settings)
         self._metrics_dir = self._serve_metrics()
         on_bound()
@@ -167,6 +184,9 @@ class Arbiter:
                         self.settings.workers, address=host, port=port,
                         tls_mode="implicit" if implicit else "starttls")
         self._state = handover.seal(handover.encode(self.settings, self.tls.pem))
+        return self._supervise()
+
+    def _supervise(self) -> int:
         stop_deadline = None
         killed = False
         while True:
@@ -185,9 +205,15 @@ class Arbiter:
             else:
                 self._start_due_workers()
                 self._retire_older()
-                if self._reload_wanted and (not self._reloading or self._stuck()):
+                if self._reload_wanted and not self._upgrading() \
+                        and (not self._reloading or self._stuck()):
                     self._reload_wanted = False
                     self._reload()
+                if self._upgrade_wanted and not (self._reloading or self._checking
+                                                 or self._upgrade_to):
+                    self._upgrade_wanted = False
+                    self._checking = True
+                    gevent.spawn(self._check_upgrade)
             self._wake.wait(TICK)
             self._wake.clear()
         events.note(self.log, events.INFO, events.STOPPED, "master %d: all workers stopped",
@@ -209,9 +235,11 @@ class Arbiter:
             signum = self._signals.popleft()
             if signum == signal.SIGHUP and not self.stopping:
                 self.ledger.forget_logins()  # at once, even if the reload must wait
-            if signum == signal.SIGHUP and self._reloading and not self._stuck():
-                # One reload at a time; those asked for meanwhile are one
-                # more after it (each would read the same files).
+            if signum == signal.SIGHUP and (self._upgrading()
+                                            or self._reloading and not self._stuck()):
+                # One reload at a time, and none during an upgrade; those asked
+                # for meanwhile are one more after it (each would read the same
+                # files).  An upgrade hands it on to the master it starts.
                 self._reload_wanted = True
                 continue
             if signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
@@ -232,21 +260,24 @@ class Arbiter:
                 self._kill_all(signal.SIGTERM)
             elif signum == signal.SIGHUP and not self.stopping:
                 self._reload()
+            elif signum == signal.SIGUSR2 and not self.stopping:
+                # Begun in the loop once no reload or upgrade is under way.
+                self._upgrade_wanted = True
 
     # --- reload: a new generation of workers, then the old one drains -------------
 
-    def _reload(self) -> None:
+    def _reload(self) -> bool:
         got = reload.read_again(self.argv, self.settings, self.tls, self.log,
                                 workers_may_change=True, adjust=self._adjust)
         if got is None:
-            return
+            return False
         try:
             state = handover.seal(handover.encode(got[0], got[1].pem))
         except OSError as e:
             events.note(self.log, events.ERROR, events.RELOAD,
                         "reload refused, the running configuration stays: cannot hand it "
                         "to workers: %s", e.strerror or e, reason=str(e))
-            return
+            return False
         self._before = self._before or self.settings  # of the generation serving now
         self.settings, self.tls = got
         log.setup(self.settings.log_level, format=self.settings.log_format)
@@ -267,6 +298,7 @@ class Arbiter:
                     "reload: starting %d workers with the configuration read now; the %d "
                     "running serve until they accept", len(self._slots),
                     sum(slot.retired_at is None for slot in self._older))
+        return True
 
     def _ready(self, pid: int) -> None:
         for slot in self._slots:
@@ -319,19 +351,111 @@ class Arbiter:
                 self._reloading = self._handing_over = False
                 # The server-wide limits change with the line, as the workers do.
                 self.ledger.limits.reconfigure(self.settings)
-                reload.applied(self.log, f"{len(self._slots)} workers accept with the "
-                                         f"configuration read now; {len(told)} older ones "
-                                         "drain", self._before, self.settings)
+                if self._upgrade_to is None:
+                    reload.applied(self.log, f"{len(self._slots)} workers accept with the "
+                                             f"configuration read now; {len(told)} older ones "
+                                             "drain", self._before, self.settings)
+                else:
+                    events.note(self.log, events.INFO, events.UPGRADE,
+                                "upgrade: %d workers of ssmtpd %s accept, %d older ones "
+                                "drain; the master goes on with ssmtpd %s", len(self._slots),
+                                self._upgrade_to, len(told), self._upgrade_to)
                 self._before = None
                 for slot in self._slots:
                     if slot.pid is not None and slot.ready:
                         self._tell_to_accept(slot)
+                if self._upgrade_to is not None:
+                    self._go_on_with_new_code()
         for slot in self._older:
             if slot.pid is not None and slot.retired_at is not None \
                     and now - slot.retired_at > slot.drain_limit:
                 self._signal(slot, signal.SIGKILL,
                              "of an earlier configuration did not stop in time")
                 slot.retired_at = float("inf")  # killed once
+
+    # --- upgrade: the reload above with workers of the installed code, then exec --
+
+    def _upgrading(self) -> bool:
+        return self._checking or self._upgrade_to is not None
+
+    def _check_upgrade(self) -> None:
+        events.note(self.log, events.INFO, events.UPGRADE,
+                    "SIGUSR2: checking the installed code with the configuration")
+        try:
+            self._upgrade_to = upgrade.check(self.argv, upgrade.run_in_thread)
+        except upgrade.UpgradeError as e:
+            upgrade.refused(self.log, str(e))
+            return
+        finally:
+            self._checking = False
+            self._wake.set()
+        if self.stopping or not self._reload():
+            self._upgrade_to = None
+
+    def _go_on_with_new_code(self) -> None:
+        """The workers of the new code accept: this process becomes it too."""
+        now = time.monotonic()
+        workers = []
+        for slot in self._live():
+            older = slot in self._older
+            workers.append(upgrade.Worker(
+                slot.pid, slot.index, self.ledger.channel_fd(slot.pid),
+                serving=not older and slot.told_to_accept,
+                drain_left=max(0.0, slot.drain_limit - (now - slot.retired_at))
+                if older and slot.retired_at is not None else None,
+                holdings=self.ledger.channel_holdings(slot.pid)))
+        inherited = upgrade.Inherited(
+            __version__, [(sock.fileno(), implicit) for sock, implicit in self.listeners],
+            None if self._metrics_server is None else self._metrics_server.socket.fileno(),
+            None if self._metrics_dir is None else self._metrics_dir.fd,
+            workers, self.ledger.limits.snapshot(),
+            self.tls.pem if self.tls.self_signed else None,
+            reload_wanted=self._reload_wanted)
+        error = upgrade.replace_image(self.argv, inherited)
+        upgrade.refused(self.log, f"the workers run ssmtpd {self._upgrade_to}, the master "
+                                  f"stays: {error}")
+        self._upgrade_to = None
+
+    def _adopt(self, inherited: upgrade.Inherited) -> None:
+        """After an upgrade: take over what the master before this image had."""
+        from gevent import socket as gsocket
+        self.listeners = [(gsocket.socket(fileno=fd), implicit)
+                          for fd, implicit in inherited.listeners]
+        if inherited.metrics_dir is not None:
+            self._metrics_dir = metrics.Directory.adopt(inherited.metrics_dir)
+        if inherited.metrics_socket is not None and self.settings.metrics_bind:
+            self._metrics_server = serve_metrics(
+                self.settings, sock=gsocket.socket(fileno=inherited.metrics_socket))
+        self.ledger.limits.restore(inherited.counts)
+        now = time.monotonic()
+        self._slots = []
+        for worker in inherited.workers:
+            slot = _Slot(worker.index, worker.pid, started=now - MIN_LIFETIME,
+                         ready=worker.serving, told_to_accept=worker.serving,
+                         drain_limit=self._drain_limit())
+            if worker.drain_left is not None:
+                slot.retired_at, slot.drain_limit = now, worker.drain_left
+                slot.accepts_no_more = True
+                self._older.append(slot)
+            else:
+                self._slots.append(slot)
+            self.ledger.adopt(worker.pid, socket.socket(fileno=worker.channel), worker.holdings)
+        taken = {slot.index for slot in self._slots}
+        self._slots += [_Slot(index) for index in range(1, self.settings.workers + 1)
+                        if index not in taken]
+        # A configuration changed since the workers started: a reload fits them to it.
+        self._reload_wanted = inherited.reload_wanted or len(self._slots) != self.settings.workers
+        serving = sum(slot.pid is not None for slot in self._slots)
+        for sock, implicit in self.listeners:
+            host, port = sock.getsockname()[:2]
+            events.note(self.log, events.INFO, events.LISTENING,
+                        "ssmtpd %s master %d: listening on %s port %d (%s), %d workers",
+                        __version__, os.getpid(), host, port,
+                        "implicit TLS" if implicit else "STARTTLS", self.settings.workers,
+                        address=host, port=port, tls_mode="implicit" if implicit else "starttls")
+        upgrade.upgraded(self.log, inherited.version, __version__,
+                         f"master {os.getpid()} took over {serving} serving workers and "
+                         f"{len(self._older)} draining")
 
     def _kill_all(self, signum, why: str = "") -> None:
         for slot in self._live():
@@ -359,15 +483,14 @@ class Arbiter:
         return [slot for slot in self._slots + self._older if slot.pid is not None]
 
     def _reap(self) -> None:
-        while True:
+        # Each worker by its pid: a check of an upgrade (upgrade.check) waits
+        # for its own child, which must not be taken from it here.
+        for slot in self._live():
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(slot.pid, os.WNOHANG)
             except ChildProcessError:
-                return
+                pid, status = slot.pid, 0  # not ours to wait for: gone all the same
             if pid == 0:
-                return
-            slot = next((s for s in self._slots + self._older if s.pid == pid), None)
-            if slot is None:
                 continue
             orphans = self.ledger.detach(pid)
             if orphans:
@@ -405,43 +528,18 @@ class Arbiter:
 
     def _spawn(self, slot: _Slot) -> None:
         try:
-            master_end, worker_end = ledger.channel_pair()
-        except OSError as e:
-            self._retry_later(slot, f"no channel for it: {e.strerror or e}")
-            return
-        try:
             handed = self._hand_over()
         except OSError as e:
-            master_end.close()
-            worker_end.close()
             self._retry_later(slot, f"cannot hand it its settings: {e.strerror or e}")
             return
-        spec = WorkerSpec(slot.index, [(sock.fileno(), implicit)
-                                       for sock, implicit in self.listeners],
-                          worker_end.fileno(), handed.fileno())
-        inherited = [fd for fd, _ in spec.listeners] + [spec.ledger, spec.handover]
-        if self._metrics_dir is not None:
-            inherited.append(self._metrics_dir.fd)
-        env = dict(os.environ)
-        env[WORKER_ENV] = spec.encode()
-        argv = [sys.executable, "-m", "ssmtpd", *self.argv]
-        # Inheritable only for the instant of the spawn: nothing else of ours
-        # (and no program a worker starts) may keep these descriptors.
-        for fd in inherited:
-            os.set_inheritable(fd, True)
         try:
-            # SIGHUP, SIGTERM and SIGINT stay blocked until the worker has
-            # its handlers (it unblocks them then).
-            slot.pid = os.posix_spawn(sys.executable, argv, env,
-                                      setsigmask=STARTING_BLOCKED)
+            slot.pid, master_end = spawn_worker(
+                slot.index, self.listeners, handed, self.argv,
+                None if self._metrics_dir is None else self._metrics_dir.fd)
         except OSError as e:
             self._retry_later(slot, e.strerror or str(e))
-            master_end.close()
             return
         finally:
-            for fd in inherited:
-                os.set_inheritable(fd, False)
-            worker_end.close()
             handed.close()
         slot.started = time.monotonic()
         slot.drain_limit = self._drain_limit()
@@ -477,13 +575,51 @@ class Arbiter:
             return None
         directory = metrics.Directory(self.settings.identity)  # before root is given up
         try:
-            serve_metrics(self.settings)
+            self._metrics_server = serve_metrics(self.settings)
         except ListenError:
             for sock, _ in self.listeners:
                 sock.close()
             directory.remove()
             raise
         return directory
+
+def spawn_worker(index: int, listeners, handed, argv: List[str],
+                 metrics_fd: Optional[int] = None):
+    """Start a worker: (its pid, the master's end of its ledger channel).
+
+    `handed` is the worker's end of a handover channel (Arbiter._hand_over);
+    the caller closes it.  Raises OSError.
+    """
+    master_end, worker_end = ledger.channel_pair()
+    try:
+        spec = WorkerSpec(index, [(sock.fileno(), implicit) for sock, implicit in listeners],
+                          worker_end.fileno(), handed.fileno())
+        inherited = [fd for fd, _ in spec.listeners] + [spec.ledger, spec.handover]
+        if metrics_fd is not None:
+            inherited.append(metrics_fd)
+        env = dict(os.environ)
+        env[WORKER_ENV] = spec.encode()
+        if metrics_fd is not None:
+            env[metrics.MULTIPROC_ENV] = f"/proc/self/fd/{metrics_fd}"
+        # Inheritable only for the instant of the spawn: nothing else of ours
+        # (and no program a worker starts) may keep these descriptors.
+        for fd in inherited:
+            os.set_inheritable(fd, True)
+        try:
+            # SIGHUP, SIGTERM, SIGINT and SIGUSR2 stay blocked until the worker
+            # has its handlers (it unblocks them then).
+            pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "ssmtpd", *argv], env,
+                                 setsigmask=STARTING_BLOCKED)
+        finally:
+            for fd in inherited:
+                os.set_inheritable(fd, False)
+    except OSError:
+        master_end.close()
+        raise
+    finally:
+        worker_end.close()
+    return pid, master_end
+
 
 def _describe(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)

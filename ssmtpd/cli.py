@@ -14,11 +14,12 @@ import gevent
 from gevent import socket as gsocket
 
 from ssmtpd import (arbiter, config, events, handover, ledger, log, metrics, privileges,
-                    reload, state, trial)
+                    reload, state, trial, upgrade)
 from ssmtpd.authcache import AuthCache
 from ssmtpd.delivery import Programs
 from ssmtpd.sasl import TOKEN_MECHANISMS
 from ssmtpd.server import ListenError, Server, fit_descriptor_limit
+from ssmtpd.succession import Succession
 from ssmtpd.tls import TLSError, TLSHolder
 
 EXIT_CONFIG = 2
@@ -58,6 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _descriptor_hygiene()
     pem = None
     try:
+        # A master that an upgrade started (upgrade.py) takes over, binds nothing.
+        inherited = upgrade.inherited()
         worker = arbiter.worker_spec_from_env()
         if worker is not None:
             settings, pem = worker.inherited()
@@ -71,6 +74,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logger = log.setup(settings.log_level, format=settings.log_format)
     if settings.try_auth is not None or settings.try_process is not None:
         return _try(settings)
+    if inherited is not None and inherited.pem is not None and not settings.ssl_cert:
+        pem = inherited.pem  # the self-signed certificate clients may have pinned
     try:
         tls = TLSHolder(settings.hostname, settings.ssl_cert, settings.ssl_key, pem)
     except TLSError as e:
@@ -92,11 +97,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = _fit_descriptor_limit(settings, logger)
     bound = lambda: _after_binding(settings, tls, logger)  # noqa: E731
     argv = sys.argv[1:] if argv is None else list(argv)
-    if settings.workers > 1:
+    if settings.workers > 1 or inherited is not None:
         master = arbiter.Arbiter(settings, tls, logger, argv,
                                  adjust=lambda s: _fit_descriptor_limit(s, logger))
+        if inherited is not None:
+            # Root and the capability to bind were given up before the upgrade.
+            bound = privileges.give_up_capabilities
         try:
-            return master.run(bound)
+            return master.run(bound, inherited)
         except (ListenError, config.ConfigError, privileges.PrivilegeError) as e:
             return _fail(str(e))
     return _serve(settings, logger, tls, on_bound=bound, argv=argv)
@@ -207,8 +215,16 @@ def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
                                 adjust=lambda s: _fit_descriptor_limit(s, logger))
         return None if got is None else (*got, _programs(got[0], environment, limits))
 
+    succession = None
+    if worker is None:
+        succession = Succession(None, argv, logger, lambda: reload.read_again(
+            argv, server.settings, server.tls, logger, workers_may_change=False,
+            adjust=lambda s: _fit_descriptor_limit(s, logger)))
     server = Server(settings, tls, _programs(settings, environment, limits), logger, limits,
-                    read_again=None if worker is not None else read_again)
+                    read_again=None if worker is not None else read_again,
+                    upgrade=None if succession is None else succession.begin)
+    if succession is not None:
+        succession.server = server
     try:
         server.start(listeners, on_bound)
     except (ListenError, config.ConfigError, privileges.PrivilegeError) as e:
@@ -218,4 +234,7 @@ def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
     # What start-up made lives as long as the process: out of the garbage
     # collector's sight, a full collection walks only what sessions made.
     gc.freeze()
-    return server.serve_forever()
+    status = server.serve_forever()
+    if succession is not None and succession.handed_over:
+        return succession.finish()
+    return status

@@ -149,14 +149,15 @@ ACCEPT = "accept"  # accepting paused for want of descriptors, and resumed
 SHUTDOWN = "shutdown"  # SIGTERM/SIGINT: draining, a second signal, sessions still busy
 STOPPED = "stopped"  # the last line of a stop
 RELOAD = "reload"  # SIGHUP: the certificate reloaded, or kept
+UPGRADE = "upgrade"  # SIGUSR2: refused, or done
 WORKER = "worker"  # the master of --workers: a worker started, died, stopped, killed
 STATE = "state"  # --state: Redis failed, the counts are local for now
 # Any other line of the server: the metrics listener's warnings.
 SERVER = "server"
 
 SESSION_EVENTS = frozenset(e.name for e in globals().values() if isinstance(e, Event))
-SERVER_EVENTS = frozenset((START, CONFIG, LISTENING, ACCEPT, SHUTDOWN, STOPPED, RELOAD, WORKER,
-                           STATE, SERVER))
+SERVER_EVENTS = frozenset((START, CONFIG, LISTENING, ACCEPT, SHUTDOWN, STOPPED, RELOAD, UPGRADE,
+                           WORKER, STATE, SERVER))
 VOCABULARY = SESSION_EVENTS | SERVER_EVENTS
 
 

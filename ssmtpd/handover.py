@@ -183,11 +183,11 @@ def decode(blob: bytes) -> Tuple[Settings, Pem]:
 
 # --- the memfd --------------------------------------------------------------------
 
-def seal(blob: bytes) -> int:
+def seal(blob: bytes, limit: int = MAX_SIZE, name: str = MEMFD_NAME) -> int:
     """A read-only descriptor of a sealed memfd holding `blob` (close-on-exec)."""
-    if len(blob) > MAX_SIZE:
-        raise HandoverError(f"worker state: {len(blob)} bytes, more than {MAX_SIZE}")
-    fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    if len(blob) > limit:
+        raise HandoverError(f"worker state: {len(blob)} bytes, more than {limit}")
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         view = memoryview(blob)
         while view:
@@ -200,7 +200,7 @@ def seal(blob: bytes) -> int:
         os.close(fd)
 
 
-def read_sealed(fd: int) -> bytes:
+def read_sealed(fd: int, limit: int = MAX_SIZE) -> bytes:
     """The contents of a read-only, sealed memfd; raises HandoverError otherwise."""
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -212,8 +212,8 @@ def read_sealed(fd: int) -> bytes:
         raise HandoverError(f"worker state: not sealed (seals {seals:#x}, expected {SEALS:#x})")
     if mode != os.O_RDONLY:
         raise HandoverError("worker state: not opened read-only")
-    if size > MAX_SIZE:
-        raise HandoverError(f"worker state: {size} bytes, more than {MAX_SIZE}")
+    if size > limit:
+        raise HandoverError(f"worker state: {size} bytes, more than {limit}")
     chunks = []
     offset = 0
     while offset < size:  # pread: the master's descriptor shares this offset

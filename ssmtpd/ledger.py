@@ -46,7 +46,6 @@ the master never needs the name itself, only to tell names apart.
 """
 
 import collections
-import hashlib
 import itertools
 import socket
 import time
@@ -57,7 +56,7 @@ from gevent.event import AsyncResult
 
 from ssmtpd import programs
 from ssmtpd.limits import (MAX_TRACKED_ADDRESSES, MESSAGES, RECIPIENTS, SESSIONS, UNANSWERED,
-                           Limits, address_key)
+                           Limits, UserKey, address_key, user_key)
 
 MESSAGE_MAX = 512
 # Messages the master handles from one worker before it lets the others run.
@@ -89,6 +88,24 @@ class Ledger:
         self._channels[worker_id] = channel
         channel.send(f"P {int(self._pressure)}")
         channel.reader = gevent.spawn(self._serve, channel)
+
+    def adopt(self, worker_id: int, sock, held: dict) -> None:
+        """Serve the channel of a worker started before an upgrade; `held` is
+        what channel_holdings() gave for it there."""
+        self.attach(worker_id, sock)
+        channel = self._channels[worker_id]
+        channel.held.update(held["held"])
+        channel.user_sessions.update(held["user_sessions"])
+        channel.programs.update(held["programs"])
+
+    def channel_holdings(self, worker_id: int) -> dict:
+        """What the worker's channel holds, as plain data (adopt())."""
+        channel = self._channels[worker_id]
+        return {"held": dict(channel.held), "user_sessions": dict(channel.user_sessions),
+                "programs": sorted(channel.programs)}
+
+    def channel_fd(self, worker_id: int) -> int:
+        return self._channels[worker_id].sock.fileno()
 
     def forget_logins(self) -> None:
         """SIGHUP: every worker empties its auth cache."""
@@ -132,7 +149,7 @@ class Ledger:
                 self.limits.release(key)
         for user, count in channel.user_sessions.items():
             for _ in range(count):
-                self.limits.user_session_closed(user)
+                self.limits.user_session_closed(UserKey(user))
         self._broadcast_pressure()
         return sum(programs.kill_orphan(pid) for pid in channel.programs)
 
@@ -188,20 +205,22 @@ class Ledger:
         limits = self.limits
         if op == "U":
             ident, messages, recipients, user = _split(rest, 4)
+            user = UserKey(user)
             if recipients.isdigit() and messages.isdigit():
                 refused = limits.sending_refused(user, int(messages), int(recipients))
                 channel.send(f"{ident} {refused or 'ok'}")
         elif op == "T":
             ident, recipients, user = _split(rest, 3)
+            user = UserKey(user)
             if recipients.isdigit():
                 refused, ticket = limits.take_message(user, int(recipients))
                 channel.send(f"{ident} {refused or 'ok ' + ticket}")
         elif op == "G":
             count, stamp, user = _split(rest, 3)
-            limits.give_back_message(user, f"{count} {stamp}")
+            limits.give_back_message(UserKey(user), f"{count} {stamp}")
         elif op == "L":
             ident, user = _split(rest, 2)
-            opened = limits.user_session_opened(user)
+            opened = limits.user_session_opened(UserKey(user))
             if opened:
                 channel.user_sessions[user] += 1
             channel.send(f"{ident} {'ok' if opened else SESSIONS}")
@@ -209,7 +228,7 @@ class Ledger:
             channel.user_sessions[rest] -= 1
             if not channel.user_sessions[rest]:
                 del channel.user_sessions[rest]
-            limits.user_session_closed(rest)
+            limits.user_session_closed(UserKey(rest))
 
     def _broadcast_pressure(self) -> None:
         pressure = self.limits.under_pressure
@@ -226,11 +245,6 @@ def _split(text: str, parts: int):
     """`parts` words, the last one all that is left; missing ones empty."""
     words = text.split(" ", parts - 1)
     return words + [""] * (parts - len(words))
-
-
-def user_key(user: str) -> str:
-    """What a username travels as: the same name, the same key, in every worker."""
-    return hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def _blocked_notice(key: str, seconds: float) -> str:

@@ -11,6 +11,7 @@ Everything here is plain bookkeeping with an injectable clock, no I/O.
 """
 
 import collections
+import hashlib
 import ipaddress
 import socket
 import sys
@@ -62,6 +63,20 @@ def address_key(ip: str, ipv6_prefix_length: int) -> str:
     return str(network)
 
 
+def user_key(user: str) -> str:
+    """What a user is counted under: the same name, the same key, in every
+    process (a worker sends it to its master; README "Accounts and limits")."""
+    return hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+class UserKey(str):
+    """A user already as its user_key(), as a worker's channel carries it."""
+
+
+def _keyed(user: str) -> UserKey:
+    return user if isinstance(user, UserKey) else UserKey(user_key(user))
+
+
 def is_loopback_key(key: str) -> bool:
     """The key of a client on this machine (127.0.0.0/8, ::1), which no rate
     limits: local tools and a proxy's health checks on the same host (as
@@ -76,26 +91,31 @@ class ConnectionCount:
         self.max_total = max_total
         self.max_per_key = max_per_key
         self.total = 0
-        self._per_key: Dict[str, int] = collections.Counter()
+        self.per_key: Dict[str, int] = collections.Counter()
 
     def admit(self, key: str) -> Optional[str]:
         """Take a slot for `key`, or return why not (TOO_MANY, TOO_MANY_FROM_ADDRESS)."""
         if self.total >= self.max_total:
             return TOO_MANY
-        if self._per_key[key] >= self.max_per_key:
+        if self.per_key[key] >= self.max_per_key:
             return TOO_MANY_FROM_ADDRESS
         self.total += 1
-        self._per_key[key] += 1
+        self.per_key[key] += 1
         return None
 
     def release(self, key: str) -> None:
         self.total -= 1
-        self._per_key[key] -= 1
-        if not self._per_key[key]:
-            del self._per_key[key]
+        self.per_key[key] -= 1
+        if not self.per_key[key]:
+            del self.per_key[key]
+
+    def hold(self, key: str, count: int) -> None:
+        """`count` slots of `key` taken elsewhere, whatever the limits."""
+        self.total += count
+        self.per_key[key] += count
 
     def of(self, key: str) -> int:
-        return self._per_key.get(key, 0)
+        return self.per_key.get(key, 0)
 
     @property
     def under_pressure(self) -> bool:
@@ -209,6 +229,18 @@ class Window:
     def __len__(self) -> int:
         return len(self._events)
 
+    def events(self):
+        """[(key, [times])], oldest key first: what an upgrade carries over."""
+        return [(key, list(times)) for key, times in self._events.items()]
+
+    @classmethod
+    def of_events(cls, limit: int, window: float, events) -> "Window":
+        """A window holding `events` (as events() gives them)."""
+        made = cls(limit, window)
+        for key, times in events:
+            made._events[key] = collections.deque(times, maxlen=limit)
+        return made
+
 
 class Limits:
     """The server-wide counts one process's sessions consult.
@@ -252,6 +284,42 @@ class Limits:
                                              settings.max_recipients_per_user)}
         self.user_sessions.max_per_key = settings.max_sessions_per_user or sys.maxsize
 
+    def snapshot(self) -> dict:
+        """Every count, as plain data: an upgrade hands it to the code it
+        goes on with (upgrade.py).  Times are time.monotonic(), which the
+        machine keeps across exec."""
+        def fullest(windows):
+            if not windows:
+                return None
+            window = max(windows, key=lambda w: w.limit)
+            return [window.limit, window.events()]
+        return {"connections": dict(self.connections.per_key),
+                "user_sessions": dict(self.user_sessions.per_key),
+                "logins": fullest([self.logins]),
+                "connection_rates": fullest(self.connection_rates),
+                MESSAGES: fullest(self.sending[MESSAGES]),
+                RECIPIENTS: fullest(self.sending[RECIPIENTS])}
+
+    def restore(self, snapshot: dict) -> None:
+        """Take over the counts of snapshot() (of another process), fitted
+        to this one's limits as a reload fits them."""
+        def fitted(windows, held, rates):
+            if held is None:
+                return windows
+            return _resized([Window.of_events(held[0], 1.0, held[1])], rates)
+        for key, count in snapshot["connections"].items():
+            self.connections.hold(key, count)
+        for key, count in snapshot["user_sessions"].items():
+            self.user_sessions.hold(key, count)
+        self.logins = fitted([self.logins], snapshot["logins"],
+                             [(self.logins.limit, self.logins.window)])[0]
+        self.connection_rates = fitted(self.connection_rates, snapshot["connection_rates"],
+                                       [(w.limit, w.window) for w in self.connection_rates])
+        for limit in (MESSAGES, RECIPIENTS):
+            windows = self.sending[limit]
+            self.sending[limit] = fitted(windows, snapshot[limit],
+                                         [(w.limit, w.window) for w in windows])
+
     def key(self, ip: str) -> str:
         return address_key(ip, self.ipv6_prefix_length)
 
@@ -289,6 +357,7 @@ class Limits:
     def sending_refused(self, user: str, messages: int, recipients: int) -> Optional[str]:
         """Which limit (MESSAGES, RECIPIENTS) leaves `user` no room for this
         many more; None when all do."""
+        user = _keyed(user)
         for limit, wanted in ((MESSAGES, messages), (RECIPIENTS, recipients)):
             if wanted and not all(w.room(user, wanted) for w in self.sending[limit]):
                 return limit
@@ -298,6 +367,7 @@ class Limits:
         """Check and take one message with `recipients` in one step, so that
         concurrent sessions can never together pass a limit: (the limit
         without room, "") or (None, a ticket for give_back_message)."""
+        user = _keyed(user)
         refused = self.sending_refused(user, 1, recipients)
         if refused is not None:
             return refused, ""
@@ -309,6 +379,7 @@ class Limits:
 
     def give_back_message(self, user: str, ticket: str) -> None:
         """A message taken was not accepted: it counts for nothing."""
+        user = _keyed(user)
         recipients, _, stamp = ticket.partition(" ")
         try:
             count, when = int(recipients), float(stamp)
@@ -320,10 +391,10 @@ class Limits:
 
     def user_session_opened(self, user: str) -> bool:
         """Take a session slot of `user`; False when it has none left."""
-        return self.user_sessions.admit(user) is None
+        return self.user_sessions.admit(_keyed(user)) is None
 
     def user_session_closed(self, user: str) -> None:
-        self.user_sessions.release(user)
+        self.user_sessions.release(_keyed(user))
 
     def state_failure_to_tell(self) -> bool:
         """Whether a failing --state is to be logged now: it is once a minute

@@ -135,7 +135,7 @@ def parse_bind(value: str) -> Tuple[str, int]:
     return host, int(port)
 
 
-def serve(address: Tuple[str, int], metrics: Optional[Metrics] = None):
+def serve(address, metrics: Optional[Metrics] = None):
     """Start serving /metrics on the event loop; returns the started server.
 
     Serves `metrics`' registry, or, in the master of --workers (metrics None),
@@ -182,7 +182,9 @@ class Directory:
     (README "Monitoring" says what this does not cover).
     """
 
-    def __init__(self, identity=None):
+    def __init__(self, identity=None, export: bool = True):
+        """`export`: name it in this process's environment, for prometheus_client
+        here and for the workers started from here."""
         self._private = tempfile.mkdtemp(prefix="ssmtpd-metrics-")
         try:
             values = os.path.join(self._private, "values")
@@ -194,7 +196,17 @@ class Directory:
         except OSError:
             shutil.rmtree(self._private, ignore_errors=True)
             raise
-        os.environ[MULTIPROC_ENV] = f"/proc/self/fd/{self.fd}"
+        if export:
+            os.environ[MULTIPROC_ENV] = f"/proc/self/fd/{self.fd}"
+
+    @classmethod
+    def adopt(cls, fd: int) -> "Directory":
+        """The directory a master before an upgrade made, open as `fd`."""
+        directory = cls.__new__(cls)
+        directory.fd = fd
+        directory._private = os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))
+        os.environ[MULTIPROC_ENV] = f"/proc/self/fd/{fd}"
+        return directory
 
     def remove(self) -> None:
         """Delete the values; after --user, root's two empty directories stay behind."""

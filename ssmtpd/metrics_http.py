@@ -39,8 +39,10 @@ Collect = Callable[[str], Tuple[bytes, str]]
 class MetricsServer(Listener):
     """Serves what `collect` returns at /metrics, within the bounds above."""
 
-    def __init__(self, address: Tuple[str, int], collect: Collect, log=None):
-        super().__init__(address, self._serve, backlog=BACKLOG)
+    def __init__(self, address, collect: Collect, log=None):
+        """`address` (host, port), or a socket already listening there."""
+        super().__init__(address, self._serve,
+                         backlog=BACKLOG if isinstance(address, tuple) else None)
         self._collect = collect
         self._log = log or logging.getLogger("ssmtpd")
         self.clients = 0

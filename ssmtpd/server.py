@@ -36,7 +36,7 @@ BACKLOG = 1024
 SHUTDOWN_GRACE = 15.0
 # What a worker of --workers starts with blocked, until it has its handlers:
 # the default actions would kill it mid-import (a reload, a stop, a Ctrl-C).
-STARTING_BLOCKED = frozenset((signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
+STARTING_BLOCKED = frozenset((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2))
 # How often, while the server is nearly full, sessions that already wait for a
 # line are checked against --busy-timeout (new waits get it directly).
 PRESSURE_SWEEP = 0.5
@@ -138,19 +138,24 @@ class Server:
     """One process's clients: the whole server, or one worker of --workers."""
 
     def __init__(self, settings: Settings, tls: TLSHolder, programs: Programs, logger,
-                 limits=None, read_again: Optional[Callable[[], Optional[tuple]]] = None):
+                 limits=None, read_again: Optional[Callable[[], Optional[tuple]]] = None,
+                 upgrade: Optional[Callable[[], None]] = None):
         """`read_again()` is SIGHUP's: (settings, tls, programs) for new sessions,
-        or None when the configuration was refused (reload.py); None in a worker
-        of --workers, whose master reloads."""
+        or None when the configuration was refused (reload.py); `upgrade()` is
+        SIGUSR2's (succession.py).  Both None in a worker of --workers, whose
+        master reloads and upgrades."""
         self.settings = settings
         self.tls = tls
         self.programs = programs
         self.log = logger
         self.sessions = set()
         self.metrics = metrics.Metrics() if settings.metrics_bind else metrics.NoMetrics()
-        self._local_limits = limits if limits is not None else Limits(settings)
+        self.local_limits = limits if limits is not None else Limits(settings)
         self.limits = self._with_state(settings)
         self._read_again = read_again
+        self._upgrade = upgrade
+        self.successor = None  # during an upgrade: the succession.Succession under way
+        self.metrics_server = None
         self.stopping = False  # after SIGTERM: draining, new sessions refused
         self.retiring = False  # an old worker after a reload: draining gently
         self._connections = 0  # accepted and not yet closed
@@ -166,11 +171,11 @@ class Server:
         """The limits sessions consult: the local counts, or with --state the
         windowed ones in Redis in front of them."""
         if not settings.state:
-            return self._local_limits
+            return self.local_limits
         # Each process its own client: a connection is not shared across a fork.
         counts = state.RedisCounts(state.connect(settings.state, settings.state_timeout),
                                    settings.state_prefix, settings.state_timeout)
-        return state.SharedLimits(self._local_limits, counts, settings, self.log, self.metrics)
+        return state.SharedLimits(self.local_limits, counts, settings, self.log, self.metrics)
 
     # --- reload --------------------------------------------------------------
 
@@ -181,7 +186,22 @@ class Server:
                         "there", os.getpid(), os.getppid())
             return
         self.forget_logins()
+        if self.successor is not None:
+            # The worker of the upgrade has the configuration read at SIGUSR2;
+            # its master reads it again once it has taken over.
+            self.successor.reload_wanted = True
+            events.note(self.log, events.INFO, events.RELOAD,
+                        "SIGHUP: the reload waits until the upgrade under way is done")
+            return
         gevent.spawn(self.reload)
+
+    def _on_sigusr2(self) -> None:
+        if self._upgrade is None:
+            events.note(self.log, events.WARNING, events.UPGRADE,
+                        "SIGUSR2 to worker %d ignored: the master (pid %d) upgrades; send it "
+                        "there", os.getpid(), os.getppid())
+            return
+        gevent.spawn(self._upgrade)
 
     def forget_logins(self) -> None:
         """SIGHUP: every login is asked of the auth program again (README "The auth
@@ -199,7 +219,7 @@ class Server:
         if got is None:
             return False
         settings, tls, programs = got
-        self._local_limits.reconfigure(settings)
+        self.local_limits.reconfigure(settings)
         self.limits = self._with_state(settings)
         before, self.settings, self.tls, self.programs = self.settings, settings, tls, programs
         log.setup(settings.log_level, format=settings.log_format)
@@ -224,7 +244,8 @@ class Server:
         self._signal_handlers = [
             gevent.signal_handler(signum, self.begin_shutdown, signal.Signals(signum).name)
             for signum in stop_signals]
-        self._signal_handlers.append(gevent.signal_handler(signal.SIGHUP, self._on_sighup))
+        self._signal_handlers += [gevent.signal_handler(signal.SIGHUP, self._on_sighup),
+                                  gevent.signal_handler(signal.SIGUSR2, self._on_sigusr2)]
         if listeners is not None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         # A worker of --workers starts with these blocked, so that one sent
@@ -235,7 +256,7 @@ class Server:
             listeners = bind_listeners(self.settings)
         try:
             if not inherited and self.settings.metrics_bind:  # a worker's master serves them
-                serve_metrics(self.settings, self.metrics)
+                self.metrics_server = serve_metrics(self.settings, self.metrics)
             if on_bound is not None:
                 on_bound()
         except Exception:
@@ -248,6 +269,11 @@ class Server:
         self._sweeper = gevent.spawn(self._sweep_strangers)
         if not inherited:
             self.open()
+
+    def listening_sockets(self):
+        """[(listening socket, implicit TLS)], open while this process lives
+        or until a stop closes them."""
+        return [(server.socket, implicit) for server, implicit in self._servers]
 
     def open(self) -> None:
         """Accept clients: at start, or in a worker once its master says so
@@ -382,17 +408,22 @@ class Server:
     # --- run and stop --------------------------------------------------------
 
     def serve_forever(self) -> int:
-        """Run until SIGTERM/SIGINT has drained the sessions; returns the exit status."""
+        """Run until SIGTERM/SIGINT has drained the sessions, or until they
+        have drained after hand_over(); returns the exit status."""
         try:
             self._stopped.wait()
         finally:
+            if not self.stopping:
+                # Handed over: what comes now is for the image that follows.
+                signal.pthread_sigmask(signal.SIG_BLOCK, STARTING_BLOCKED)
             for handler in self._signal_handlers:
                 handler.cancel()
             # Cancelling restores the default action: a second SIGTERM from an
             # impatient supervisor must not turn our clean exit into 143.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        events.note(self.log, events.INFO, events.STOPPED, "stopped")
+        if self.stopping:
+            events.note(self.log, events.INFO, events.STOPPED, "stopped")
         return 0
 
     def begin_shutdown(self, why: str = "request") -> None:
@@ -418,6 +449,21 @@ class Server:
                     len(self.sessions))
         gevent.spawn(self._drain, gently=True)
 
+    def hand_over(self, go: Callable[[], None], message: str) -> None:
+        """An upgrade of the one process: accept no more (the listening sockets
+        stay open, for the process that follows), call `go()` to let its
+        worker begin, and drain gently; serve_forever() returns once drained.
+        `message` is logged with the number of sessions in place of {}."""
+        if self.stopping or self.retiring:
+            return
+        self.retiring = True
+        for server, _ in self._servers:
+            server.stop_accepting()
+        # The line first: every session that begins after it is the worker's.
+        events.note(self.log, events.INFO, events.UPGRADE, message.format(len(self.sessions)))
+        go()
+        gevent.spawn(self._drain, gently=True)
+
     def _stop_now(self, why: str) -> None:
         """A second SIGTERM or SIGINT while draining: close every session that
         is not running a program now, and say what is still running."""
@@ -435,7 +481,8 @@ class Server:
         none.  Past --graceful-timeout every session still open is closed
         with 421 4.3.2, one whose program runs once that is answered."""
         for server, _ in self._servers:
-            server.close()  # the socket stays open in the other processes that share it
+            if not (gently and self.successor is not None):
+                server.close()  # the socket stays open in the other processes that share it
         # Connections accepted just before have their greenlets queued: let them
         # be counted, so the wait below waits for them too.
         gevent.sleep(0)
@@ -468,10 +515,11 @@ class Server:
         return not self._connections
 
 
-def serve_metrics(settings: Settings, of=None):
-    """Serve /metrics at --metrics-bind (`of` a Metrics, or None in the master)."""
+def serve_metrics(settings: Settings, of=None, sock=None):
+    """Serve /metrics at --metrics-bind (`of` a Metrics, or None in the master),
+    or on `sock`, already listening there (after an upgrade)."""
     try:
-        return metrics.serve(settings.metrics_bind, of)
+        return metrics.serve(settings.metrics_bind if sock is None else sock, of)
     except OSError as e:
         host, port = settings.metrics_bind
         why = os.strerror(e.errno) if e.errno else str(e)

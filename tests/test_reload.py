@@ -65,6 +65,7 @@ class Load:
         self.srv = srv
         self.ctx = srv.tls_context()
         self.sessions = []  # (sender, connect time, greeting time, final code or error)
+        self.greetings = {}  # sender -> the greeting's text
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(i,)) for i in range(CLIENTS)]
 
@@ -87,8 +88,9 @@ class Load:
             try:
                 raw = Raw(socket.create_connection(("127.0.0.1", self.srv.port), timeout=60))
                 try:
-                    code, _ = raw.reply()
+                    code, lines = raw.reply()
                     greeted = time.time()
+                    self.greetings[sender] = lines[-1]
                     assert code == 220, code
                     assert raw.cmd("EHLO client.test")[0] == 250
                     raw.starttls(self.ctx)

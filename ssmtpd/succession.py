@@ -1,0 +1,181 @@
+"""SIGUSR2 with one process: a worker of the new code takes over, then this
+process becomes its master (README "Reloading and upgrading").
+
+The one process holds its sessions in its own memory, so it cannot replace
+its image while they run.  It starts one worker of the installed code on the
+same listening sockets, as a master of --workers would (arbiter.spawn_worker),
+and serves that worker's channel from its own counts, so that the limits stay
+whole.  Once the worker is ready, this process stops accepting and the worker
+begins; this process's sessions drain (--graceful-timeout), and then it
+replaces its image with the new code as the master of that one worker
+(upgrade.replace_image).  From then on the server is a master and one
+worker, and a later SIGUSR2 or SIGHUP takes the master's way.
+
+Why not fork, keeping the sessions in a child while this process re-executes
+at once: a program a session is running is this process's child, and a
+forked copy cannot wait for it; the counts would split in two.
+"""
+
+import os
+import signal
+from typing import Callable, Optional
+
+import gevent
+from gevent.event import AsyncResult, Event
+
+from ssmtpd import __version__, arbiter, events, handover, ledger, metrics, programs, upgrade
+
+# How long the new worker may take to be ready before the upgrade is given up.
+READY_WAIT = arbiter.READY_WAIT
+
+
+def run_watched(argv, env):
+    """The one process's runner for upgrade.check: waited for as programs are."""
+    said = []
+    outcome = programs.run(argv, env, upgrade.CHECK_TIMEOUT, on_stderr=said.append)
+    status = outcome.code if outcome.status == programs.EXITED else -1
+    return status, outcome.last_line, "\n".join(said) or outcome.describe()
+
+
+class Succession:
+    """The upgrade of one process; `read_again()` gives (settings, tls) for
+    the worker, or None (the reload's refusal is logged)."""
+
+    def __init__(self, server, argv, logger, read_again: Callable[[], Optional[tuple]]):
+        self.server = server
+        self.argv = list(argv)
+        self.log = logger
+        self._read_again = read_again
+        self.under_way = False
+        self.reload_wanted = False  # a SIGHUP came meanwhile: the master reloads after
+        self.pid: Optional[int] = None  # the worker's, once started
+        self.handed_over = False  # it accepts, this process drains
+        self._ledger: Optional[ledger.Ledger] = None
+        self._ready = Event()
+        self._exited = AsyncResult()
+        self._metrics_dir: Optional[metrics.Directory] = None
+        self._tls = None
+
+    def begin(self) -> None:
+        """SIGUSR2: check the installed code, start its worker, hand over."""
+        if self.under_way or self.server.stopping:
+            events.note(self.log, events.WARNING, events.UPGRADE,
+                        "SIGUSR2 ignored: %s", "an upgrade is under way" if self.under_way
+                        else "the server is stopping")
+            return
+        self.under_way = True
+        self.server.successor = self
+        events.note(self.log, events.INFO, events.UPGRADE,
+                    "SIGUSR2: checking the installed code with the configuration")
+        try:
+            version = upgrade.check(self.argv, run_watched)
+            got = self._read_again()
+            if got is None:
+                raise upgrade.UpgradeError("the configuration read again is refused")
+            if self.server.stopping:
+                raise upgrade.UpgradeError("the server is stopping")
+            settings, self._tls = got
+            self._start_worker(settings)
+            ready = gevent.wait([self._ready, self._exited], timeout=READY_WAIT, count=1)
+            if self.server.stopping:
+                raise upgrade.UpgradeError("the server is stopping")
+            if not self._ready.is_set():
+                raise upgrade.UpgradeError(
+                    f"its worker (pid {self.pid}) "
+                    + (f"{self._exited.get()} before it was ready" if ready
+                       else f"was not ready within {READY_WAIT:.0f}s"))
+        except (upgrade.UpgradeError, OSError, handover.HandoverError) as e:
+            upgrade.refused(self.log, str(e))
+            self._give_up()
+            return
+        self.handed_over = True
+        self.server.hand_over(
+            lambda: self._ledger.go(self.pid),
+            f"upgrade: a worker of ssmtpd {version} (pid {self.pid}) accepts; the "
+            f"{{}} sessions here drain, then this process goes on with ssmtpd {version} "
+            f"as its master")
+
+    def _start_worker(self, settings) -> None:
+        state = handover.seal(handover.encode(settings, self._tls.pem))
+        try:
+            handing, handed = handover.channel()
+            with handing:
+                handover.send(handing, state)
+        finally:
+            os.close(state)
+        try:
+            if settings.metrics_bind:
+                # Not named in this process's environment: its own metrics stay its own.
+                self._metrics_dir = metrics.Directory(export=False)
+            self._ledger = ledger.Ledger(self.server.local_limits,
+                                         on_ready=lambda pid: self._ready.set())
+            self.pid, master_end = arbiter.spawn_worker(
+                1, self.server.listening_sockets(), handed, self.argv,
+                None if self._metrics_dir is None else self._metrics_dir.fd)
+        finally:
+            handed.close()
+        # Watched before the hub runs again, so that its end cannot be missed.
+        loop = gevent.get_hub().loop
+        loop.install_sigchld()
+        watcher = loop.child(self.pid)
+        watcher.start(lambda: self._exited.set(_described(watcher.rstatus)))
+        self._watcher = watcher
+        self._ledger.attach(self.pid, master_end)
+        events.note(self.log, events.INFO, events.WORKER, "worker 1 (pid %d) started",
+                    self.pid, worker=1, pid=self.pid)
+
+    def _give_up(self) -> None:
+        self.under_way = False
+        self.server.successor = None
+        if self.pid is not None:
+            self._stop_worker(signal.SIGKILL)
+        if self._metrics_dir is not None:
+            self._metrics_dir.remove()
+            self._metrics_dir = None
+        self._ready.clear()
+
+    def _stop_worker(self, signum) -> None:
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+        self._exited.get()  # the worker drains within its own limits
+        if self._ledger is not None:
+            self._ledger.detach(self.pid)
+        self.pid = None
+        self._exited = AsyncResult()
+
+    def finish(self) -> int:
+        """This process's sessions are done: go on as the master of the worker,
+        or after SIGTERM, stop it with this process.  The exit status, if the
+        master's image could not be started."""
+        if self.server.stopping:
+            if self.pid is not None:
+                self._stop_worker(signal.SIGTERM)
+            if self._metrics_dir is not None:
+                self._metrics_dir.remove()
+            return 0
+        server = self.server
+        metrics_server = server.metrics_server
+        inherited = upgrade.Inherited(
+            __version__, [(sock.fileno(), implicit)
+                          for sock, implicit in server.listening_sockets()],
+            None if metrics_server is None else metrics_server.socket.fileno(),
+            None if self._metrics_dir is None else self._metrics_dir.fd,
+            [upgrade.Worker(self.pid, 1, self._ledger.channel_fd(self.pid), serving=True,
+                            holdings=self._ledger.channel_holdings(self.pid))],
+            server.local_limits.snapshot(),
+            self._tls.pem if self._tls.self_signed else None,
+            reload_wanted=self.reload_wanted)
+        error = upgrade.replace_image(self.argv, inherited)
+        # Nothing here serves any more: the worker stops, and so does this
+        # process, for its supervisor to start the server again.
+        upgrade.refused(self.log, f"this process cannot go on as the worker's master: {error}")
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, upgrade.EXEC_BLOCKED)
+        self._stop_worker(signal.SIGTERM)
+        return 1
+
+
+def _described(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"

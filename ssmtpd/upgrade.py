@@ -1,0 +1,193 @@
+"""SIGUSR2: going on with the code installed now, in the same process (README
+"Reloading and upgrading").
+
+An upgrade has three steps, whatever the layout:
+
+1. check(): the installed code is run as `python -m ssmtpd --version` and
+   `--check-config` with the server's own arguments and environment.  If it
+   does not say "configuration OK", one ERROR line and nothing changes.
+2. Workers of the new code take over the listening sockets: they are fresh
+   interpreters, so they import what is installed now.  With --workers the
+   master starts them as it does on SIGHUP, and the older ones drain.  With
+   one process, that process becomes the master of one such worker for a
+   while (succession.py) and drains its own sessions.
+3. The master replaces its own image with execve(2): same PID (the one
+   supervisord or systemd watches), same listening sockets, the workers
+   still its children.  What it must not forget goes with it: the sockets,
+   each worker's channel and what that worker holds, the counts of limits.py
+   and the self-signed certificate.  The descriptors are inherited; their
+   numbers, and the few facts that fit, are in SSMTPD_UPGRADE; the counts
+   are in a sealed memfd (handover.seal), as a worker's settings are.
+
+The new master reads that (inherited()), adopts the workers, and logs
+`upgraded from X to Y`.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from ssmtpd import events, handover
+
+UPGRADE_ENV = "SSMTPD_UPGRADE"
+# How long the installed code may take to say whether it would start.
+CHECK_TIMEOUT = 60.0
+# The counts may hold 100,000 addresses and every user's windows.
+COUNTS_LIMIT = 1 << 28
+COUNTS_NAME = "ssmtpd-upgrade-counts"
+# Signals that must wait while the new image starts: it has no handlers yet.
+EXEC_BLOCKED = frozenset((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2))
+# Environment the server sets for its own children, not the installed code's business.
+_OWN_ENV = ("SSMTPD_WORKER", UPGRADE_ENV, "PROMETHEUS_MULTIPROC_DIR")
+
+# (argv, environment) -> (exit status, stdout, stderr)
+Runner = Callable[[Sequence[str], dict], Tuple[int, str, str]]
+
+
+class UpgradeError(Exception):
+    """Why an upgrade cannot go on; str() is the reason for the ERROR line."""
+
+
+def run_in_thread(argv: Sequence[str], env: dict) -> Tuple[int, str, str]:
+    """A master's runner: a native thread waits for exactly this child, so
+    the master's own waitpid of its workers (arbiter.py) and this one never
+    take each other's."""
+    import gevent
+
+    def run():
+        try:
+            done = subprocess.run(list(argv), env=env, stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=CHECK_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return -1, "", f"no answer within {CHECK_TIMEOUT:.0f}s"
+        except OSError as e:
+            return -1, "", str(e)
+        return (done.returncode, done.stdout.decode("utf-8", "replace"),
+                done.stderr.decode("utf-8", "replace"))
+    return gevent.get_hub().threadpool.apply(run)
+
+
+def check(argv: Sequence[str], run: Runner) -> str:
+    """The version of the installed code, once it has accepted the
+    configuration as `--check-config` would; raises UpgradeError."""
+    env = {name: value for name, value in os.environ.items() if name not in _OWN_ENV}
+    python = [sys.executable, "-m", "ssmtpd"]
+    status, out, err = run(python + ["--version"], env)
+    words = out.split()
+    if status != 0 or len(words) != 2 or words[0] != "ssmtpd":
+        raise UpgradeError(f"the installed code does not start: {_last_line(err or out)}")
+    status, out, err = run(python + list(argv) + ["--check-config"], env)
+    if status != 0 or "configuration OK" not in out:
+        raise UpgradeError(f"ssmtpd {words[1]} refuses the configuration: "
+                           f"{_last_line(err or out)}")
+    return words[1]
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(it said nothing)"
+
+
+@dataclass
+class Worker:
+    """One worker the new master adopts."""
+
+    pid: int
+    index: int
+    channel: int  # descriptor of the master's end of its ledger channel
+    serving: bool  # of the newest generation, accepting clients
+    drain_left: Optional[float] = None  # of an older one: seconds its drain may still take
+    holdings: dict = field(default_factory=dict)  # ledger.Ledger.channel_holdings()
+
+
+@dataclass
+class Inherited:
+    """What a master hands the image it replaces itself with."""
+
+    version: str  # the code that handed over
+    listeners: List[Tuple[int, bool]]  # (descriptor, implicit TLS)
+    metrics_socket: Optional[int]
+    metrics_dir: Optional[int]
+    workers: List[Worker]
+    counts: dict  # limits.Limits.snapshot()
+    pem: Optional[Tuple[bytes, bytes]]  # the self-signed certificate and key, if in use
+    reload_wanted: bool = False  # a SIGHUP came during the upgrade
+
+    def descriptors(self) -> List[int]:
+        fds = [fd for fd, _ in self.listeners] + [w.channel for w in self.workers]
+        return fds + [fd for fd in (self.metrics_socket, self.metrics_dir) if fd is not None]
+
+
+def replace_image(argv: Sequence[str], inherited: Inherited) -> UpgradeError:
+    """execve(2) the installed code as the master, handing it `inherited`.
+
+    Returns only if that failed: the error, with everything as it was.
+    """
+    description = asdict(inherited)
+    pem = description.pop("pem")
+    bulk = {"counts": description.pop("counts"),
+            "pem": None if pem is None else [part.decode("ascii") for part in pem],
+            "holdings": [w.pop("holdings") for w in description["workers"]]}
+    try:
+        sealed = handover.seal(json.dumps(bulk).encode("ascii"), COUNTS_LIMIT, COUNTS_NAME)
+    except (OSError, handover.HandoverError) as e:
+        return UpgradeError(f"cannot hand over the counts: {e}")
+    description["sealed"] = sealed
+    env = dict(os.environ)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the new master sets it from metrics_dir
+    env[UPGRADE_ENV] = json.dumps(description)
+    fds = inherited.descriptors() + [sealed]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, EXEC_BLOCKED)
+    try:
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        os.execve(sys.executable, [sys.executable, "-m", "ssmtpd", *argv], env)
+    except OSError as e:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        os.close(sealed)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        return UpgradeError(f"cannot start {sys.executable}: {e.strerror or e}")
+    raise AssertionError("execve returned")  # pragma: no cover
+
+
+def inherited() -> Optional[Inherited]:
+    """In a master that an upgrade started: what the one before it handed
+    over (removed from the environment, so no worker or program sees it);
+    None in any other start.  Raises handover.HandoverError."""
+    text = os.environ.pop(UPGRADE_ENV, None)
+    if not text:
+        return None
+    try:
+        description = json.loads(text)
+        sealed = description.pop("sealed")
+        try:
+            bulk = json.loads(handover.read_sealed(sealed, COUNTS_LIMIT))
+        finally:
+            os.close(sealed)
+        workers = [Worker(**w, holdings=held)
+                   for w, held in zip(description.pop("workers"), bulk["holdings"])]
+        listeners = [(int(fd), bool(tls)) for fd, tls in description.pop("listeners")]
+        pem = tuple(part.encode("ascii") for part in bulk["pem"]) if bulk["pem"] else None
+        return Inherited(listeners=listeners, workers=workers, counts=bulk["counts"], pem=pem,
+                         **description)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise handover.HandoverError(
+            f"{UPGRADE_ENV}: not what an upgrading master hands over ({e}); restart") from None
+
+
+def upgraded(logger, before: str, after: str, what: str) -> None:
+    """The line an upgrade ends with."""
+    events.note(logger, events.INFO, events.UPGRADE, "upgraded from %s to %s: %s", before,
+                after, what, version_before=before, version=after)
+
+
+def refused(logger, why: str) -> None:
+    events.note(logger, events.ERROR, events.UPGRADE,
+                "upgrade refused, the running code stays: %s", why, reason=why)
