@@ -166,3 +166,16 @@ def test_state_cost_runs_on_a_tiny_load():
     assert re.search(r"counts in Redis \(--state\): \d+\.\d+ ms \(\+-?\d+\.\d+ ms, x\d+\.\d+\); "
                      r"Redis itself \d+\.\d+ ms", result.stdout), result.stdout
     assert result.stdout.count(", 60 accepted") == 2, result.stdout
+
+
+def test_upgrade_pause_runs_on_a_tiny_load():
+    """bench/README.md "What an upgrade costs": one round of each layout, every
+    connection greeted, both rows printed."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "upgrade_pause.py"),
+                             "--rounds", "1", "--clients", "2", "--seconds", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = re.findall(r"^(one process|--workers 2) .* (\d+) +(\d+)$", result.stdout, re.M)
+    assert [(layout, failed) for layout, _, failed in rows] == [
+        ("one process", "0"), ("--workers 2", "0")], result.stdout
+    assert all(int(connections) > 0 for _, connections, _ in rows), result.stdout
