@@ -37,13 +37,11 @@ MAX_LINE = 1024
 
 
 def readme_events():
-    """The event names of README "Logging"'s table of events."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    """The event names of the table of events of docs/logging.md "Events"."""
+    with open(os.path.join(ROOT, "docs", "logging.md"), encoding="utf-8") as f:
         text = f.read()
-    section = text[text.index("\n## Logging\n"):]
-    section = section[:section.index("\n## ", 1)]
-    table = section[section.index("\n### Events\n"):]
-    table = table[:table.index("\n### ", 1)]
+    table = text[text.index("\n## Events\n"):]
+    table = table[:table.index("\n## ", 1)]
     return set(re.findall(r"(?m)^\| `([a-z_]+)` \|", table))
 
 
