@@ -24,7 +24,7 @@ setup(
         "prometheus_client>=0.16",
     ],
     extras_require={
-        # --state (README "Accounts and limits").
+        # --state (docs/limits.md "Accounts and limits").
         "redis": ["redis>=5"],
         "test": ["pytest>=7", "hypothesis>=6", "aiosmtpd>=1.4", "redis>=5"],
     },
