@@ -107,8 +107,29 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
+def _heading(opt: config.Option) -> str:
+    return f"`{opt.flag}` / `--no-{opt.name}`" if opt.kind == "bool" else f"`{opt.flag}`"
+
+
+def _anchor(heading: str) -> str:
+    """The id MkDocs gives a heading (Python-Markdown's toc: word characters,
+    spaces and hyphens kept, lower case, each run of spaces and hyphens one hyphen)."""
+    text = re.sub(r"[^\w\s-]", "", heading).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def summary() -> List[str]:
+    """One row an option, linked to its entry: what a reader scans for."""
+    lines = ["| option | environment variable | default |", "|---|---|---|"]
+    for opt in config.OPTIONS:
+        default, _ = default_and_meaning(opt)
+        lines.append(f"| [`{opt.flag}`](#{_anchor(_heading(opt))}) "
+                     f"| `{config.ENV_PREFIX}{opt.attr.upper()}` | {default} |")
+    return lines + [""]
+
+
 def option_entry(opt: config.Option) -> List[str]:
-    heading = f"`{opt.flag}` / `--no-{opt.name}`" if opt.kind == "bool" else f"`{opt.flag}`"
+    heading = _heading(opt)
     default, meaning = default_and_meaning(opt)
     title, page = MORE[opt.name]
     return [
@@ -141,7 +162,7 @@ def command_line_entry(action: argparse.Action) -> List[str]:
 
 def page() -> str:
     """docs/options.md, whole."""
-    lines = [HEAD, "## Server options", ""]
+    lines = [HEAD, "## At a glance", ""] + summary() + ["## Server options", ""]
     for opt in config.OPTIONS:
         lines += option_entry(opt)
     lines += [
