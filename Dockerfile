@@ -1,5 +1,5 @@
 # ssmtpd in a container, configured by SSMTPD_* environment variables only
-# (README "Deploying").  Build and run:
+# (docs/deploying.md "Deploying").  Build and run:
 #     docker build -t ssmtpd .
 #     docker run -p 587:8025 -v ssmtpd:/var/lib/ssmtpd \
 #         -e SSMTPD_HOSTNAME=mail.example.org \
@@ -29,7 +29,7 @@ EXPOSE 8025 8465
 # Healthy means every port answers SMTP: a greeting, then EHLO.  The check
 # reads the same SSMTPD_* variables as the server; with --proxy-protocol it
 # speaks from a --proxy-trusted address of the container's own, after a PROXY
-# LOCAL header (README "In a container").
+# LOCAL header (docs/deploying.md "In a container").
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s \
     CMD ["python", "-m", "ssmtpd.healthcheck"]
 

@@ -24,9 +24,11 @@ setup(
         "prometheus_client>=0.16",
     ],
     extras_require={
-        # --state (README "Accounts and limits").
+        # --state (docs/limits.md "Accounts and limits").
         "redis": ["redis>=5"],
-        "test": ["pytest>=7", "hypothesis>=6", "aiosmtpd>=1.4", "redis>=5"],
+        # mkdocs: .ci/run builds the documentation site (docs/, mkdocs.yml) with
+        # --strict, so a broken link or a page left out of it fails CI.
+        "test": ["pytest>=7", "hypothesis>=6", "aiosmtpd>=1.4", "redis>=5", "mkdocs>=1.6"],
     },
     entry_points={"console_scripts": [
         "ssmtpd=ssmtpd.cli:main",

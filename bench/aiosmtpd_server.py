@@ -4,7 +4,7 @@
 STARTTLS is required before AUTH and MAIL, AUTH PLAIN and LOGIN are decided by
 the auth program, and each message is piped to the process program; both are
 run with asyncio subprocesses and mapped to replies by the same exit-code
-tables as ssmtpd (README "The auth program", "The process program"), with the same SSMTPD_* environment and a
+tables as ssmtpd (docs/auth-program.md "The auth program", docs/process-program.md "The process program"), with the same SSMTPD_* environment and a
 Received: header on top, so the two servers do the same work per message.
 
 Authentication: aiosmtpd 1.4's `authenticator=` callback is called

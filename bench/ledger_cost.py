@@ -10,7 +10,7 @@ times N admit + release pairs from this one, as a worker does:
 
 It prints the wall time per round trip and the CPU both processes spent per
 connection; compare with the ~2.7 ms of server CPU a message costs on the
-2-core test machine (README "Performance").
+2-core test machine (docs/performance.md "Performance").
 """
 
 import os

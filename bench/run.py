@@ -255,7 +255,7 @@ class ServerUnderTest:
                     ["--auth-failure-delay", "0", "--max-connections", "5000",
                      "--max-connections-per-ip", "5000",
                      # The load generator logs in as one user: the per-user
-                     # limits (README "Accounts and limits") would cut it short.
+                     # limits (docs/limits.md "Accounts and limits") would cut it short.
                      "--max-messages-per-user", "0", "--max-recipients-per-user", "0",
                      "--max-sessions-per-user", "0"] + self.extra)
         if self.kind == "go":

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What --state costs: server CPU per message with the counts in the process
-and with them in a local Redis (README "Accounts and limits").
+and with them in a local Redis (docs/limits.md "Accounts and limits").
 
 Both servers run the per-user limits (set far above the load, so nothing is
 refused): the difference is only where the windowed counts live.  Each round

@@ -1,4 +1,4 @@
-"""The auth program's recent answers, reused for a while (README "The auth cache").
+"""The auth program's recent answers, reused for a while (docs/auth-program.md "The auth cache").
 
 A login with the same mechanism, username and secret as one the auth program
 answered 235 within --auth-cache-ttl seconds (535 within

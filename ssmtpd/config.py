@@ -1,4 +1,4 @@
-"""The one table of options, and the parser and Settings built from it (README "Configuration").
+"""The one table of options, and the parser and Settings built from it (docs/configuration.md "Configuration").
 
 Each Option yields a command-line flag, its SSMTPD_* environment variable, its
 ini key (`-` or `_`), the --help line and a validator.  Validation errors
@@ -125,7 +125,7 @@ def _prefix_length(value):
 
 
 def _spool_dir(value):
-    """A directory we can create files in (README "Spool space")."""
+    """A directory we can create files in (docs/limits.md "Limits and abuse")."""
     value = value or tempfile.gettempdir()
     if not os.path.isdir(value):
         raise ValueError(f"{value} is not a directory")
@@ -177,7 +177,7 @@ def _readable_file(value):
 
 
 def _program(value):
-    """Split shell-style (README "Configuration") and check the program can be executed."""
+    """Split shell-style (docs/configuration.md "Configuration") and check the program can be executed."""
     if value is None:
         return None
     try:
@@ -196,14 +196,14 @@ def _program(value):
         if path is None:
             raise ValueError(f"{exe} not found in PATH")
         # The program that runs is the one found now, not whatever PATH
-        # holds when it is started (README "Configuration").
+        # holds when it is started (docs/configuration.md "Configuration").
         argv = (path,) + argv[1:]
     _check_startable(exe, path)
     return argv
 
 
 def _which(name: str) -> Optional[str]:
-    """A bare program name as README "Configuration" says it is looked up.
+    """A bare program name as docs/configuration.md "Configuration" says it is looked up.
 
     One of ssmtpd's own commands (ssmtpd-...) first among the commands
     installed with this ssmtpd, so another installation's earlier in PATH
@@ -273,7 +273,7 @@ def _default_hostname() -> str:
     socket.getfqdn() takes the first name of the hostname's address, which is
     "localhost" where /etc/hosts lists the hostname on a loopback line after
     it; `hostname -f` asks the resolver for the hostname's canonical name.  A
-    name with a domain is preferred to one without (README "Configuration").
+    name with a domain is preferred to one without (docs/configuration.md "Configuration").
     """
     name = socket.gethostname()
     candidates = []
@@ -465,7 +465,7 @@ class Settings:
     identity: Any = None  # privileges.Identity of --user/--group, or None
 
 
-# What a run is asked to do once instead of serving (README "The auth program",
+# What a run is asked to do once instead of serving (docs/auth-program.md "The auth program",
 # "The process program"): on the command line only, so that no environment
 # variable or ini key can turn a server's start into a one-shot run.
 ONE_SHOT = ("check-config", "try-auth", "try-process", "try-mechanism")
@@ -560,7 +560,7 @@ def _env_name(opt: Option) -> str:
     return ENV_PREFIX + opt.attr.upper()
 
 
-# Variables the server sets for its programs (README "The auth program", "The
+# Variables the server sets for its programs (docs/auth-program.md "The auth program", "The
 # process program"): a program that starts an ssmtpd of its own passes them on.
 PROGRAM_VARIABLES = ("SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_MECHANISM", "SSMTPD_TOKEN",
                      "SSMTPD_CLIENT_ADDR", "SSMTPD_MAIL_FROM", "SSMTPD_RCPT_TO", "SSMTPD_HELO",
@@ -572,7 +572,7 @@ def _check_environment() -> None:
 
     A boolean must be a boolean word (argparse takes any word: a typo would be
     "false"), a number a number.  Every other SSMTPD_ variable is refused,
-    naming the nearest option, unless README "Configuration" reserves it: a
+    naming the nearest option, unless docs/configuration.md "Configuration" reserves it: a
     misspelt SSMTPD_SSL_CERTIFICATE would otherwise leave the server on a
     self-signed certificate without a word.
     """
@@ -608,7 +608,7 @@ def _check_environment() -> None:
                           f"{known[near]}, {near}; ssmtpd --help lists them all)")
 
 
-# What --example prints: name -> file of the ssmtpd.examples package (README "Deploying").
+# What --example prints: name -> file of the ssmtpd.examples package (docs/deploying.md "Deploying").
 EXAMPLES = {
     "config": "ssmtpd.ini",
     "systemd": "ssmtpd.service",

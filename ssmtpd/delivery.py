@@ -1,6 +1,6 @@
 """The two programs' contracts: environment, argv and the exit-code tables.
 
-README "The auth program" and "The process program", as data.
+docs/auth-program.md "The auth program" and "The process program", as data.
 """
 
 import dataclasses
@@ -22,14 +22,14 @@ from ssmtpd.sasl import TOKEN_MECHANISMS, Credentials
 EX_TEMPFAIL = 75
 EX_OSERR = 71
 
-# README "The auth program", as data.  Exit 0 -> 235; tempfail / signal / timeout / no start
+# docs/auth-program.md "The auth program", as data.  Exit 0 -> 235; tempfail / signal / timeout / no start
 # (126 and 127 from a wrapper included) -> 454;
 # any other exit -> 535.
 AUTH_EXIT = {0: replies.AUTH_OK, EX_TEMPFAIL: replies.AUTH_TEMPFAIL}
 AUTH_OTHER_EXIT = replies.BAD_CREDENTIALS
 AUTH_ABNORMAL = replies.AUTH_TEMPFAIL
 
-# README "The process program", as data.  Exit 0 -> 250; 75, 71 / signal /
+# docs/process-program.md "The process program", as data.  Exit 0 -> 250; 75, 71 / signal /
 # timeout / no start (126 and 127 from a wrapper included) -> 451;
 # any other exit -> 554.
 PROCESS_EXIT = {0: replies.ACCEPTED, EX_TEMPFAIL: replies.PROCESS_TEMPFAIL,
@@ -67,7 +67,7 @@ class Envelope:
 
 
 def program_fields(outcome: Outcome, duration: str) -> dict:
-    """How a program run ended, for its AUTH or message line (README "Logging")."""
+    """How a program run ended, for its AUTH or message line (docs/logging.md "Logging")."""
     fields = {"program_result": outcome.describe()}
     if outcome.status == programs.EXITED:
         fields["program_exit"] = outcome.code
@@ -85,8 +85,8 @@ def reply_for(outcome: Outcome, by_exit: Mapping[int, Reply], other: Reply,
     return reply.with_text(text) if text else reply
 
 
-# A program may print a whole reply ("250 2.0.0 queued as 4711", as the README
-# suggests): the code is always ours, so what it printed of one is dropped,
+# A program may print a whole reply ("250 2.0.0 queued as 4711", as docs/process-program.md
+# "The process program" suggests): the code is always ours, so what it printed of one is dropped,
 # not repeated after ours.
 _PRINTED_CODES = re.compile(r"^(?:\d{3}(?:[ -]|$))?\s*(?:[245]\.\d{1,3}\.\d{1,3}(?: |$))?\s*")
 
@@ -130,7 +130,7 @@ class Programs:
         self.process_timeout = process_timeout
         # Encoded once here, not by os.posix_spawn at every program start: it
         # takes bytes as they are, and a shell's environment can hold fifty
-        # variables (README "Performance").  The few set per run stay str.
+        # variables (docs/performance.md "Performance").  The few set per run stay str.
         self.base_env = {os.fsencode(k): os.fsencode(v) for k, v in base_env.items()
                          if k not in _OWN_VARIABLES}
         # An auth program may be expensive by design (scrypt: ~130 ms of CPU
@@ -171,7 +171,7 @@ class Programs:
         return reply, outcome
 
     def forget_logins(self) -> Optional[int]:
-        """SIGHUP: every answer is asked of the program again (README "Signals");
+        """SIGHUP: every answer is asked of the program again (docs/operations.md "Signals");
         how many were held, or None without a cache."""
         if self.auth_cache is None:
             return None

@@ -1,4 +1,4 @@
-"""What the server logs: the event vocabulary of README "Logging", and each event's text line.
+"""What the server logs: the event vocabulary of docs/logging.md "Logging", and each event's text line.
 
 An `Event` is one kind of line: its name (the JSON `event`, from the fixed
 vocabulary below) and how its fields read as a text line.  The session and
@@ -36,7 +36,7 @@ class Event:
 
 
 class Told:
-    """A reply, and the event that says what happened (README "Logging").
+    """A reply, and the event that says what happened (docs/logging.md "Logging").
 
     `said` once its line is written: a failed login's is written as soon as
     it is known, before the pause and any challenge, and not again with the
@@ -78,7 +78,7 @@ def _auth_text(f: Fields) -> str:
         result = f"authzid {quote(f['authzid'], 64)} refused"
     else:
         # A cached answer says so, after the program result it repeats
-        # (README "The auth cache"); the fail2ban filters read no further than the code.
+        # (docs/auth-program.md "The auth cache"); the fail2ban filters read no further than the code.
         cached = " (cached)" if f.get("cached") else ""
         result = f"{f['program_result']}{cached} in {_seconds(f['duration_ms'])}"
     return f"AUTH {f['mechanism']} user={quote(f['username'], 128)}: {f['code']}, {result}"
@@ -116,7 +116,7 @@ MESSAGE_TOO_BIG = Event("message", lambda f:
 MESSAGE_BARE_LINE_ENDING = Event("message", lambda f:
                                  f"message refused: bare CR or LF ({f['size']} octets)")
 MESSAGE_NOT_SPOOLED = Event("message", lambda f: f"message refused: {f['reason']}")
-# A per-user limit (README "Accounts and limits"): the name as the client
+# A per-user limit (docs/limits.md "Accounts and limits"): the name as the client
 # gave it, and the option whose limit it reached.
 def _rate_limited_text(f: Fields) -> str:
     line = (f"{f['command']} refused: {f['code']} {f['enhanced']} {f['reason']}: "

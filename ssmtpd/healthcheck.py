@@ -1,4 +1,4 @@
-"""One-shot health check of a running ssmtpd (README "In a container").
+"""One-shot health check of a running ssmtpd (docs/deploying.md "In a container").
 
     python -m ssmtpd.healthcheck [SSMTPD OPTIONS...]
 
@@ -110,7 +110,7 @@ def speak(host: str, source: str, port: int, implicit_tls: bool, proxy: bool,
     """Greeting, EHLO, QUIT on one port; raises Unhealthy.
 
     Nothing more than a load balancer's check sends, so the server logs it
-    at DEBUG only (README "Logging").
+    at DEBUG only (docs/logging.md "Logging").
     """
     where = f"port {port}{' (implicit TLS)' if implicit_tls else ''}"
 

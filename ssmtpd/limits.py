@@ -1,11 +1,11 @@
 """Accounting across connections: who holds how many slots, who failed to log in.
 
 A defence that lives inside one connection is one reconnect away from useless
-(README "Limits and abuse"), so these counts are kept per client address for
+(docs/limits.md "Limits and abuse"), so these counts are kept per client address for
 the whole server.  An IPv6 client is counted by its prefix: one /64 is usually
 one customer, who holds as many addresses as they like inside it.  A stolen
 password is used from anywhere, so what an account sends is counted by its
-username too (README "Accounts and limits"), in the same kind of window.
+username too (docs/limits.md "Accounts and limits"), in the same kind of window.
 
 Everything here is plain bookkeeping with an injectable clock, no I/O.
 """
@@ -25,7 +25,7 @@ TOO_FAST_FROM_ADDRESS = "max-connection-rate-per-ip"
 # With --workers: the master, which keeps the counts, did not answer in time.
 UNANSWERED = "master-unanswered"
 
-# The per-user limits (README "Accounts and limits"): what a refusal names,
+# The per-user limits (docs/limits.md "Accounts and limits"): what a refusal names,
 # and the metrics' `limit` label.
 MESSAGES = "messages"
 RECIPIENTS = "recipients"
@@ -246,7 +246,7 @@ class Limits:
     """The server-wide counts one process's sessions consult.
 
     With --workers, each worker holds a ledger.RemoteLimits with the same
-    methods instead, and the master keeps the one Limits (README "Scaling").
+    methods instead, and the master keeps the one Limits (docs/scaling.md "Scaling").
     """
 
     def __init__(self, settings):
@@ -352,7 +352,7 @@ class Limits:
         self.logins.record(key)
         return self.logins.blocked_for(key)
 
-    # --- per user (README "Accounts and limits") ----------------------------
+    # --- per user (docs/limits.md "Accounts and limits") ----------------------------
 
     def sending_refused(self, user: str, messages: int, recipients: int) -> Optional[str]:
         """Which limit (MESSAGES, RECIPIENTS) leaves `user` no room for this
@@ -398,7 +398,7 @@ class Limits:
 
     def state_failure_to_tell(self) -> bool:
         """Whether a failing --state is to be logged now: it is once a minute
-        at most, for the whole server (README "Accounts and limits")."""
+        at most, for the whole server (docs/limits.md "Accounts and limits")."""
         now = self._clock()
         if now - self._state_failure_told < STATE_FAILURE_EVERY:
             return False

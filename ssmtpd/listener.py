@@ -2,7 +2,7 @@
 
 gevent logs a traceback for every accept() that fails; out of descriptors
 (EMFILE and kin) is a load condition, not a bug: accepting pauses briefly
-instead, and a subclass says so in its own way (README "Limits and abuse",
+instead, and a subclass says so in its own way (docs/limits.md "Limits and abuse",
 "Monitoring").
 """
 

@@ -1,4 +1,4 @@
-"""Logging to stderr, one line per event, as text or JSON (README "Logging").
+"""Logging to stderr, one line per event, as text or JSON (docs/logging.md "Logging").
 
 Client-supplied values go through `quote()` in text: inside double quotes,
 with `"`, `\\` and every non-printable character escaped, so a value can
@@ -28,7 +28,7 @@ FORMATS = ("text", "json")
 # A log line's message part, timestamp and level aside; in JSON the whole object.
 MAX_LINE = 1024
 TRUNCATED = " [truncated]"
-# The event of a line that names none (README "Logging": the metrics listener's).
+# The event of a line that names none (docs/logging.md "Logging": the metrics listener's).
 DEFAULT_EVENT = "server"
 
 
@@ -56,7 +56,7 @@ def setup(level: str, stream=None, format: str = "text") -> logging.Logger:
     root.setLevel(LEVELS[level])
     root.propagate = False
     # The format names no thread, process or caller: skip gathering them for
-    # every record, a third of a line's cost (README "Performance").
+    # every record, a third of a line's cost (docs/performance.md "Performance").
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
     return root
@@ -148,7 +148,7 @@ class SessionLog:
     client's word; the user is quoted once it is known, `-` before.  While
     `hold()` is on, lines wait (with the time they were said) until
     `release()` writes them, as they were or, for a load balancer's health
-    check, at DEBUG (README "Logging").
+    check, at DEBUG (docs/logging.md "Logging").
     """
 
     def __init__(self, logger: logging.Logger, session_id: str, client: str):
@@ -207,7 +207,7 @@ _ELLIPSIS = "..."
 
 
 class JsonFormatter(logging.Formatter):
-    """One flat JSON object per line (README "Logging"): ts, level, event,
+    """One flat JSON object per line (docs/logging.md "Logging"): ts, level, event,
     session, client_ip and user, then the event's own fields."""
 
     def __init__(self):

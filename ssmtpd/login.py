@@ -1,4 +1,4 @@
-"""One AUTH command, from its mechanism to its answer (README "The dialogue",
+"""One AUTH command, from its mechanism to its answer (docs/dialogue.md "The dialogue",
 "OAuth 2 tokens"; RFC 4954 §4).
 
 The session's AUTH verb hands its argument here.  This module chooses the
@@ -19,7 +19,7 @@ from ssmtpd.limits import SESSIONS
 from ssmtpd.replies import Reply, SmtpError
 
 # RFC 4954 §4: an AUTH line or response of PLAIN or LOGIN may carry 12288
-# octets.  A token mechanism's may carry 16384 (README "OAuth 2 tokens"):
+# octets.  A token mechanism's may carry 16384 (docs/auth-program.md "OAuth 2 tokens"):
 # bearer tokens of several KiB are usual (a JWT with its claims).  Both
 # without the line end.
 PASSWORD_LINE_LIMIT = 12288
@@ -59,12 +59,12 @@ def authenticate(session, arg: str) -> Union[Reply, Told]:
         finally:
             session.running_program = False
         session.log_if_not_started("auth", session.programs.auth, outcome)
-        cached = outcome.cached  # README "The auth cache": no program ran
+        cached = outcome.cached  # docs/auth-program.md "The auth cache": no program ran
         result = {**program_fields(outcome, "duration_ms"), "cached": cached}
         ran = outcome.seconds if outcome.status != programs.NO_SLOT and not cached else None
     # Asked only once the program said yes: the answer tells only someone
     # who holds the password that the account is busy, and a stranger
-    # cannot fill an account's slots (README "Accounts and limits").
+    # cannot fill an account's slots (docs/limits.md "Accounts and limits").
     if reply.code == 235 and not session.limits.user_session_opened(creds.username):
         session.metrics.auth("tempfail", ran, cached)
         return session.rate_limited("AUTH", "", replies.TOO_MANY_USER_SESSIONS,

@@ -1,4 +1,4 @@
-"""The server's Prometheus metrics and the few calls that record them (README "Monitoring").
+"""The server's Prometheus metrics and the few calls that record them (docs/monitoring.md "Monitoring").
 
 The session and the server call one method at each event they already log:
 a connection admitted or refused, a session's start and end, an AUTH, a
@@ -179,7 +179,7 @@ class Directory:
     programs, started without it, would have to find it by its path.  Made
     by root for --user, that path leads through a directory of root's that
     only root may enter, so a program cannot write (or forge) the values
-    (README "Monitoring" says what this does not cover).
+    (docs/monitoring.md "Monitoring" says what this does not cover).
     """
 
     def __init__(self, identity=None, export: bool = True):

@@ -1,4 +1,4 @@
-"""/metrics over HTTP, bounded like the SMTP side (README "Monitoring").
+"""/metrics over HTTP, bounded like the SMTP side (docs/monitoring.md "Monitoring").
 
 Not a general HTTP server: each connection gets one answer to one request
 (GET or HEAD /metrics; anything else 404 or 405) and is closed, and the

@@ -1,4 +1,4 @@
-"""Giving up root once the ports are bound (README "Deploying").
+"""Giving up root once the ports are bound (docs/deploying.md "Deploying").
 
 Ports 587 and 465 need root to bind; nothing after that does.  With --user
 (and --group) the process that bound them switches to that user for good,
@@ -160,7 +160,7 @@ def give_up_capabilities() -> None:
 
 
 def bind_advice(error: OSError) -> str:
-    """The fix to add to a bind error, or "": the two ways README "Configuration" gives.
+    """The fix to add to a bind error, or "": the two ways docs/configuration.md "Configuration" gives.
 
     The kernel refuses ports below 1024 (ip_unprivileged_port_start) with
     EACCES to a process without CAP_NET_BIND_SERVICE.

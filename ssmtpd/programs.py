@@ -1,6 +1,6 @@
 """Running an external program without blocking other clients.
 
-README "The auth program" and "The process program".
+docs/auth-program.md "The auth program" and "The process program".
 
 `run()` is the only place that spawns, waits, times out and kills.  The child
 gets its own process group, so a timeout or a leftover grandchild is ended by
@@ -36,7 +36,7 @@ NOT_STARTED = "not-started"
 NO_SLOT = "no-slot"
 # What a shell or wrapper exits with when the command it runs cannot start
 # (126: found but not executable, 127: not found): the program did not start
-# all the same, a temporary failure (README "The process program").
+# all the same, a temporary failure (docs/process-program.md "The process program").
 CANNOT_EXEC_EXITS = (126, 127)
 
 
@@ -48,7 +48,7 @@ class Outcome:
     seconds: float = 0.0
     error: str = ""  # why it could not start
     # The auth cache's answer, as the program gave it earlier: no run now
-    # (README "The auth cache").
+    # (docs/auth-program.md "The auth cache").
     cached: bool = False
 
     @property

@@ -1,4 +1,4 @@
-"""Pure parser of HAProxy PROXY protocol headers, versions 1 and 2 (README "Scaling").
+"""Pure parser of HAProxy PROXY protocol headers, versions 1 and 2 (docs/scaling.md "Scaling").
 
 A load balancer in front of us prepends one header to each connection saying
 who the client really is.  `parse(data)` looks at the first bytes of a

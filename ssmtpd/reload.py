@@ -1,5 +1,5 @@
 """SIGHUP: the configuration read again, checked, and what of it a running
-server can take over (README "Reloading and upgrading").
+server can take over (docs/operations.md "Reloading (SIGHUP)").
 
 The ini file is read again with the command line and the environment the
 server started with, and checked as a start would check it (every option,

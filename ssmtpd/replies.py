@@ -1,6 +1,6 @@
 """Every reply the server sends, named once.
 
-README "The auth program", "The process program" and "The dialogue".
+docs/auth-program.md "The auth program", docs/process-program.md "The process program" and "The dialogue".
 
 Tests import these names too, so a reply text changes in one place.  Enhanced
 status codes follow RFC 2034 / RFC 3463: their class digit equals the reply's.
@@ -94,7 +94,7 @@ PROCESS_TEMPFAIL = Reply(451, "4.3.0", "Temporary failure, try again later")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
-# README "Accounts and limits": the per-user limits.
+# docs/limits.md "Accounts and limits": the per-user limits.
 RATE_LIMITED = Reply(450, "4.7.1", "Sending rate limit exceeded for this account, "
                                    "try again later")
 TOO_MANY_USER_SESSIONS = Reply(454, "4.7.0", "Too many sessions for this account")

@@ -1,7 +1,7 @@
 """Pure decoding of SASL PLAIN (RFC 4616), LOGIN, OAUTHBEARER (RFC 7628) and
 XOAUTH2 responses, no I/O.
 
-Every malformed input raises SmtpError with the README's reply, so the session
+Every malformed input raises SmtpError with the reply docs/dialogue.md "The dialogue" gives, so the session
 never needs to inspect bytes itself.
 """
 
@@ -17,7 +17,7 @@ from ssmtpd.replies import SmtpError
 from ssmtpd.syntax import has_unsafe_char
 
 PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")
-# A bearer token instead of a password (README "OAuth 2 tokens").
+# A bearer token instead of a password (docs/auth-program.md "OAuth 2 tokens").
 TOKEN_MECHANISMS = ("OAUTHBEARER", "XOAUTH2")
 MECHANISMS = PASSWORD_MECHANISMS + TOKEN_MECHANISMS
 
@@ -71,7 +71,7 @@ def decode_response(line: str) -> bytes:
 def _username(raw: bytes) -> str:
     # The name goes into argv, env and logs: refuse what could split a line,
     # truncate a C string or read as something else rather than pass it on
-    # (README "Envelope rules").
+    # (docs/limits.md "Envelope values that could harm a program").
     try:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:

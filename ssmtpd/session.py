@@ -1,11 +1,11 @@
-"""One client's SMTP dialogue as a state machine (README "The dialogue").
+"""One client's SMTP dialogue as a state machine (docs/dialogue.md "The dialogue").
 
 `Session.run()` owns the policy: it reads one bounded line under the idle
 deadline, finds `smtp_<VERB>`, checks the verb's declared requirements, calls
 it, counts errors, junk commands and failed logins, and writes the Reply.
 Verbs only say what a command means.
 
-What happened is said once, where the answer is known (README "Logging"):
+What happened is said once, where the answer is known (docs/logging.md "Logging"):
 every answer to MAIL, RCPT, DATA and AUTH is one line, the event a verb or a
 need told with its reply, or else `refused` for an answer of 400 or more.
 """
@@ -50,11 +50,11 @@ MAX_JUNK = 100
 # A web browser or proxy lured into talking to us (cross-protocol attacks):
 # close without echoing anything back.
 HTTP_VERBS = frozenset((b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE"))
-# Each answer to these is one line (README "Logging"); other verbs' refusals
+# Each answer to these is one line (docs/logging.md "Logging"); other verbs' refusals
 # are the client's own business, seen at DEBUG.
 TOLD_VERBS = frozenset(("MAIL", "RCPT", "DATA", "AUTH"))
 # What a load balancer's health check may send before it QUITs or closes
-# (README "Logging"): one of these, once.
+# (docs/logging.md "Logging"): one of these, once.
 HELLO_VERBS = (b"HELO", b"EHLO")
 
 
@@ -78,7 +78,7 @@ class Need:
                  record: Optional[Callable[["Session"], None]] = None):
         self.test = test
         self.reply = reply
-        # How a refusal by this need is logged (README "Logging"): the
+        # How a refusal by this need is logged (docs/logging.md "Logging"): the
         # reason defaults to the reply's text.
         self.event = event
         self.level = level
@@ -96,8 +96,8 @@ class Need:
 
 class SendingRoom(Need):
     """The user's sending limits have room for `messages` more messages and
-    for the transaction's recipients and `recipients` more (README "Accounts
-    and limits").  Only a look: the message is taken at the end of DATA."""
+    for the transaction's recipients and `recipients` more (docs/limits.md
+    "Accounts and limits").  Only a look: the message is taken at the end of DATA."""
 
     def __init__(self, messages: int, recipients: int):
         super().__init__(lambda s: True, replies.RATE_LIMITED, events.RATE_LIMITED, WARNING)
@@ -124,7 +124,7 @@ NOT_AUTHENTICATED = Need(lambda s: s.user is None, replies.ALREADY_AUTHENTICATED
 IN_MAIL = Need(lambda s: s.mail_from is not None, replies.NEED_MAIL)
 HAS_RCPT = Need(lambda s: bool(s.rcpt_to), replies.NEED_RCPT)
 NO_TLS_YET = Need(lambda s: not s.tls_version, replies.TLS_ACTIVE)
-# README "Limits and abuse": checked before the auth program would run.
+# docs/limits.md "Limits and abuse": checked before the auth program would run.
 LOGINS_ALLOWED = Need(lambda s: not s.limits.login_blocked(s.address_key),
                       replies.TOO_MANY_FAILED_LOGINS, events.AUTH_THROTTLED, WARNING,
                       "too many failed logins from this address",
@@ -177,14 +177,14 @@ class Session:
         self._waiting = False
         self.receiving_data = False  # between 354 and the final dot
         # A running program is never interrupted: its client gets its answer
-        # (README "Signals"); nor is the session's own closing.
+        # (docs/operations.md "Signals"); nor is the session's own closing.
         self.running_program = False
         self._closing = False
         # When the session began waiting for its next line (None: not waiting
-        # for one); the server's pressure sweep reads it (README "busy timeout").
+        # for one); the server's pressure sweep reads it (docs/limits.md "Limits and abuse").
         self.waiting_for_line_since: Optional[float] = None
         self._greenlet = None
-        # The user whose session slot this session holds (README "Accounts and limits").
+        # The user whose session slot this session holds (docs/limits.md "Accounts and limits").
         self._session_of: Optional[str] = None
         self._reset_session()
 
@@ -219,7 +219,7 @@ class Session:
 
     def _idle(self) -> bool:
         """Waiting for the client's next command: a client sending its
-        message may finish it (README "Signals")."""
+        message may finish it (docs/operations.md "Signals")."""
         return self._waiting and not self.receiving_data
 
     def _interruptible(self) -> bool:
@@ -227,7 +227,7 @@ class Session:
 
     def expire_if_stranger(self, busy_timeout: float) -> None:
         """The server is under pressure: end this session if it has not logged
-        in and has waited over `busy_timeout` for its next line (README "Limits and abuse")."""
+        in and has waited over `busy_timeout` for its next line (docs/limits.md "Limits and abuse")."""
         def stranger_waited_too_long():
             since = self.waiting_for_line_since
             return self.user is None and since is not None \
@@ -237,7 +237,7 @@ class Session:
 
     def _throw_if(self, condition: Callable[[], bool], exception) -> None:
         # Runs in the hub, so the session cannot move between the test and the
-        # throw: one that is running a program is never interrupted (README "Signals").
+        # throw: one that is running a program is never interrupted (docs/operations.md "Signals").
         g = self._greenlet
         if g is not None and not g.dead and condition():
             g.throw(exception())
@@ -256,7 +256,7 @@ class Session:
             self._waiting = False
 
     def _deadline(self, seconds: float, phase: bool = False) -> Deadline:
-        """IdleTimeout after `seconds` in the `with` block (README "Limits and abuse").
+        """IdleTimeout after `seconds` in the `with` block (docs/limits.md "Limits and abuse").
 
         A `phase` deadline (--data-timeout) is a timer of its own: each wait
         inside the phase holds another one, and sharing a timer between the
@@ -287,7 +287,7 @@ class Session:
         started = time.monotonic()
         # Until the client does something a load balancer's health check does
         # not, its lines wait: a health check's are written at DEBUG
-        # (README "Logging").
+        # (docs/logging.md "Logging").
         self.log.hold()
         if self.implicit_tls:
             self.log.say(INFO, events.CONNECTED, implicit_tls=True)
@@ -337,7 +337,7 @@ class Session:
             self._end_login()
             self._close(clean_end, waited_enough)
             # A health check closes, or QUITs, before it has done anything
-            # else; one that times out is not one (README "Logging").
+            # else; one that times out is not one (docs/logging.md "Logging").
             health_check = self.log.holding and (gone or closing_code == 221)
             self.log.release(health_check)
             ended = {"reason": reason, "duration_ms": _ms(time.monotonic() - started)}
@@ -369,7 +369,7 @@ class Session:
     def _screen(self, raw: bytes) -> None:
         """A health check QUITs, after at most one HELO or EHLO; any other
         line makes this a client's session, whose lines are written from now
-        on (README "Logging")."""
+        on (docs/logging.md "Logging")."""
         verb = raw.partition(b" ")[0].rstrip(b"\r\n").upper()
         if verb == b"QUIT":
             return
@@ -438,7 +438,7 @@ class Session:
     def _tell(self, verb: str, arg: str, answer: Union[Reply, Told, None]) -> Optional[Reply]:
         """Log the answer to a command, once: the event its verb or need told,
         or `refused` for an answer of 400 and up to MAIL, RCPT, DATA or AUTH
-        (README "Logging"); returns the reply."""
+        (docs/logging.md "Logging"); returns the reply."""
         if type(answer) is Told:
             if not answer.said:
                 self.log.say(answer.level, answer.event, **answer.fields)
@@ -454,7 +454,7 @@ class Session:
     def rate_limited(self, verb: str, arg: str, reply: Reply, limit: str, user: str,
                      fields: Optional[dict] = None) -> Told:
         """A refusal by a per-user limit: its own event, naming the user
-        and the limit (README "Accounts and limits")."""
+        and the limit (docs/limits.md "Accounts and limits")."""
         self.metrics.rate_limited(limit)
         told = self._refusal(verb, arg, reply, events.RATE_LIMITED, WARNING)
         told.fields.update(fields or {}, limit=limit, username=user)
@@ -488,7 +488,7 @@ class Session:
         # What is queued (the last reply, or the 421 an ending queued), then
         # over TLS a close_notify after a clean end; a client that stops
         # reading holds us 5 s at most, and none after it has timed out:
-        # --timeout is all the wait a client gets (README "The dialogue").
+        # --timeout is all the wait a client gets (docs/dialogue.md "The dialogue").
         try:
             with self._deadline(5):
                 self.stream.close(notify=clean_end, wait=not waited_enough)
@@ -501,7 +501,7 @@ class Session:
         With `first_byte` (the implicit-TLS port), the client's first byte is
         waited for first, under the same deadline, so that one that closes
         before sending any (a health check) is told apart from a failed
-        handshake (README "Logging").
+        handshake (docs/logging.md "Logging").
         """
         context = self.tls.context  # taken now: a SIGHUP reload affects new sessions only
         sock = self.stream.sock
@@ -536,7 +536,7 @@ class Session:
 
     def log_if_not_started(self, program: str, argv, outcome) -> None:
         # Every login or message fails the same way until someone looks: say
-        # so at error level, with the path (README "Monitoring").
+        # so at error level, with the path (docs/monitoring.md "Monitoring").
         if outcome.not_started:
             self.log.say(ERROR, events.PROGRAM_ERROR, program=program, path=argv[0],
                          reason=outcome.error
@@ -612,13 +612,13 @@ class Session:
         line written, the failure counted and the pause taken, before
         anything more is said to the client.  A token's error challenge
         comes after this, so a client that hangs up there, or a stop during
-        the pause, cannot take the failure back (README "OAuth 2 tokens")."""
+        the pause, cannot take the failure back (docs/auth-program.md "OAuth 2 tokens")."""
         self.log.say(told.level, told.event, **told.fields)  # the line fail2ban reads
         told.said = True
         self.auth_failures += 1
-        # Counted per address too: a reconnect must not reset it (README "Limits and abuse").
+        # Counted per address too: a reconnect must not reset it (docs/limits.md "Limits and abuse").
         self.limits.login_failed(self.address_key)
-        # A pause before answering makes password guessing slow (README "The dialogue").
+        # A pause before answering makes password guessing slow (docs/dialogue.md "The dialogue").
         gevent.sleep(self.settings.auth_failure_delay)
 
     @requires(HELO_DONE, TLS_UP, AUTHENTICATED, outside_mail(replies.NESTED_MAIL),
@@ -700,7 +700,7 @@ class Session:
                                 reason=f"cannot spool it: {e.strerror or e}")
             # Checked and taken in one step, as late as can be, so that
             # concurrent sessions never pass a limit together; given back
-            # unless accepted (README "Accounts and limits").
+            # unless accepted (docs/limits.md "Accounts and limits").
             taken = ""
             if self.user is not None:
                 limit, taken = self.limits.take_message(self.user, len(envelope.rcpt_to))

@@ -1,4 +1,4 @@
-"""Where a message waits between its DATA and its process program (README "Spool space").
+"""Where a message waits between its DATA and its process program (docs/limits.md "Limits and abuse").
 
 Small messages stay in memory, large ones go to an unlinked file in
 --spool-dir; either way the program gets a real file on its stdin.

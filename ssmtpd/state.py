@@ -1,6 +1,6 @@
 """Where the windowed counts live: here (limits.Limits, or the master's
 ledger), or with --state in Redis, shared by every instance that names it
-(README "Accounts and limits", "Scaling").
+(docs/limits.md "Accounts and limits", docs/scaling.md "Scaling").
 
 Only the windowed counts go to Redis: failed logins per address key, and
 messages and recipients per user.  Connections and sessions stay with the

@@ -8,7 +8,7 @@ send with room in the socket buffer, return without ever yielding to the
 event loop; a client that keeps its socket full would hold every other client,
 every timer and every signal until it paused.  So a stream that has read for
 TURN seconds without pausing lets one loop iteration pass before it reads on
-(README "Limits and abuse": fairness).  And no wait on a client is unbounded:
+(docs/limits.md "Limits and abuse": fairness).  And no wait on a client is unbounded:
 the session holds each under a Deadline (--timeout, --data-timeout).
 """
 

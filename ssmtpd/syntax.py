@@ -2,7 +2,7 @@
 
 Values that reach the programs' argv and environment or the Received header
 are refused here with a 501, never passed on, when they could harm a program
-that trusts them (README "Envelope rules"):
+that trusts them (docs/limits.md "Envelope values that could harm a program"):
 - control characters: a CR/LF could inject a header or split a log line, a
   NUL cannot be passed in argv or env at all;
 - Unicode line and paragraph separators and format characters (categories

@@ -1,6 +1,6 @@
 """TLS contexts: TLS 1.2+, no renegotiation; a reload makes a new holder (reload.py).
 
-README "Configuration", "The dialogue" and "Signals".
+docs/configuration.md "Configuration", docs/dialogue.md "The dialogue" and "Signals".
 """
 
 import datetime
@@ -35,7 +35,7 @@ def make_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     ctx.set_ciphers(TLS12_CIPHERS)
     # TLS 1.3: one session ticket, not OpenSSL's two.  A client that comes
     # back resumes with one; the second is for a client opening two
-    # connections at once, and every handshake paid for it (README "Performance").
+    # connections at once, and every handshake paid for it (docs/performance.md "Performance").
     ctx.num_tickets = 1
     try:
         ctx.load_cert_chain(cert_file, key_file)

@@ -1,5 +1,5 @@
 """--try-auth and --try-process: one run of a configured program, by hand
-(README "The auth program", "The process program").
+(docs/auth-program.md "The auth program", docs/process-program.md "The process program").
 
 The program runs as a session would run it: the same Programs (environment,
 argv, timeouts, exit-code tables), after the same switch to --user.  What

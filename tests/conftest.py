@@ -11,6 +11,7 @@ import datetime
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -34,6 +35,23 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 WAIT_TIMEOUT = 30.0
 
+
+
+# A command block of the documentation that a test runs is marked, on the line
+# before it (one blank line between), `<!-- tested: LABEL -->` (docs/development.md
+# "These pages"); tests/test_docs.py checks that every such label is read here.
+DOC_BLOCK = re.compile(r"^<!-- tested: (?P<label>[\w-]+) -->\n\n```\w*\n(?P<body>.*?)^```$",
+                       re.M | re.S)
+
+
+def docs_block(path: str, label: str) -> str:
+    """The text of the block marked `<!-- tested: LABEL -->` in PATH (relative to the
+    repository: README.md, docs/install.md, ...), as a reader would paste it."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    found = [m.group("body") for m in DOC_BLOCK.finditer(text) if m.group("label") == label]
+    assert len(found) == 1, f"{path}: {len(found)} blocks marked tested: {label}"
+    return found[0]
 
 
 def installed_wheel(tmp) -> str:

@@ -1,4 +1,4 @@
-"""Abuse across connections (README "Limits and abuse"; README "Limits and abuse").
+"""Abuse across connections (docs/limits.md "Limits and abuse"; docs/limits.md "Limits and abuse").
 
 Junk commands, failed logins counted per address, the bound on concurrent auth
 programs, the busy timeout under pressure, envelope values that would harm a
@@ -60,7 +60,7 @@ JUNK = ["NOOP", "RSET", "VRFY alice", "HELP"]
 
 
 def test_junk_commands_count_as_errors(server):
-    """README "Limits and abuse": past 100 NOOP/RSET/VRFY/HELP, each counts as an error; with 9 errors
+    """docs/limits.md "Limits and abuse": past 100 NOOP/RSET/VRFY/HELP, each counts as an error; with 9 errors
     already, the 101st is answered and then 421 closes the session."""
     raw = server.raw()
     assert raw.reply()[0] == 220
@@ -76,7 +76,7 @@ def test_junk_commands_count_as_errors(server):
 
 
 def test_junk_alone_ends_a_session_at_110(server):
-    """README "Limits and abuse": with no other error, junk commands 101-109 are answered and the 110th
+    """docs/limits.md "Limits and abuse": with no other error, junk commands 101-109 are answered and the 110th
     ends the session (Postfix's smtpd_junk_command_limit, with the error limit of 10)."""
     raw = server.raw()
     assert raw.reply()[0] == 220
@@ -88,7 +88,7 @@ def test_junk_alone_ends_a_session_at_110(server):
 
 
 def test_junk_count_restarts_after_accepted_message(server):
-    """README "Limits and abuse": an accepted message starts the junk count again."""
+    """docs/limits.md "Limits and abuse": an accepted message starts the junk count again."""
     raw = server.raw()
     raw.login(server.tls_context())
     assert {code for code, _ in pipelined(raw, ["NOOP"] * 100)} == {250}
@@ -105,7 +105,7 @@ def auth_runs(srv):
 
 
 def test_failed_logins_are_counted_per_address(make_server):
-    """README "Limits and abuse": ten wrong passwords over four connections from one address; the
+    """docs/limits.md "Limits and abuse": ten wrong passwords over four connections from one address; the
     eleventh AUTH gets 421 without running the auth program; another address is
     unaffected; once the window has passed, the first address may log in again."""
     # Ten runs of the auth program must fit in the window, however slow the
@@ -150,7 +150,7 @@ def test_failed_logins_are_counted_per_address(make_server):
 
 
 def test_tempfail_is_not_a_failed_login(make_server):
-    """README "Limits and abuse": a 454 (the auth program's temporary failure) does not count."""
+    """docs/limits.md "Limits and abuse": a 454 (the auth program's temporary failure) does not count."""
     srv = make_server("--max-auth-failures-per-ip", "2")
     for _ in range(3):
         raw = tls_session(srv)
@@ -162,7 +162,7 @@ def test_tempfail_is_not_a_failed_login(make_server):
 
 
 def test_foreign_authzid_is_a_logged_failure(make_server):
-    """README "The dialogue", "Limits and abuse": a PLAIN authzid other than the user is a 535 that counts and is logged."""
+    """docs/dialogue.md "The dialogue", docs/limits.md "Limits and abuse": a PLAIN authzid other than the user is a 535 that counts and is logged."""
     srv = make_server("--max-auth-failures-per-ip", "1")
     raw = tls_session(srv)
     code, _ = raw.cmd(f"AUTH PLAIN {plain_token(USER, PASSWORD, authzid='bob')}")
@@ -207,7 +207,7 @@ def most_at_once(runs):
 
 
 def test_third_login_waits_for_a_free_auth_program(make_server):
-    """README "Limits and abuse": with --max-auth-programs 2 and a 1 s auth program, a third AUTH at the
+    """docs/limits.md "Limits and abuse": with --max-auth-programs 2 and a 1 s auth program, a third AUTH at the
     same moment waits for a slot and then succeeds; never more than two run at once."""
     srv = make_server("--max-auth-programs", "2", "--auth", AUTH_SLOW, "--auth-timeout", "10")
     results = concurrent_logins(srv, 3)
@@ -217,7 +217,7 @@ def test_third_login_waits_for_a_free_auth_program(make_server):
 
 
 def test_login_that_cannot_get_a_slot_in_time_is_454(make_server):
-    """README "Limits and abuse": waiting for a slot counts against --auth-timeout; past it, 454."""
+    """docs/limits.md "Limits and abuse": waiting for a slot counts against --auth-timeout; past it, 454."""
     # The first run (a Python start-up, then 3 s) fits in 5.5 s on a slow
     # machine too; the second waits for it and cannot also run 3 s in time.
     srv = make_server("--max-auth-programs", "1", "--auth", AUTH_SLOW, "--auth-timeout", "5.5",
@@ -232,7 +232,7 @@ def test_login_that_cannot_get_a_slot_in_time_is_454(make_server):
 # --- the busy timeout ------------------------------------------------------------------
 
 def test_strangers_are_cut_under_pressure(make_server):
-    """README "Limits and abuse": while more than 3/4 of --max-connections are in use, silent
+    """docs/limits.md "Limits and abuse": while more than 3/4 of --max-connections are in use, silent
     unauthenticated sessions are cut after --busy-timeout, those that began waiting
     before the pressure too; a logged-in session keeps --timeout."""
     # Sessions that came just before the pressure must outlast the 0.5 s
@@ -288,7 +288,7 @@ BAD_ENVELOPE = [
 
 @pytest.mark.parametrize("command,expected", BAD_ENVELOPE)
 def test_harmful_envelope_value_is_refused(server, command, expected):
-    """README "Limits and abuse": option-like local parts, RCPT without a domain, separators and format
+    """docs/limits.md "Limits and abuse": option-like local parts, RCPT without a domain, separators and format
     characters: 501, the session goes on, and the program never sees the value."""
     raw = server.raw()
     raw.login(server.tls_context())
@@ -314,7 +314,7 @@ def test_harmful_envelope_value_is_refused(server, command, expected):
 
 @pytest.mark.parametrize("name", ["a\u202eb", "\u2028alice", "alice\u200d", "al\u2029ice"])
 def test_harmful_username_is_refused(server, name):
-    """README "Limits and abuse": a username with a separator or format character is 501; the auth program
+    """docs/limits.md "Limits and abuse": a username with a separator or format character is 501; the auth program
     never sees it."""
     raw = tls_session(server)
     code, lines = raw.cmd("AUTH PLAIN " + base64.b64encode(
@@ -346,7 +346,7 @@ def small_fs(tmp_path):
 
 
 def test_spool_without_room_is_452_at_mail(make_server, small_fs):
-    """README "Limits and abuse": with less than twice --max-message-size free in --spool-dir, MAIL gets
+    """docs/limits.md "Limits and abuse": with less than twice --max-message-size free in --spool-dir, MAIL gets
     452 4.3.1; with room again, large messages are spooled there and delivered."""
     srv = make_server("--spool-dir", small_fs, "--max-message-size", str(1024 * 1024))
     raw = srv.raw()
@@ -366,7 +366,7 @@ def test_spool_without_room_is_452_at_mail(make_server, small_fs):
 
 
 def test_spool_check_uses_the_real_free_space(make_server, tmp_path):
-    """README "Limits and abuse" without mounting anything: a --max-message-size of more than half the
+    """docs/limits.md "Limits and abuse" without mounting anything: a --max-message-size of more than half the
     free space of --spool-dir makes every MAIL a 452 4.3.1."""
     st = os.statvfs(str(tmp_path))
     free = st.f_bavail * st.f_frsize
@@ -379,7 +379,7 @@ def test_spool_check_uses_the_real_free_space(make_server, tmp_path):
 
 @pytest.mark.parametrize("value,why", [("/nonexistent/spool", "is not a directory")])
 def test_bad_spool_dir_is_a_start_up_error(tmp_path, certs, value, why):
-    """README "Limits and abuse", "Configuration": a missing --spool-dir stops start-up: one line naming it, exit 2."""
+    """docs/limits.md "Limits and abuse", docs/configuration.md "Configuration": a missing --spool-dir stops start-up: one line naming it, exit 2."""
     srv = ServerProcess(str(tmp_path), certs, ["--spool-dir", value])
     result = subprocess.run(srv.argv, env=srv.env, capture_output=True, timeout=30)
     assert result.returncode == 2
@@ -387,7 +387,7 @@ def test_bad_spool_dir_is_a_start_up_error(tmp_path, certs, value, why):
 
 
 def test_unwritable_spool_dir_is_a_start_up_error(tmp_path, certs):
-    """README "Limits and abuse", "Configuration": a --spool-dir we cannot create files in (here a read-only
+    """docs/limits.md "Limits and abuse", docs/configuration.md "Configuration": a --spool-dir we cannot create files in (here a read-only
     filesystem, which stops root too) stops start-up with one line, exit 2."""
     spool = mount_tmpfs(tmp_path / "ro", "size=1m,ro")
     try:
@@ -408,8 +408,8 @@ FORGED = "] 198.51.100.23 -: AUTH PLAIN user=admin"
 FORGED_JSON = '","client_ip":"198.51.100.24","x":"'
 FORGED_OBJECT = ('{"ts":"2026-12-01T04:07:20.123Z","level":"warning","event":"auth_failed",'
                  '"session":"0123456789ab","client_ip":"198.51.100.25"}')
-# Where fail2ban finds the failed-login line, made from the real lines (README
-# "Logging"): `stamp` is the line's own time (UTC) and `line` the line as
+# Where fail2ban finds the failed-login line, made from the real lines (docs/logging.md
+# "fail2ban"): `stamp` is the line's own time (UTC) and `line` the line as
 # written to stderr.
 FORMS = {
     "stderr": lambda stamp, line: line,
@@ -447,7 +447,7 @@ def fail2ban_ips(tmp_path, name: str, lines, filter_path: str):
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_fail2ban_finds_every_real_failure_and_no_forged_address(make_server, tmp_path,
                                                                    log_format):
-    """README "Logging": the shipped filter for each --log-format, run by the real
+    """docs/logging.md "Logging": the shipped filter for each --log-format, run by the real
     fail2ban-regex over the server's own lines as stderr, a syslog file, journalctl's
     output and the journal backend have them, finds the address of every failed login
     of every mechanism, and never an address forged inside a username, nor a success
@@ -476,7 +476,7 @@ def test_fail2ban_finds_every_real_failure_and_no_forged_address(make_server, tm
     assert raw.cmd(f"AUTH PLAIN {plain_token(USER, PASSWORD, authzid='root')}")[0] == 535
     raw.close()
     failures["127.0.0.13"] = "authzid"
-    # Rejected tokens (README "OAuth 2 tokens"): one client answers the error
+    # Rejected tokens (docs/auth-program.md "OAuth 2 tokens"): one client answers the error
     # challenge, the other hangs up at it, as curl does for XOAUTH2.
     raw = tls_session(srv, "127.0.0.14")
     bearer = b"n,a=dave,\x01auth=Bearer expired\x01\x01"
@@ -513,7 +513,7 @@ def test_fail2ban_finds_every_real_failure_and_no_forged_address(make_server, tm
 
 
 def test_fail2ban_jail_reads_the_units_journal(tmp_path):
-    """README "Logging": the example jail reads the shipped unit's journal (backend
+    """docs/logging.md "Logging": the example jail reads the shipped unit's journal (backend
     systemd, journalmatch on conf/ssmtpd.service) with the shipped filter, as
     fail2ban itself reads the configuration."""
     if not shutil.which("fail2ban-client"):
@@ -536,7 +536,7 @@ def test_fail2ban_jail_reads_the_units_journal(tmp_path):
 
 
 def test_log_lines_stay_short_and_escaped(server):
-    """README "Limits and abuse": a MAIL FROM of characters that must be escaped stays one quoted field
+    """docs/limits.md "Limits and abuse": a MAIL FROM of characters that must be escaped stays one quoted field
     and the line stays under about 1 KiB."""
     raw = server.raw()
     raw.login(server.tls_context())
@@ -550,7 +550,7 @@ def test_log_lines_stay_short_and_escaped(server):
 
 
 def test_no_log_line_exceeds_one_kib():
-    """README "Limits and abuse": whatever an event carries (a program's 1000-character stderr line
+    """docs/limits.md "Limits and abuse": whatever an event carries (a program's 1000-character stderr line
     behind a long prefix, say), the line is cut at 1 KiB, marked, and stays one line."""
     from ssmtpd import events, log
 
@@ -610,7 +610,7 @@ def netns():
 
 
 def test_ipv6_addresses_in_one_prefix_share_the_failed_login_count(make_server, netns):
-    """README "Limits and abuse": two IPv6 addresses in one /64 share the failed-login count; an address
+    """docs/limits.md "Limits and abuse": two IPv6 addresses in one /64 share the failed-login count; an address
     in another /64 does not."""
     srv = make_server("--bind", "2001:db8:1:2::1", "--max-auth-failures-per-ip", "2",
                       start=False)

@@ -1,4 +1,4 @@
-"""Limits per authenticated user, end to end (README "Accounts and limits").
+"""Limits per authenticated user, end to end (docs/limits.md "Accounts and limits").
 
 A real server, one process and --workers 3, real clients over TLS.  With
 workers, a user's connections land on whichever worker accepts them, so each
@@ -62,7 +62,7 @@ LIMITED = (replies.RATE_LIMITED.code,
 
 @pytest.mark.parametrize("workers", [1, WORKERS])
 def test_fourth_message_of_a_user_is_refused_on_any_connection(make_server, workers):
-    """README "Accounts and limits": with --max-messages-per-user 3/1h, after three accepted
+    """docs/limits.md "Accounts and limits": with --max-messages-per-user 3/1h, after three accepted
     messages every MAIL of that user, on any connection and any worker, gets 450 4.7.1;
     the user still logs in and the session goes on; another user is not affected; each
     refusal is one WARNING line naming the user and the limit, and counted."""
@@ -88,7 +88,7 @@ def test_fourth_message_of_a_user_is_refused_on_any_connection(make_server, work
 
 @pytest.mark.parametrize("workers", [1, WORKERS])
 def test_a_short_window_frees_up_after_it_passes(make_server, workers):
-    """README "Accounts and limits": a window slides: with 2/3s, the third MAIL is refused,
+    """docs/limits.md "Accounts and limits": a window slides: with 2/3s, the third MAIL is refused,
     and a MAIL is accepted again once the first messages are older than 3 s."""
     srv = start(make_server, workers, "--max-messages-per-user", "2/3s")
     first = time.monotonic()
@@ -111,7 +111,7 @@ def test_a_short_window_frees_up_after_it_passes(make_server, workers):
 
 @pytest.mark.parametrize("workers", [1, WORKERS])
 def test_recipients_over_the_limit_are_refused_and_earlier_ones_stand(make_server, workers):
-    """README "Accounts and limits": with --max-recipients-per-user 3/1h, the fourth RCPT of a
+    """docs/limits.md "Accounts and limits": with --max-recipients-per-user 3/1h, the fourth RCPT of a
     transaction gets 450 4.7.1, the three before it are delivered; then the window is full
     and the next MAIL, on any connection, is refused too."""
     srv = start(make_server, workers, "--max-recipients-per-user", "3/1h")
@@ -139,7 +139,7 @@ def test_recipients_over_the_limit_are_refused_and_earlier_ones_stand(make_serve
 
 @pytest.mark.parametrize("workers", [1, WORKERS])
 def test_a_message_answered_otherwise_counts_for_nothing(make_server, workers):
-    """README "Accounts and limits": a message counts when it is accepted (250), with its
+    """docs/limits.md "Accounts and limits": a message counts when it is accepted (250), with its
     recipients: one answered 451 or 554 leaves the user's messages and recipients as
     they were."""
     srv = start(make_server, workers, "--max-messages-per-user", "1/1h",
@@ -157,7 +157,7 @@ def test_a_message_answered_otherwise_counts_for_nothing(make_server, workers):
 
 @pytest.mark.parametrize("workers", [1, WORKERS])
 def test_concurrent_sessions_cannot_pass_the_limit_together(make_server, workers):
-    """README "Accounts and limits": two sessions of one user both past MAIL and RCPT with
+    """docs/limits.md "Accounts and limits": two sessions of one user both past MAIL and RCPT with
     room for one message: the message and its recipients are checked and taken before
     the program runs, so the second final dot gets 450 4.7.1 and no program runs for it."""
     srv = start(make_server, workers, "--max-messages-per-user", "1/1h")
@@ -182,7 +182,7 @@ def test_concurrent_sessions_cannot_pass_the_limit_together(make_server, workers
 @pytest.mark.parametrize("workers", [1, WORKERS])
 def test_third_concurrent_session_of_a_user_is_refused_and_not_a_failed_login(make_server,
                                                                                workers):
-    """README "Accounts and limits": with --max-sessions-per-user 2 the third concurrent AUTH
+    """docs/limits.md "Accounts and limits": with --max-sessions-per-user 2 the third concurrent AUTH
     of a user gets 454 4.7.0 (the auth program said yes), which is not a failed login; the
     slot is free again when a session ends; another user is not affected."""
     srv = start(make_server, workers, "--max-sessions-per-user", "2",
@@ -215,7 +215,7 @@ def test_third_concurrent_session_of_a_user_is_refused_and_not_a_failed_login(ma
 
 
 def test_zero_turns_the_session_limit_off(make_server):
-    """README "Accounts and limits": --max-sessions-per-user 0: more sessions of one user
+    """docs/limits.md "Accounts and limits": --max-sessions-per-user 0: more sessions of one user
     than the default 20, all logged in."""
     srv = start(make_server, 1, "--max-sessions-per-user", "0")
     held = []
@@ -229,7 +229,7 @@ def test_zero_turns_the_session_limit_off(make_server):
 
 
 def test_rate_limited_is_one_json_line_with_the_user_and_the_limit(make_server):
-    """README "Logging": a per-user refusal is event rate_limited at WARNING, with the user,
+    """docs/logging.md "Logging": a per-user refusal is event rate_limited at WARNING, with the user,
     the limit and the reply."""
     srv = start(make_server, 1, "--max-messages-per-user", "1/1h", "--log-format", "json")
     assert send(srv) == 250

@@ -1,4 +1,4 @@
-"""AUTH PLAIN and LOGIN, the auth program's contract and the password's secrecy (README "The auth program", "The dialogue")."""
+"""AUTH PLAIN and LOGIN, the auth program's contract and the password's secrecy (docs/auth-program.md "The auth program", docs/dialogue.md "The dialogue")."""
 
 import base64
 import hashlib
@@ -68,7 +68,7 @@ def send_message(raw, body="Subject: t\r\n\r\nhello\r\n"):
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 @pytest.mark.parametrize("initial_response", [True, False], ids=["initial", "no-initial"])
 def test_smtplib_login(server, mechanism, initial_response):
-    """README "The dialogue" AUTH, §3: PLAIN and LOGIN, with or without an initial response → 235."""
+    """docs/dialogue.md "The dialogue" AUTH, §3: PLAIN and LOGIN, with or without an initial response → 235."""
     with server.smtp() as s:
         s.ehlo()
         s.starttls(context=server.tls_context())
@@ -85,7 +85,7 @@ def test_smtplib_login(server, mechanism, initial_response):
 
 
 def test_plain_without_initial_response(server, tls_client):
-    """README "The dialogue" AUTH: `AUTH PLAIN` gets an empty 334 prompt (RFC 4954 §4), then the token."""
+    """docs/dialogue.md "The dialogue" AUTH: `AUTH PLAIN` gets an empty 334 prompt (RFC 4954 §4), then the token."""
     raw = tls_client()
     code, lines = raw.cmd("AUTH PLAIN")
     assert lines == ["334 "]
@@ -95,7 +95,7 @@ def test_plain_without_initial_response(server, tls_client):
 
 
 def test_login_without_initial_response(server, tls_client):
-    """README "The dialogue" AUTH: LOGIN asks `Username:` then `Password:` in base64."""
+    """docs/dialogue.md "The dialogue" AUTH: LOGIN asks `Username:` then `Password:` in base64."""
     raw = tls_client()
     assert raw.cmd("AUTH LOGIN")[1] == [USERNAME_PROMPT]
     assert raw.cmd(b64(USER))[1] == [PASSWORD_PROMPT]
@@ -107,7 +107,7 @@ def test_login_without_initial_response(server, tls_client):
 
 
 def test_login_with_initial_response(server, tls_client):
-    """README "The dialogue" AUTH: `AUTH LOGIN <user>` skips the username prompt and asks for the password."""
+    """docs/dialogue.md "The dialogue" AUTH: `AUTH LOGIN <user>` skips the username prompt and asks for the password."""
     raw = tls_client()
     assert raw.cmd(f"AUTH LOGIN {b64(USER)}")[1] == [PASSWORD_PROMPT]
     assert raw.cmd(b64(PASSWORD))[1] == [OK_LINE]
@@ -115,7 +115,7 @@ def test_login_with_initial_response(server, tls_client):
 
 
 def test_authenticated_session_may_send(server, tls_client):
-    """README "The dialogue": after 235 the session may submit, and the process program sees the user."""
+    """docs/dialogue.md "The dialogue": after 235 the session may submit, and the process program sees the user."""
     raw = tls_client()
     assert raw.cmd(f"AUTH PLAIN {plain_token()}")[1] == [OK_LINE]
     code, lines = send_message(raw)
@@ -129,7 +129,7 @@ def test_authenticated_session_may_send(server, tls_client):
 # --- empty responses, cancel, bad base64 ---------------------------------------
 
 def test_plain_empty_initial_response(server, tls_client):
-    """README "The dialogue" AUTH: `AUTH PLAIN =` is an empty response (RFC 4954 §4): malformed, 501 5.5.2."""
+    """docs/dialogue.md "The dialogue" AUTH: `AUTH PLAIN =` is an empty response (RFC 4954 §4): malformed, 501 5.5.2."""
     raw = tls_client()
     code, lines = raw.cmd("AUTH PLAIN =")
     assert code == 501 and lines[0].startswith("501 5.5.2"), lines
@@ -139,7 +139,7 @@ def test_plain_empty_initial_response(server, tls_client):
 
 
 def test_login_empty_initial_response(server, tls_client):
-    """README "The dialogue" AUTH: `AUTH LOGIN =` is an empty username: the password is asked, then 501 5.5.2."""
+    """docs/dialogue.md "The dialogue" AUTH: `AUTH LOGIN =` is an empty username: the password is asked, then 501 5.5.2."""
     raw = tls_client()
     assert raw.cmd("AUTH LOGIN =")[1] == [PASSWORD_PROMPT]
     code, lines = raw.cmd(b64(PASSWORD))
@@ -148,7 +148,7 @@ def test_login_empty_initial_response(server, tls_client):
 
 
 def test_plain_empty_line_at_prompt(server, tls_client):
-    """README "The dialogue" AUTH: an empty line at the PLAIN prompt is an empty response: 501, no run."""
+    """docs/dialogue.md "The dialogue" AUTH: an empty line at the PLAIN prompt is an empty response: 501, no run."""
     raw = tls_client()
     assert raw.cmd("AUTH PLAIN")[0] == 334
     code, lines = raw.cmd("")
@@ -166,7 +166,7 @@ CANCEL_DIALOGUES = {
 
 @pytest.mark.parametrize("steps", list(CANCEL_DIALOGUES.values()), ids=list(CANCEL_DIALOGUES))
 def test_cancel_at_prompt(server, tls_client, steps):
-    """README "The dialogue" AUTH: `*` at any prompt cancels with 501; no program runs; AUTH may be retried."""
+    """docs/dialogue.md "The dialogue" AUTH: `*` at any prompt cancels with 501; no program runs; AUTH may be retried."""
     raw = tls_client()
     for step in steps:
         assert raw.cmd(step)[0] == 334
@@ -193,7 +193,7 @@ BAD_BASE64 = {
 
 @pytest.mark.parametrize("steps", list(BAD_BASE64.values()), ids=list(BAD_BASE64))
 def test_bad_base64(server, tls_client, steps):
-    """README "The dialogue" AUTH: a response that is not strict base64 gets 501 5.5.2 and runs no program."""
+    """docs/dialogue.md "The dialogue" AUTH: a response that is not strict base64 gets 501 5.5.2 and runs no program."""
     raw = tls_client()
     for step in steps[:-1]:
         assert raw.cmd(step)[0] == 334
@@ -206,7 +206,7 @@ def test_bad_base64(server, tls_client, steps):
 # --- authzid, mechanisms, order ---------------------------------------------------
 
 def test_plain_authzid_equal_to_authcid(server, tls_client):
-    """README "The dialogue" AUTH: a PLAIN authzid equal to the authcid is accepted (235)."""
+    """docs/dialogue.md "The dialogue" AUTH: a PLAIN authzid equal to the authcid is accepted (235)."""
     raw = tls_client()
     assert raw.cmd(f"AUTH PLAIN {plain_token(authzid=USER)}")[1] == [OK_LINE]
     runs = server.runs("auth")
@@ -214,7 +214,7 @@ def test_plain_authzid_equal_to_authcid(server, tls_client):
 
 
 def test_plain_authzid_differs(server, tls_client):
-    """README "The dialogue" AUTH: a PLAIN authzid other than the authcid is refused with 535."""
+    """docs/dialogue.md "The dialogue" AUTH: a PLAIN authzid other than the authcid is refused with 535."""
     raw = tls_client()
     code, lines = raw.cmd(f"AUTH PLAIN {plain_token(authzid='bob')}")
     assert code == 535 and lines[0].startswith("535 5.7.8"), lines
@@ -224,7 +224,7 @@ def test_plain_authzid_differs(server, tls_client):
 
 @pytest.mark.parametrize("command", ["AUTH CRAM-MD5", "AUTH DIGEST-MD5 abcd", "AUTH XOAUTH2 abcd"])
 def test_unknown_mechanism(server, tls_client, command):
-    """README "The dialogue" AUTH: by default only PLAIN and LOGIN are offered; another
+    """docs/dialogue.md "The dialogue" AUTH: by default only PLAIN and LOGIN are offered; another
     mechanism, a token one too, gets 504 (RFC 4954 §4)."""
     raw = tls_client()
     code, lines = raw.cmd(command)
@@ -233,7 +233,7 @@ def test_unknown_mechanism(server, tls_client, command):
 
 
 def test_second_auth_after_success(server, tls_client):
-    """README "The dialogue" AUTH: a second AUTH after success gets 503 5.5.1 and runs no program."""
+    """docs/dialogue.md "The dialogue" AUTH: a second AUTH after success gets 503 5.5.1 and runs no program."""
     raw = tls_client()
     assert raw.cmd(f"AUTH PLAIN {plain_token()}")[1] == [OK_LINE]
     code, lines = raw.cmd(f"AUTH PLAIN {plain_token('bob')}")
@@ -242,7 +242,7 @@ def test_second_auth_after_success(server, tls_client):
 
 
 def test_auth_before_ehlo(server):
-    """README "The dialogue": AUTH before EHLO gets 503 5.5.1."""
+    """docs/dialogue.md "The dialogue": AUTH before EHLO gets 503 5.5.1."""
     raw = server.raw()
     try:
         assert raw.reply()[0] == 220
@@ -254,7 +254,7 @@ def test_auth_before_ehlo(server):
 
 
 def test_auth_before_tls(server):
-    """README "The dialogue": AUTH before TLS is refused (530 5.7.0) and not advertised (RFC 4954 §4)."""
+    """docs/dialogue.md "The dialogue": AUTH before TLS is refused (530 5.7.0) and not advertised (RFC 4954 §4)."""
     raw = server.raw()
     try:
         assert raw.reply()[0] == 220
@@ -272,7 +272,7 @@ def test_auth_before_tls(server):
 
 
 def test_auth_during_transaction(make_server):
-    """README "The dialogue": AUTH during a mail transaction gets 503 5.5.1."""
+    """docs/dialogue.md "The dialogue": AUTH during a mail transaction gets 503 5.5.1."""
     srv = make_server("--no-require-auth")
     raw = open_tls(srv)
     try:
@@ -284,7 +284,7 @@ def test_auth_during_transaction(make_server):
         raw.close()
 
 
-# --- the exit table (README "The auth program") ---------------------------------------------------
+# --- the exit table (docs/auth-program.md "The auth program") ---------------------------------------------------
 
 @pytest.mark.parametrize("user,password,expected", [
     (USER, PASSWORD, "235 2.7.0"),
@@ -294,7 +294,7 @@ def test_auth_during_transaction(make_server):
     ("signal", PASSWORD, "454 4.7.0"),
 ])
 def test_exit_table(server, tls_client, user, password, expected):
-    """README "The auth program": exit 0 → 235, 75 or a signal → 454 4.7.0, any other exit → 535 5.7.8."""
+    """docs/auth-program.md "The auth program": exit 0 → 235, 75 or a signal → 454 4.7.0, any other exit → 535 5.7.8."""
     raw = tls_client()
     code, lines = raw.cmd(f"AUTH PLAIN {plain_token(user, password)}")
     assert len(lines) == 1 and lines[0].startswith(expected + " "), lines
@@ -304,7 +304,7 @@ def test_exit_table(server, tls_client, user, password, expected):
 
 
 def test_tempfail_does_not_log_in(server, tls_client):
-    """README "The auth program": a 454 is no login: MAIL is still refused and AUTH may be retried."""
+    """docs/auth-program.md "The auth program": a 454 is no login: MAIL is still refused and AUTH may be retried."""
     raw = tls_client()
     assert raw.cmd(f"AUTH PLAIN {plain_token('tempfail', PASSWORD)}")[0] == 454
     assert raw.cmd("MAIL FROM:<a@example.org>")[0] == 530
@@ -312,7 +312,7 @@ def test_tempfail_does_not_log_in(server, tls_client):
 
 
 def test_auth_timeout_kills_program(make_server):
-    """README "The auth program": over --auth-timeout → 454 4.7.0, and the program and its child are gone."""
+    """docs/auth-program.md "The auth program": over --auth-timeout → 454 4.7.0, and the program and its child are gone."""
     # The program must start its child and record both pids before the
     # timeout: a Python start-up on a busy machine can take over a second.
     srv = make_server("--auth-timeout", "4", "--auth", AUTH_SLEEP)
@@ -335,7 +335,7 @@ def test_auth_timeout_kills_program(make_server):
 
 
 def test_auth_program_cannot_start(make_server, tmp_path):
-    """README "The auth program": an auth program that cannot start (it was fine at
+    """docs/auth-program.md "The auth program": an auth program that cannot start (it was fine at
     start-up, then lost its execute bit) → 454 4.7.0, the session goes on, and an ERROR
     line names it, even at --log-level warning."""
     broken = tmp_path / "broken-auth"
@@ -355,7 +355,7 @@ def test_auth_program_cannot_start(make_server, tmp_path):
 
 
 def test_auth_wrapper_whose_command_cannot_start(make_server, tmp_path):
-    """README "The auth program": a wrapper exiting 127 (its command not found) is
+    """docs/auth-program.md "The auth program": a wrapper exiting 127 (its command not found) is
     "cannot start": 454 4.7.0, not a failed login (535)."""
     wrapper = tmp_path / "auth-wrapper"
     wrapper.write_text("#!/bin/sh\nexec /nonexistent/auth\n")
@@ -374,7 +374,7 @@ def test_auth_wrapper_whose_command_cannot_start(make_server, tmp_path):
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_auth_program_environment(server, tls_client, mechanism):
-    """README "The auth program": SSMTPD_USERNAME/PASSWORD/MECHANISM/CLIENT_ADDR, no arguments, empty stdin."""
+    """docs/auth-program.md "The auth program": SSMTPD_USERNAME/PASSWORD/MECHANISM/CLIENT_ADDR, no arguments, empty stdin."""
     raw = tls_client()
     if mechanism == "PLAIN":
         assert raw.cmd(f"AUTH PLAIN {plain_token()}")[1] == [OK_LINE]
@@ -394,7 +394,7 @@ def test_auth_program_environment(server, tls_client, mechanism):
 
 
 def test_password_never_appears(make_server):
-    """README "The auth program", "Logging": the password is in no log line, no argv, not in the process program's env."""
+    """docs/auth-program.md "The auth program", docs/logging.md "Logging": the password is in no log line, no argv, not in the process program's env."""
     password = "Qx7-unusual-Pa55w0rd-Zk41"
     wrong = "Wm3-other-Pa55w0rd-Yt92"
     body_marker = "body-marker-8c1f5e"
@@ -439,7 +439,7 @@ def test_password_never_appears(make_server):
 # --- failed logins: delay and three strikes ---------------------------------------
 
 def test_three_failures_close(server, tls_client):
-    """README "The dialogue": the third failed AUTH is answered 535, then 421 4.7.0, then the server closes."""
+    """docs/dialogue.md "The dialogue": the third failed AUTH is answered 535, then 421 4.7.0, then the server closes."""
     raw = tls_client()
     assert raw.cmd(f"AUTH PLAIN {plain_token(USER, 'wrong1')}")[1] == [INVALID_LINE]
     assert raw.cmd("AUTH LOGIN")[0] == 334
@@ -454,7 +454,7 @@ def test_three_failures_close(server, tls_client):
 
 
 def test_two_failures_then_success(server, tls_client):
-    """README "The dialogue": two failed AUTHs leave the connection open and a good login still works."""
+    """docs/dialogue.md "The dialogue": two failed AUTHs leave the connection open and a good login still works."""
     raw = tls_client()
     for _ in range(2):
         assert raw.cmd(f"AUTH PLAIN {plain_token(USER, 'wrong')}")[0] == 535
@@ -463,7 +463,7 @@ def test_two_failures_then_success(server, tls_client):
 
 
 def test_failures_counted_per_connection(server, tls_client):
-    """README "The dialogue": the three-strikes count belongs to one connection, not to the client address."""
+    """docs/dialogue.md "The dialogue": the three-strikes count belongs to one connection, not to the client address."""
     first = tls_client()
     for _ in range(2):
         assert first.cmd(f"AUTH PLAIN {plain_token(USER, 'wrong')}")[0] == 535
@@ -475,7 +475,7 @@ def test_failures_counted_per_connection(server, tls_client):
 
 
 def test_failure_delay(make_server):
-    """README "The dialogue": with --auth-failure-delay 1 a failed AUTH is answered no sooner than ~1 s."""
+    """docs/dialogue.md "The dialogue": with --auth-failure-delay 1 a failed AUTH is answered no sooner than ~1 s."""
     srv = make_server("--auth-failure-delay", "1")
     raw = open_tls(srv)
     try:
@@ -505,7 +505,7 @@ def long_plain_line(prefix: str, total: int) -> str:
 
 
 def test_auth_line_of_12288_octets(server, tls_client):
-    """README "The dialogue": an AUTH command line of 12288 octets is read whole and judged (535, not 500)."""
+    """docs/dialogue.md "The dialogue": an AUTH command line of 12288 octets is read whole and judged (535, not 500)."""
     raw = tls_client()
     line = long_plain_line("AUTH PLAIN ", 12288)
     assert raw.cmd(line)[1] == [INVALID_LINE]
@@ -515,7 +515,7 @@ def test_auth_line_of_12288_octets(server, tls_client):
 
 
 def test_auth_response_of_12288_octets(server, tls_client):
-    """README "The dialogue": a response line of 12288 octets at the 334 prompt is accepted (535, not 500)."""
+    """docs/dialogue.md "The dialogue": a response line of 12288 octets at the 334 prompt is accepted (535, not 500)."""
     raw = tls_client()
     assert raw.cmd("AUTH PLAIN")[0] == 334
     assert raw.cmd(long_plain_line("", 12288))[1] == [INVALID_LINE]
@@ -523,7 +523,7 @@ def test_auth_response_of_12288_octets(server, tls_client):
 
 
 def test_auth_line_too_long(server, tls_client):
-    """README "The dialogue": an AUTH line over 12288 octets gets 500 5.5.2, runs nothing, session goes on."""
+    """docs/dialogue.md "The dialogue": an AUTH line over 12288 octets gets 500 5.5.2, runs nothing, session goes on."""
     raw = tls_client()
     code, lines = raw.cmd("AUTH PLAIN " + "A" * 12278)  # 12289 octets before CRLF
     assert lines == ["500 5.5.2 Line too long"]
@@ -536,7 +536,7 @@ def test_auth_line_too_long(server, tls_client):
 
 
 def test_auth_response_too_long(server, tls_client):
-    """README "The dialogue": a response over 12288 octets at the 334 prompt gets 500 5.5.2."""
+    """docs/dialogue.md "The dialogue": a response over 12288 octets at the 334 prompt gets 500 5.5.2."""
     raw = tls_client()
     assert raw.cmd("AUTH LOGIN")[0] == 334
     code, lines = raw.cmd("A" * 20000)
@@ -561,7 +561,7 @@ ODD_NAMES = [
 @pytest.mark.parametrize("name", ODD_NAMES)
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_odd_usernames_verbatim(server, tls_client, name, mechanism):
-    """README "The auth program": shell metacharacters, spaces and Unicode reach SSMTPD_USERNAME unchanged."""
+    """docs/auth-program.md "The auth program": shell metacharacters, spaces and Unicode reach SSMTPD_USERNAME unchanged."""
     raw = tls_client()
     if mechanism == "PLAIN":
         code, lines = raw.cmd(f"AUTH PLAIN {plain_token(name, PASSWORD)}")
@@ -576,7 +576,7 @@ def test_odd_usernames_verbatim(server, tls_client, name, mechanism):
 
 
 def test_shell_metacharacters_never_run(server, tls_client, tmp_path):
-    """README "Configuration", "The auth program": a username is data, never shell input."""
+    """docs/configuration.md "Configuration", docs/auth-program.md "The auth program": a username is data, never shell input."""
     marker = tmp_path / "pwned"
     raw = tls_client()
     name = f"x; touch {marker}; $(touch {marker}) `touch {marker}`"
@@ -600,7 +600,7 @@ BAD_NAMES = {
 
 @pytest.mark.parametrize("name", list(BAD_NAMES.values()), ids=list(BAD_NAMES))
 def test_bad_username_plain(server, tls_client, name):
-    """README "The auth program": a PLAIN username with control characters or invalid UTF-8 gets 501, no run."""
+    """docs/auth-program.md "The auth program": a PLAIN username with control characters or invalid UTF-8 gets 501, no run."""
     raw = tls_client()
     code, lines = raw.cmd("AUTH PLAIN " + raw_token(b"\0" + name + b"\0" + PASSWORD.encode()))
     assert code == 501, lines
@@ -610,7 +610,7 @@ def test_bad_username_plain(server, tls_client, name):
 @pytest.mark.parametrize("name", [b"al\x00ice", b"ali\nce", b"\xffalice"],
                          ids=["nul", "line-feed", "invalid-utf8"])
 def test_bad_username_login(server, tls_client, name):
-    """README "The auth program": a LOGIN username with NUL, control characters or invalid UTF-8 gets 501."""
+    """docs/auth-program.md "The auth program": a LOGIN username with NUL, control characters or invalid UTF-8 gets 501."""
     raw = tls_client()
     assert raw.cmd(f"AUTH LOGIN {raw_token(name)}")[0] == 334
     code, lines = raw.cmd(b64(PASSWORD))
@@ -619,7 +619,7 @@ def test_bad_username_login(server, tls_client, name):
 
 
 def test_plain_token_with_wrong_field_count(server, tls_client):
-    """README "The dialogue" AUTH: a PLAIN token without exactly two NULs is malformed: 501."""
+    """docs/dialogue.md "The dialogue" AUTH: a PLAIN token without exactly two NULs is malformed: 501."""
     raw = tls_client()
     for data in (b"alice\0secret", b"\0alice\0secret\0extra", b"alicesecret"):
         code, lines = raw.cmd("AUTH PLAIN " + raw_token(data))
@@ -631,7 +631,7 @@ def test_plain_token_with_wrong_field_count(server, tls_client):
                          [b"pw\xff\xfe\x80", "pässwörd-密码".encode(), b"tab\there"],
                          ids=["latin1-bytes", "utf8", "tab"])
 def test_password_octets_reach_program(server, tls_client, password):
-    """README "The auth program": the password's octets, UTF-8 or not, reach SSMTPD_PASSWORD unchanged."""
+    """docs/auth-program.md "The auth program": the password's octets, UTF-8 or not, reach SSMTPD_PASSWORD unchanged."""
     raw = tls_client()
     code, lines = raw.cmd("AUTH PLAIN " + raw_token(b"\0alice\0" + password))
     assert lines == [INVALID_LINE]
@@ -643,7 +643,7 @@ def test_password_octets_reach_program(server, tls_client, password):
 
 
 def test_password_octets_reach_program_login(server, tls_client):
-    """README "The auth program": LOGIN passes a non-UTF-8 password unchanged too."""
+    """docs/auth-program.md "The auth program": LOGIN passes a non-UTF-8 password unchanged too."""
     raw = tls_client()
     assert raw.cmd(f"AUTH LOGIN {b64(USER)}")[0] == 334
     assert raw.cmd(raw_token(b"\xe9t\xe9"))[1] == [INVALID_LINE]
@@ -653,7 +653,7 @@ def test_password_octets_reach_program_login(server, tls_client):
 
 
 def test_password_with_nul_refused(server, tls_client):
-    """README "The auth program": a LOGIN password containing NUL cannot be put in the environment: 501."""
+    """docs/auth-program.md "The auth program": a LOGIN password containing NUL cannot be put in the environment: 501."""
     raw = tls_client()
     assert raw.cmd(f"AUTH LOGIN {b64(USER)}")[0] == 334
     code, lines = raw.cmd(raw_token(b"sec\0ret"))

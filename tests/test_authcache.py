@@ -1,5 +1,5 @@
 """--auth-cache-ttl / --auth-cache-negative-ttl: the auth program's answers reused
-(README "The auth cache").
+(docs/auth-program.md "The auth cache").
 
 The auth program of these tests appends one line per run to a file (its parent's
 pid and the username), so a test counts runs and knows which process ran them.
@@ -77,7 +77,7 @@ def assert_no_secret(log):
 
 
 def test_a_good_password_is_answered_from_the_cache_until_it_differs(make_server, auth_program):
-    """README "The auth cache": with --auth-cache-ttl the second login with the same
+    """docs/auth-program.md "The auth cache": with --auth-cache-ttl the second login with the same
     password runs no program; a different password (or mechanism) does; the cached
     answer is logged as cached and counted with cached="yes"; no line holds a secret."""
     metrics_port = free_port()
@@ -112,7 +112,7 @@ def test_a_good_password_is_answered_from_the_cache_until_it_differs(make_server
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_cached_wrong_password_is_still_a_failed_login(make_server, auth_program, tmp_path,
                                                           log_format):
-    """README "The auth cache": with --auth-cache-negative-ttl a repeated wrong password
+    """docs/auth-program.md "The auth cache": with --auth-cache-negative-ttl a repeated wrong password
     runs the program once, and each time still gets 535 after --auth-failure-delay,
     counts toward --max-auth-failures-per-ip, and is the fail2ban line."""
     srv = make_server("--auth", auth_program, "--auth-cache-negative-ttl", "60",
@@ -151,7 +151,7 @@ def test_a_cached_wrong_password_is_still_a_failed_login(make_server, auth_progr
 
 
 def test_a_temporary_failure_is_never_cached(make_server, auth_program):
-    """README "The auth cache": a 454 is asked of the program every time."""
+    """docs/auth-program.md "The auth cache": a 454 is asked of the program every time."""
     srv = make_server("--auth", auth_program, "--auth-cache-ttl", "60",
                       "--auth-cache-negative-ttl", "60")
     for _ in range(3):
@@ -160,7 +160,7 @@ def test_a_temporary_failure_is_never_cached(make_server, auth_program):
 
 
 def test_sighup_empties_the_cache(make_server, auth_program):
-    """README "The auth cache", "Signals": after SIGHUP the program runs again."""
+    """docs/auth-program.md "The auth cache", docs/operations.md "Signals": after SIGHUP the program runs again."""
     srv = make_server("--auth", auth_program, "--auth-cache-ttl", "3600")
     assert auth(srv, GOOD)[0] == 235
     assert auth(srv, GOOD)[0] == 235
@@ -173,7 +173,7 @@ def test_sighup_empties_the_cache(make_server, auth_program):
 
 
 def test_the_cache_is_per_worker_and_sighup_empties_each(make_server, auth_program):
-    """README "The auth cache": with --workers each worker holds its own cache: the
+    """docs/auth-program.md "The auth cache": with --workers each worker holds its own cache: the
     same password runs the program once in each worker that sees it, then never
     again there; SIGHUP to the master empties every worker's."""
     # A TTL no wait of this test comes near: only SIGHUP may empty the caches.
@@ -223,7 +223,7 @@ def test_the_cache_is_per_worker_and_sighup_empties_each(make_server, auth_progr
     ([], {}, "auth-cache-negative-ttl = soon\n", "--auth-cache-negative-ttl"),
 ])
 def test_a_bad_ttl_stops_the_start_naming_the_option(tmp_path, certs, args, env, ini, option):
-    """README "Configuration": one line naming the option, exit status 2."""
+    """docs/configuration.md "Configuration": one line naming the option, exit status 2."""
     from test_config import assert_refused, run_ssmtpd, valid_args, write_ini
     if ini:
         args = args + ["-c", write_ini(tmp_path, ini)]
@@ -233,7 +233,7 @@ def test_a_bad_ttl_stops_the_start_naming_the_option(tmp_path, certs, args, env,
 
 def test_the_ttls_come_from_the_environment_and_the_ini_file(make_server, auth_program,
                                                               tmp_path):
-    """README "Configuration": SSMTPD_AUTH_CACHE_TTL and the ini key work like the flag."""
+    """docs/configuration.md "Configuration": SSMTPD_AUTH_CACHE_TTL and the ini key work like the flag."""
     ini = tmp_path / "cache.ini"
     ini.write_text("[ssmtpd]\nauth_cache_negative_ttl = 60\n")
     srv = make_server("--auth", auth_program, "-c", str(ini),

@@ -110,7 +110,7 @@ def swaks(srv, *args, port=None, verify=()):
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_swaks_starttls_auth(srv, swaks_verify_args, mechanism):
-    """README "The dialogue" AUTH PLAIN/LOGIN over STARTTLS, §4 the process program's view."""
+    """docs/dialogue.md "The dialogue" AUTH PLAIN/LOGIN over STARTTLS, §4 the process program's view."""
     result = swaks(srv, "--tls", "--auth", mechanism, "--auth-user", "alice",
                    "--auth-password", "secret", verify=swaks_verify_args)
     assert result.returncode == 0, output(result)
@@ -123,7 +123,7 @@ def test_swaks_starttls_auth(srv, swaks_verify_args, mechanism):
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_swaks_bad_password(srv, swaks_verify_args, mechanism):
-    """README "The auth program": a wrong password is 535 5.7.8; swaks fails at AUTH; nothing is processed."""
+    """docs/auth-program.md "The auth program": a wrong password is 535 5.7.8; swaks fails at AUTH; nothing is processed."""
     result = swaks(srv, "--tls", "--auth", mechanism, "--auth-user", "alice",
                    "--auth-password", "wrong", verify=swaks_verify_args)
     assert result.returncode == 28, output(result)  # swaks: authentication failed
@@ -133,7 +133,7 @@ def test_swaks_bad_password(srv, swaks_verify_args, mechanism):
 
 
 def test_swaks_rejects_unknown_ca(srv, other_ca):
-    """README "Configuration": the server presents the configured certificate, not something else."""
+    """docs/configuration.md "Configuration": the server presents the configured certificate, not something else."""
     swaks_path = need("swaks")
     if "--tls-verify" not in output(run([swaks_path, "--help"])):
         pytest.skip("this swaks cannot verify certificates")
@@ -158,7 +158,7 @@ SWAKS_PROTOCOLS = [
 @pytest.mark.parametrize("protocol, port, authenticate, status, text", SWAKS_PROTOCOLS,
                          ids=[p[0] for p in SWAKS_PROTOCOLS])
 def test_swaks_protocols(srv, swaks_verify_args, protocol, port, authenticate, status, text):
-    """README "Configuration" --smtps-port, §5 530 before TLS / before AUTH: swaks --protocol variants."""
+    """docs/configuration.md "Configuration" --smtps-port, §5 530 before TLS / before AUTH: swaks --protocol variants."""
     args = ["--protocol", protocol]
     if authenticate:
         args += ["--auth-user", "alice", "--auth-password", "secret"]
@@ -173,7 +173,7 @@ def test_swaks_protocols(srv, swaks_verify_args, protocol, port, authenticate, s
 
 
 def test_swaks_tls_1_1_refused(srv):
-    """README "The dialogue": TLS 1.2 and newer only, seen from swaks."""
+    """docs/dialogue.md "The dialogue": TLS 1.2 and newer only, seen from swaks."""
     result = swaks(srv, "--tls", "--tls-protocol", "tlsv1_1", "--auth-user", "alice",
                    "--auth-password", "secret")
     text = output(result)
@@ -236,7 +236,7 @@ def msmtp(rc_path, account):
 
 @pytest.mark.parametrize("account", ["plain", "login", "smtps"])
 def test_msmtp_delivers(srv, msmtprc, account):
-    """README "The dialogue" AUTH over STARTTLS and on the smtps port, §4 CRLF message on stdin."""
+    """docs/dialogue.md "The dialogue" AUTH over STARTTLS and on the smtps port, §4 CRLF message on stdin."""
     result = msmtp(msmtprc, account)
     assert result.returncode == 0, output(result)
     record = assert_delivered(srv, text="\r\nSubject: msmtp test\r\n")
@@ -246,7 +246,7 @@ def test_msmtp_delivers(srv, msmtprc, account):
 
 
 def test_msmtp_bad_password(srv, msmtprc):
-    """README "The auth program": a wrong password fails the submission and nothing is processed."""
+    """docs/auth-program.md "The auth program": a wrong password fails the submission and nothing is processed."""
     result = msmtp(msmtprc, "badpass")
     assert result.returncode != 0, output(result)
     assert head(replies.BAD_CREDENTIALS) in output(result)
@@ -254,7 +254,7 @@ def test_msmtp_bad_password(srv, msmtprc):
 
 
 def test_msmtp_wrong_ca(srv, msmtprc):
-    """README "Configuration": tls_certcheck with a CA that did not sign the server's certificate fails."""
+    """docs/configuration.md "Configuration": tls_certcheck with a CA that did not sign the server's certificate fails."""
     result = msmtp(msmtprc, "wrongca")
     assert result.returncode != 0, output(result)
     assert "certificate" in output(result).lower()
@@ -287,7 +287,7 @@ CURL_URLS = ["smtp-ip", "smtp-name", "smtps-name"]
 
 @pytest.mark.parametrize("target", CURL_URLS)
 def test_curl_delivers(srv, message_file, target):
-    """README "The dialogue" STARTTLS (--ssl-reqd) and §2 --smtps-port, with curl checking the name."""
+    """docs/dialogue.md "The dialogue" STARTTLS (--ssl-reqd) and §2 --smtps-port, with curl checking the name."""
     rcpts = (RCPT, "second@example.org")
     if target == "smtp-ip":
         args, url = ["--ssl-reqd"], f"smtp://127.0.0.1:{srv.port}/client.test"
@@ -305,7 +305,7 @@ def test_curl_delivers(srv, message_file, target):
 
 
 def test_curl_bad_password(srv, message_file):
-    """README "The auth program": curl reports the 535 as "login denied" (exit 67); nothing is processed."""
+    """docs/auth-program.md "The auth program": curl reports the 535 as "login denied" (exit 67); nothing is processed."""
     result = curl(srv, f"smtp://127.0.0.1:{srv.port}", message_file, "--ssl-reqd",
                   user="alice:wrong")
     assert result.returncode == 67, output(result)
@@ -313,7 +313,7 @@ def test_curl_bad_password(srv, message_file):
 
 
 def test_curl_bare_lf_message_refused(srv, tmp_path):
-    """README "The dialogue": curl sends a file as it is; bare LF line ends get 554 5.6.0 and no run."""
+    """docs/dialogue.md "The dialogue": curl sends a file as it is; bare LF line ends get 554 5.6.0 and no run."""
     path = tmp_path / "lf.txt"
     path.write_bytes(CURL_MESSAGE.replace("\r\n", "\n").encode())
     result = curl(srv, f"smtp://127.0.0.1:{srv.port}", str(path), "--ssl-reqd", "-v")
@@ -327,7 +327,7 @@ def test_curl_bare_lf_message_refused(srv, tmp_path):
 
 
 def test_curl_tls_1_1_refused(srv, message_file):
-    """README "The dialogue": TLS 1.2 and newer only, seen from curl."""
+    """docs/dialogue.md "The dialogue": TLS 1.2 and newer only, seen from curl."""
     result = curl(srv, f"smtp://127.0.0.1:{srv.port}", message_file, "--ssl-reqd",
                   "--tls-max", "1.1", "--ciphers", "DEFAULT@SECLEVEL=0")
     text = output(result)
@@ -372,7 +372,7 @@ def s_client(srv, mode, *args):
 
 @pytest.mark.parametrize("mode", ["starttls", "smtps"])
 def test_openssl_s_client_submission(srv, mode):
-    """README "The dialogue": a pipelined submission typed into openssl s_client is delivered."""
+    """docs/dialogue.md "The dialogue": a pipelined submission typed into openssl s_client is delivered."""
     result = s_client(srv, mode)
     text = output(result)
     assert f"\n{head(replies.ACCEPTED)} " in text, text
@@ -392,7 +392,7 @@ def test_openssl_s_client_clean_tls_close(srv, mode):
 
 @pytest.mark.parametrize("mode", ["starttls", "smtps"])
 def test_openssl_s_client_tls_1_1_refused(srv, mode):
-    """README "The dialogue": TLS 1.2 and newer only: openssl s_client -tls1_1 fails the handshake."""
+    """docs/dialogue.md "The dialogue": TLS 1.2 and newer only: openssl s_client -tls1_1 fails the handshake."""
     result = s_client(srv, mode, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
     text = output(result)
     if "no protocols available" in text or "unknown option" in text.lower():

@@ -1,4 +1,4 @@
-"""Options from the command line, the environment and the ini file; start-up errors (README "Configuration")."""
+"""Options from the command line, the environment and the ini file; start-up errors (docs/configuration.md "Configuration")."""
 
 import os
 import re
@@ -102,7 +102,7 @@ LEVELS = {
 
 @pytest.mark.parametrize("level", list(LEVELS.values()), ids=list(LEVELS))
 def test_precedence(make_server, level):
-    """README "Configuration": CLI > env > ini > default, for a string, an int and a boolean option."""
+    """docs/configuration.md "Configuration": CLI > env > ini > default, for a string, an int and a boolean option."""
     ini, env, cli, hostname, size, auth_offered = level
     srv = start(make_server, cli, env=env, ini=ini)
     greeting, keywords = probe(srv)
@@ -119,7 +119,7 @@ def test_precedence(make_server, level):
     "hostname = ini.test\nmax-message-size = 1111\nrequire-tls = no\n",
 ], ids=["underscore-keys", "dash-keys"])
 def test_ini_key_spellings(make_server, ini):
-    """README "Configuration": ini keys are the long option names with `-` or `_`."""
+    """docs/configuration.md "Configuration": ini keys are the long option names with `-` or `_`."""
     greeting, keywords = probe(start(make_server, ini=ini))
     assert greeting == "220 ini.test ESMTP ssmtpd"
     assert size_of(keywords) == 1111
@@ -127,7 +127,7 @@ def test_ini_key_spellings(make_server, ini):
 
 
 def test_long_config_flag(make_server):
-    """README "Configuration": the ini file is also given by --config."""
+    """docs/configuration.md "Configuration": the ini file is also given by --config."""
     srv = make_server(defaults=False, start=False)
     ini = write_ini(srv.workdir, "hostname = long.test\n")
     srv.argv += ["--bind", "127.0.0.1", "--port", str(srv.port), "--auth", AUTH,
@@ -137,7 +137,7 @@ def test_long_config_flag(make_server):
 
 
 def test_config_file_from_environment(make_server):
-    """README "Configuration" (README): a container can name its ini file in SSMTPD_CONFIG."""
+    """docs/configuration.md "Configuration": a container can name its ini file in SSMTPD_CONFIG."""
     srv = make_server(defaults=False, start=False)
     from_env = write_ini(srv.workdir, "hostname = env-file.test\n")
     srv.env = dict(srv.env, SSMTPD_CONFIG=from_env)
@@ -156,13 +156,13 @@ def test_config_file_from_environment(make_server):
 ], ids=["env-false", "cli-true-over-env-false", "cli-false-over-env-true",
         "cli-true-over-ini-false", "env-0-over-ini-true"])
 def test_boolean_sources(make_server, env, cli, ini, offered):
-    """README "Configuration", "The dialogue": --require-tls / --no-require-tls from env, CLI and ini, CLI winning."""
+    """docs/configuration.md "Configuration", docs/dialogue.md "The dialogue": --require-tls / --no-require-tls from env, CLI and ini, CLI winning."""
     _, keywords = probe(start(make_server, cli, env=env, ini=ini))
     assert auth_before_tls(keywords) is offered
 
 
 def test_int_from_env_limits_recipients(make_server):
-    """README "Configuration": SSMTPD_MAX_RECIPIENTS overrides the ini value: the 3rd RCPT gets 452 4.5.3."""
+    """docs/configuration.md "Configuration": SSMTPD_MAX_RECIPIENTS overrides the ini value: the 3rd RCPT gets 452 4.5.3."""
     srv = start(make_server, env={"SSMTPD_MAX_RECIPIENTS": "2"}, ini="max_recipients = 5\n")
     raw = srv.raw()
     try:
@@ -178,7 +178,7 @@ def test_int_from_env_limits_recipients(make_server):
 
 # --- --help ------------------------------------------------------------------------------
 
-# README "Configuration"'s table: option → what its default must read like in --help.
+# docs/configuration.md "Configuration"'s table: option → what its default must read like in --help.
 HELP_DEFAULTS = {
     "hostname": r"\(default: [^)]*FQDN",
     "bind": r"\(default: all interfaces\)",
@@ -225,7 +225,7 @@ def help_blocks(text: str):
 
 
 def test_help(tmp_path):
-    """README "Configuration": --help exits 0 and shows each option with its SSMTPD_ env var and default."""
+    """docs/configuration.md "Configuration": --help exits 0 and shows each option with its SSMTPD_ env var and default."""
     result = run_ssmtpd(["--help"], tmp_path, env={"COLUMNS": "100"})
     assert result.returncode == 0, result.stderr
     blocks = help_blocks(result.stdout)
@@ -339,7 +339,7 @@ BAD_CONFIGS = {
     "auth-failure-delay-negative": ((), ["--auth-failure-delay=-1"], None,
                                     "--auth-failure-delay"),
     "log-level-unknown": ((), ["--log-level", "loud"], None, "--log-level"),
-    # README "OAuth 2 tokens": only the four mechanisms, each once.
+    # docs/auth-program.md "OAuth 2 tokens": only the four mechanisms, each once.
     "auth-mechanisms-unknown": ((), ["--auth-mechanisms", "PLAIN,CRAM-MD5"], None,
                                 "--auth-mechanisms: 'CRAM-MD5' is not one of PLAIN, LOGIN, "
                                 "OAUTHBEARER, XOAUTH2"),
@@ -433,7 +433,7 @@ BAD_CONFIGS = {
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS.values()), ids=list(BAD_CONFIGS))
 def test_bad_config(tmp_path, certs, bad_files, case):
-    """README "Configuration": a bad value stops start-up with one line naming the option, exit status 2."""
+    """docs/configuration.md "Configuration": a bad value stops start-up with one line naming the option, exit status 2."""
     drop, add, env, option = case
     port = free_port()
     args = without(valid_args(certs, port), *drop) + add
@@ -442,14 +442,14 @@ def test_bad_config(tmp_path, certs, bad_files, case):
 
 
 def test_address_not_on_this_machine_names_bind(tmp_path, certs):
-    """README "Configuration": an address the machine does not have blames --bind, not --port."""
+    """docs/configuration.md "Configuration": an address the machine does not have blames --bind, not --port."""
     args = without(valid_args(certs), "--bind") + ["--bind", "192.0.2.1"]
     result = run_ssmtpd(args, tmp_path)
     assert_refused(result, "--bind: cannot listen on 192.0.2.1")
 
 
 def test_one_pem_with_certificate_and_key(tmp_path, certs):
-    """README "Configuration": --ssl-cert alone may name one PEM holding the chain and the key."""
+    """docs/configuration.md "Configuration": --ssl-cert alone may name one PEM holding the chain and the key."""
     _, cert, key = certs
     both = tmp_path / "both.pem"
     both.write_bytes(open(cert, "rb").read() + open(key, "rb").read())
@@ -460,7 +460,7 @@ def test_one_pem_with_certificate_and_key(tmp_path, certs):
 
 
 def test_quoted_ini_value_loses_its_quotes(tmp_path, monkeypatch):
-    """README "Configuration": `hostname = "mail.example.org"` means mail.example.org; a
+    """docs/configuration.md "Configuration": `hostname = "mail.example.org"` means mail.example.org; a
     program value keeps its quotes for the shell-style split."""
     from ssmtpd import config
     ini = tmp_path / "q.ini"
@@ -476,7 +476,7 @@ def test_quoted_ini_value_loses_its_quotes(tmp_path, monkeypatch):
 
 
 def test_version(tmp_path):
-    """README "Configuration": --version prints `ssmtpd X.Y.Z` and exits 0."""
+    """docs/configuration.md "Configuration": --version prints `ssmtpd X.Y.Z` and exits 0."""
     from ssmtpd import __version__
     result = run_ssmtpd(["--version"], tmp_path)
     assert (result.returncode, result.stdout, result.stderr) == (
@@ -489,7 +489,7 @@ CHECKED_OK = (f"ssmtpd: --auth runs {AUTH}\nssmtpd: --process runs {RECORD}\n"
 
 
 def test_check_config(tmp_path, certs):
-    """README "Configuration": --check-config checks as a start would, binds nothing, and
+    """docs/configuration.md "Configuration": --check-config checks as a start would, binds nothing, and
     says OK (exit 0) or the usual one line (exit 2)."""
     with socket.socket() as taken:  # a port in use is not its business: it binds nothing
         taken.bind(("127.0.0.1", 0))
@@ -503,7 +503,7 @@ def test_check_config(tmp_path, certs):
 
 
 def test_port_in_use_with_workers(tmp_path, certs):
-    """README "Scaling", "Configuration": with --workers the master binds first: a taken port is the same one
+    """docs/scaling.md "Scaling", docs/configuration.md "Configuration": with --workers the master binds first: a taken port is the same one
     line and exit 2, and no worker starts."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -515,7 +515,7 @@ def test_port_in_use_with_workers(tmp_path, certs):
 
 
 def test_port_error_comes_before_any_warning(tmp_path, certs):
-    """README "Configuration": without a certificate (and as root) the warnings come
+    """docs/configuration.md "Configuration": without a certificate (and as root) the warnings come
     only once the ports are bound, so a port error is the one line on stderr."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -527,7 +527,7 @@ def test_port_error_comes_before_any_warning(tmp_path, certs):
 
 
 def test_port_below_1024_says_how(tmp_path, certs):
-    """README "Configuration", "Deploying": a port below 1024 refused for want of privilege
+    """docs/configuration.md "Configuration", docs/deploying.md "Deploying": a port below 1024 refused for want of privilege
     is one line that names the port and both ways to get it: root with --user, or
     CAP_NET_BIND_SERVICE."""
     # Whoever runs the tests: a process without the capability, as a plain user is.
@@ -546,7 +546,7 @@ def test_port_below_1024_says_how(tmp_path, certs):
 
 
 def test_reserved_variables_are_accepted(tmp_path, certs):
-    """README "Configuration": the SSMTPD_ variables the server sets for its programs, and
+    """docs/configuration.md "Configuration": the SSMTPD_ variables the server sets for its programs, and
     variables without the prefix, do not stop a start."""
     env = {name: "x" for name in (
         "SSMTPD_USERNAME", "SSMTPD_PASSWORD", "SSMTPD_MECHANISM", "SSMTPD_TOKEN",
@@ -557,7 +557,7 @@ def test_reserved_variables_are_accepted(tmp_path, certs):
 
 
 def test_full_option_names_still_work_everywhere(tmp_path, certs):
-    """README "Configuration": without abbreviations, the full names still come from the
+    """docs/configuration.md "Configuration": without abbreviations, the full names still come from the
     command line (also as --name=value), the environment and the ini file."""
     ini = tmp_path / "full.ini"
     ini.write_text("[ssmtpd]\nmax-recipients = 5\n")
@@ -585,7 +585,7 @@ def default_greeting_name(make_server, wrapper=()):
 
 
 def test_default_hostname_is_this_machines_name(make_server):
-    """README "Configuration": without --hostname the greeting names the machine as
+    """docs/configuration.md "Configuration": without --hostname the greeting names the machine as
     `hostname -f` does, never a loopback name while the machine has another."""
     name = default_greeting_name(make_server)
     if socket.gethostname().split(".")[0] not in LOOPBACK_NAMES:
@@ -606,7 +606,7 @@ def test_default_hostname_is_this_machines_name(make_server):
 ], ids=["canonical-name", "bare-hostname"])
 def test_default_hostname_where_hosts_file_says_localhost_first(make_server, tmp_path, hosts,
                                                                 expected):
-    """README "Configuration": the default --hostname under an /etc/hosts that makes a
+    """docs/configuration.md "Configuration": the default --hostname under an /etc/hosts that makes a
     reverse lookup answer localhost (a host of its own: UTS and mount namespaces)."""
     if os.geteuid() != 0 or shutil.which("unshare") is None or subprocess.run(
             ["unshare", "--uts", "--mount", "true"], capture_output=True,
@@ -620,7 +620,7 @@ def test_default_hostname_where_hosts_file_says_localhost_first(make_server, tmp
 
 
 def test_port_in_use(tmp_path, certs):
-    """README "Configuration": a port that cannot be bound stops start-up with one line naming --port, exit 2."""
+    """docs/configuration.md "Configuration": a port that cannot be bound stops start-up with one line naming --port, exit 2."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -630,7 +630,7 @@ def test_port_in_use(tmp_path, certs):
 
 
 def test_smtps_port_in_use(tmp_path, certs):
-    """README "Configuration": the same holds for --smtps-port."""
+    """docs/configuration.md "Configuration": the same holds for --smtps-port."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -642,7 +642,7 @@ def test_smtps_port_in_use(tmp_path, certs):
 # --- programs: required or not, split shell-style, never through a shell -----------------
 
 def test_no_require_auth_runs_without_auth_program(make_server):
-    """README "Configuration": with --no-require-auth no --auth is needed and mail is taken without AUTH."""
+    """docs/configuration.md "Configuration": with --no-require-auth no --auth is needed and mail is taken without AUTH."""
     srv = start(make_server, ["--no-require-auth"], auth=False)
     raw = srv.raw()
     try:
@@ -663,7 +663,7 @@ def test_no_require_auth_runs_without_auth_program(make_server):
 
 
 def test_no_auth_program_refuses_auth(make_server):
-    """README "Configuration": without an auth program AUTH is not offered, and AUTH gets a reply, not a crash."""
+    """docs/configuration.md "Configuration": without an auth program AUTH is not offered, and AUTH gets a reply, not a crash."""
     srv = start(make_server, ["--no-require-auth"], auth=False)
     raw = srv.raw()
     try:
@@ -681,7 +681,7 @@ def test_no_auth_program_refuses_auth(make_server):
 
 
 def test_ini_percent_sign_is_literal(make_server):
-    """README "Configuration": an ini value runs to the end of its line; a `%` in it is an ordinary character."""
+    """docs/configuration.md "Configuration": an ini value runs to the end of its line; a `%` in it is an ordinary character."""
     srv = make_server(defaults=False, start=False)
     ini = write_ini(srv.workdir, f"process = {RECORD} 100% %(x)s\n")
     srv.argv += ["--bind", "127.0.0.1", "--port", str(srv.port), "--auth", AUTH,
@@ -716,7 +716,7 @@ def deliver_one(srv):
 
 
 def test_program_split_shell_style(make_server, spaced_record):
-    """README "Configuration": --process is split shell-style: quotes keep a spaced path and argument whole."""
+    """docs/configuration.md "Configuration": --process is split shell-style: quotes keep a spaced path and argument whole."""
     srv = make_server("--process", f"'{spaced_record}' arg1 \"two words\"")
     assert deliver_one(srv)[0] == 250
     (run,) = srv.runs()
@@ -725,7 +725,7 @@ def test_program_split_shell_style(make_server, spaced_record):
 
 @pytest.mark.parametrize("where", ["env", "ini"])
 def test_program_split_shell_style_env_and_ini(make_server, spaced_record, where):
-    """README "Configuration": a quoted program value from the env or the ini file is split shell-style too."""
+    """docs/configuration.md "Configuration": a quoted program value from the env or the ini file is split shell-style too."""
     value = f"'{spaced_record}'"
     if where == "env":
         srv = start(make_server, env={"SSMTPD_PROCESS": value}, process=False)
@@ -737,7 +737,7 @@ def test_program_split_shell_style_env_and_ini(make_server, spaced_record, where
 
 
 def test_program_never_through_a_shell(make_server, tmp_path):
-    """README "Configuration": shell syntax in a program value is passed as literal arguments, never run."""
+    """docs/configuration.md "Configuration": shell syntax in a program value is passed as literal arguments, never run."""
     marker = tmp_path / "pwned"
     process = f"{RECORD} ; touch {marker} && touch {marker} $(touch {marker})"
     auth = f"{AUTH} | touch {marker}"
@@ -761,7 +761,7 @@ def test_program_never_through_a_shell(make_server, tmp_path):
 # --- signals without a certificate -------------------------------------------------------
 
 def test_sighup_without_certificate(make_server):
-    """README "Configuration", "Signals": without a certificate STARTTLS is self-signed, and SIGHUP keeps running."""
+    """docs/configuration.md "Configuration", docs/operations.md "Signals": without a certificate STARTTLS is self-signed, and SIGHUP keeps running."""
     srv = make_server(with_tls=False)
     srv.wait_log("self-signed")
     for _ in range(2):

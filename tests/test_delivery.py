@@ -1,4 +1,4 @@
-"""Message delivery to the process program (README "The process program") and the DATA rows of README "The dialogue".
+"""Message delivery to the process program (docs/process-program.md "The process program") and the DATA rows of docs/dialogue.md "The dialogue".
 
 Everything goes through a real server, real sockets and the real recording
 program: what the program saw is read back from its records.
@@ -156,10 +156,10 @@ def disconnects(srv) -> int:
     return srv.log().count("disconnected")
 
 
-# --- argv, environment and stdin (README "The process program") ----------------------------------
+# --- argv, environment and stdin (docs/process-program.md "The process program") ----------------------------------
 
 def test_argv_and_environment_of_authenticated_tls_session(server):
-    """README "The process program": argv [program, USERNAME], SSMTPD_* env, recipients in order, one per line."""
+    """docs/process-program.md "The process program": argv [program, USERNAME], SSMTPD_* env, recipients in order, one per line."""
     raw = session(server)
     rcpts = ("first@example.net", '"john doe"@example.net', "third@example.com")
     code, line = transaction(raw, b"Subject: env\r\n\r\nhello\r\n", rcpts=rcpts)
@@ -181,7 +181,7 @@ def test_argv_and_environment_of_authenticated_tls_session(server):
 
 
 def test_argv_and_environment_of_plain_anonymous_session(open_srv):
-    """README "The process program": with no AUTH the user argument and SSMTPD_USERNAME are "", SSMTPD_TLS is empty."""
+    """docs/process-program.md "The process program": with no AUTH the user argument and SSMTPD_USERNAME are "", SSMTPD_TLS is empty."""
     raw = session(open_srv, tls=False, auth=False, helo="EHLO plain.client")
     code, line = transaction(raw, b"hello\r\n", sender="", rcpts=("a@example.net",))
     assert code == 250, line
@@ -212,7 +212,7 @@ MESSAGES = {
 
 @pytest.mark.parametrize("name", sorted(MESSAGES))
 def test_stdin_is_exactly_the_data_after_one_received_header(server, name):
-    """README "The process program": stdin is the unstuffed data with CRLF ends, after exactly one Received header."""
+    """docs/process-program.md "The process program": stdin is the unstuffed data with CRLF ends, after exactly one Received header."""
     message = MESSAGES[name]
     raw = session(server)
     code, line = transaction(raw, message, sender="bounce+x=y@example.org",
@@ -232,7 +232,7 @@ def test_stdin_is_exactly_the_data_after_one_received_header(server, name):
     (False, False, "ESMTP"), (False, True, "ESMTPA"), (True, False, "ESMTPS"),
 ])
 def test_received_header_protocol(open_srv, tls, auth, protocol):
-    """README "The process program" / RFC 5321 §4.4, RFC 3848: `with` says whether TLS and AUTH were used."""
+    """docs/process-program.md "The process program" / RFC 5321 §4.4, RFC 3848: `with` says whether TLS and AUTH were used."""
     raw = session(open_srv, tls=tls, auth=auth, helo="EHLO combo.client")
     code, line = transaction(raw, b"Subject: p\r\n\r\nbody\r\n")
     assert code == 250, line
@@ -276,7 +276,7 @@ def test_received_header_cannot_be_forged_through_helo(open_srv):
 
 
 def test_no_received_header(make_server):
-    """README "Configuration" --no-received-header: stdin is exactly the unstuffed data, nothing prepended."""
+    """docs/configuration.md "Configuration" --no-received-header: stdin is exactly the unstuffed data, nothing prepended."""
     srv = make_server("--no-received-header")
     raw = session(srv)
     message = MESSAGES["dot lines"]
@@ -288,7 +288,7 @@ def test_no_received_header(make_server):
     assert stdin_of(second) == b""
 
 
-# --- the exit table (README "The process program") -----------------------------------------------
+# --- the exit table (docs/process-program.md "The process program") -----------------------------------------------
 
 @pytest.mark.parametrize("local,reply", [
     ("exit0", replies.ACCEPTED),
@@ -300,7 +300,7 @@ def test_no_received_header(make_server):
     ("exit64", replies.PROCESS_REJECTED),
 ])
 def test_exit_table(server, local, reply):
-    """README "The process program" table: 0 → 250 2.0.0; 75, 71, signal → 451 4.3.0; other exits → 554 5.3.0."""
+    """docs/process-program.md "The process program" table: 0 → 250 2.0.0; 75, 71, signal → 451 4.3.0; other exits → 554 5.3.0."""
     raw = session(server)
     code, line = transaction(raw, b"Subject: t\r\n\r\nbody\r\n", sender=f"{local}@example.org")
     assert line == f"{reply.code} {reply.enhanced} {reply.text}"
@@ -316,7 +316,7 @@ def test_exit_table(server, local, reply):
 
 
 def test_process_timeout_kills_the_program(make_server):
-    """README "The process program": over --process-timeout → 451 4.3.0 promptly, and the program is gone."""
+    """docs/process-program.md "The process program": over --process-timeout → 451 4.3.0 promptly, and the program is gone."""
     # The program must record its start before the timeout: a Python start-up
     # on a busy machine can take over a second.
     srv = make_server("--process-timeout", "4")
@@ -334,7 +334,7 @@ def test_process_timeout_kills_the_program(make_server):
 
 
 def test_program_that_cannot_start(make_server, tmp_path):
-    """README "The process program": a process program that cannot start (it was fine at
+    """docs/process-program.md "The process program": a process program that cannot start (it was fine at
     start-up, then broke) → 451 4.3.0, the session goes on, and an ERROR line names it."""
     script = tmp_path / "broken"
     script.write_text("#!/bin/sh\nexit 0\n")
@@ -355,7 +355,7 @@ def test_program_that_cannot_start(make_server, tmp_path):
 @pytest.mark.parametrize("inner, code", [("/nonexistent/deliver", 127),
                                          ("not-executable", 126)])
 def test_wrapper_whose_command_cannot_start(make_server, tmp_path, inner, code):
-    """README "The process program": a wrapper whose inner exec fails exits 126 or 127,
+    """docs/process-program.md "The process program": a wrapper whose inner exec fails exits 126 or 127,
     which is "cannot start": 451 4.3.0 (the client keeps the message), and an ERROR line."""
     if inner == "not-executable":
         inner = tmp_path / inner
@@ -372,10 +372,10 @@ def test_wrapper_whose_command_cannot_start(make_server, tmp_path, inner, code):
     assert f"process program {wrapper} could not start: exit {code}, " in srv.log()
 
 
-# --- the reply text (README "The process program") -----------------------------------------------
+# --- the reply text (docs/process-program.md "The process program") -----------------------------------------------
 
 def test_reply_text_from_last_stdout_line(server):
-    """README "The process program": the program's last non-empty stdout line is the reply text."""
+    """docs/process-program.md "The process program": the program's last non-empty stdout line is the reply text."""
     raw = session(server)
     code, line = transaction(raw, b"body\r\n", sender="say@example.org")
     assert line == "250 2.0.0 queued as 4711"
@@ -399,7 +399,7 @@ def test_reply_text_from_last_stdout_line(server):
         "cut-at-200", "own-codes", "own-codes-other-code", "own-enhanced-code",
         "only-a-code", "a-number-is-words"])
 def test_reply_text_is_printable_and_cut(echo_server, sender, tail, expected):
-    """README "The process program": printable ASCII only, cut at 200 characters; the code stays the server's."""
+    """docs/process-program.md "The process program": printable ASCII only, cut at 200 characters; the code stays the server's."""
     raw = session(echo_server)
     code, line = transaction(raw, b"Subject: t\r\n\r\n" + tail, sender=sender)
     assert line == expected
@@ -407,7 +407,7 @@ def test_reply_text_is_printable_and_cut(echo_server, sender, tail, expected):
 
 
 def test_default_reply_text_without_stdout(server):
-    """README "The process program": without a stdout line the server's default text is used."""
+    """docs/process-program.md "The process program": without a stdout line the server's default text is used."""
     raw = session(server)
     assert transaction(raw, b"x\r\n")[1] == str(replies.ACCEPTED)
     assert transaction(raw, b"x\r\n", sender="exit64@x")[1] == str(replies.PROCESS_REJECTED)
@@ -415,7 +415,7 @@ def test_default_reply_text_without_stdout(server):
 
 
 def test_program_stderr_goes_to_the_log_with_the_session_id(server):
-    """README "The process program", "Logging": the program's stderr is logged, tagged with the session."""
+    """docs/process-program.md "The process program", docs/logging.md "Logging": the program's stderr is logged, tagged with the session."""
     raw = session(server)
     assert transaction(raw, b"x\r\n", sender="stderr@example.org")[0] == 250
     raw.close()
@@ -427,16 +427,16 @@ def test_program_stderr_goes_to_the_log_with_the_session_id(server):
     assert len(first) == len(second) == len(mail) == 1, log
     tag = re.search(r"\[(\w+)\]", mail[0]).group(1)
     assert f"[{tag}]" in first[0] and f"[{tag}]" in second[0]
-    # Diagnostics, not a problem of the server's: INFO (README "Monitoring").
+    # Diagnostics, not a problem of the server's: INFO (docs/monitoring.md "Monitoring").
     assert f" INFO [{tag}]" in first[0] and f" INFO [{tag}]" in second[0]
     # One stderr line, one log line: it cannot be confused with the session's own lines.
     assert "process: second line" not in first[0]
 
 
-# --- the size limit (README "The dialogue") -----------------------------------------------
+# --- the size limit (docs/dialogue.md "The dialogue") -----------------------------------------------
 
 def test_size_parameter_over_the_limit(server):
-    """README "The dialogue": SIZE= over the limit at MAIL → 552 5.3.4, no transaction, no program run."""
+    """docs/dialogue.md "The dialogue": SIZE= over the limit at MAIL → 552 5.3.4, no transaction, no program run."""
     raw = session(server)
     code, lines = raw.cmd(f"MAIL FROM:<{SENDER}> SIZE={DEFAULT_MAX + 1}")
     assert lines == [str(replies.TOO_BIG)]
@@ -450,7 +450,7 @@ def test_size_parameter_over_the_limit(server):
 
 
 def test_message_growing_over_the_limit(make_server):
-    """README "The dialogue": a message over --max-message-size → 552 5.3.4 after the final dot, no run,
+    """docs/dialogue.md "The dialogue": a message over --max-message-size → 552 5.3.4 after the final dot, no run,
     and the session goes on."""
     srv = make_server("--max-message-size", "1000")
     raw = session(srv)
@@ -486,7 +486,7 @@ def test_message_growing_over_the_limit(make_server):
 
 @pytest.mark.parametrize("mib", [3, 5, 20])
 def test_large_message_arrives_intact(server, mib):
-    """README "The process program": large messages (in memory or spooled to a file) reach the program intact."""
+    """docs/process-program.md "The process program": large messages (in memory or spooled to a file) reach the program intact."""
     message = big_message(mib * MIB, seed=mib)
     raw = session(server, timeout=120)
     code, line = transaction(raw, message)
@@ -500,7 +500,7 @@ def test_large_message_arrives_intact(server, mib):
 
 @pytest.mark.parametrize("size", [100, DEFAULT_MAX])
 def test_program_that_does_not_read_stdin(server, size):
-    """README "The process program": a program that exits without reading its stdin is answered at once."""
+    """docs/process-program.md "The process program": a program that exits without reading its stdin is answered at once."""
     message = big_message(size, seed=7) if size > 1000 else b"x" * (size - 2) + b"\r\n"
     raw = session(server, timeout=60)
     envelope(raw, sender="noread@example.org")
@@ -517,11 +517,11 @@ def test_program_that_does_not_read_stdin(server, size):
     raw.close()
 
 
-# --- a client that vanishes mid-DATA (README "The dialogue") ---------------------------------
+# --- a client that vanishes mid-DATA (docs/dialogue.md "The dialogue") ---------------------------------
 
 @pytest.mark.parametrize("how", ["close", "shutdown", "after-fake-end"])
 def test_disconnect_mid_data_runs_nothing(server, how):
-    """README "The dialogue": a client that vanishes mid-DATA causes no process run; the server keeps serving."""
+    """docs/dialogue.md "The dialogue": a client that vanishes mid-DATA causes no process run; the server keeps serving."""
     before = disconnects(server)
     raw = session(server)
     envelope(raw)
@@ -545,7 +545,7 @@ def test_disconnect_mid_data_runs_nothing(server, how):
 # --- pipelining and several transactions (RFC 2920, RFC 5321 §4.1.1.4) --------
 
 def test_pipelined_envelope(server):
-    """README "The dialogue" PIPELINING: MAIL, RCPT, RCPT, DATA in one write → four replies in order."""
+    """docs/dialogue.md "The dialogue" PIPELINING: MAIL, RCPT, RCPT, DATA in one write → four replies in order."""
     raw = session(server)
     raw.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<a@example.net>\r\n"
              "RCPT TO:<b@example.net>\r\nDATA\r\n")
@@ -579,7 +579,7 @@ def test_commands_after_the_final_dot_run_after_the_data_reply(server):
 
 
 def test_one_run_per_message_on_one_connection(server):
-    """README "The process program": exactly one run per accepted message; no envelope leaks into the next one."""
+    """docs/process-program.md "The process program": exactly one run per accepted message; no envelope leaks into the next one."""
     raw = session(server)
     sent = []
     for i in range(4):
@@ -612,7 +612,7 @@ def test_rset_clears_the_transaction(server):
 
 
 def test_ipv6_client_address_and_received_literal(tmp_path, certs):
-    """README "Configuration" --bind ::1, §4 SSMTPD_CLIENT_ADDR, RFC 5321 §4.4: an IPv6 client is [IPv6:::1]."""
+    """docs/configuration.md "Configuration" --bind ::1, §4 SSMTPD_CLIENT_ADDR, RFC 5321 §4.4: an IPv6 client is [IPv6:::1]."""
     srv = ServerProcess(str(tmp_path), certs, ["--bind", "::1"])
     srv.start(wait_host="::1")
     try:

@@ -432,11 +432,8 @@ def under_unit(unit, user, paths, top, binds=()):
 
 
 def readme_minimal_process_program() -> str:
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    m = re.search(r"A minimal process program[^\n]*\n\n```sh\n(.*?)```", text, re.S)
-    assert m, "README: no minimal process program"
-    return m.group(1)
+    from conftest import docs_block
+    return docs_block("docs/process-program.md", "minimal-process-program")
 
 
 @pytest.fixture
@@ -510,9 +507,9 @@ def test_systemd_unit_runs_the_example_programs(unit_machine):
 def readme_unit_changes(program: str):
     """The lines README "Under systemd" says to delete from the unit and to add to
     it, for `program`."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "deploying.md")) as f:
         text = f.read()
-    section = text[text.index("### Under systemd"):text.index("### In a container")]
+    section = text[text.index("## Under systemd"):text.index("## In a container")]
     item = next(line for line in section.split("\n- ") if program in line)
     deleted = re.findall(r"delete\s+`([A-Za-z]+=[^`]*)`", item)
     added = re.findall(r"add\s+`([A-Za-z]+=[^`]*)`", item)
@@ -683,7 +680,7 @@ def test_readme_docker_exec_add_asks_for_the_password_on_a_terminal(tmp_path):
     import pty
     import select
     import termios
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "deploying.md")) as f:
         readme = f.read()
     with open(os.path.join(ROOT, "Dockerfile")) as f:
         head = f.read()
@@ -742,8 +739,8 @@ def test_readme_docker_exec_add_asks_for_the_password_on_a_terminal(tmp_path):
 def readme_proxy_trusted():
     """Every --proxy-trusted value the README shows, on a command line or as
     SSMTPD_PROXY_TRUSTED."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
+    text = "".join(open(os.path.join(ROOT, "docs", page)).read()
+                   for page in ("deploying.md", "scaling.md"))
     values = re.findall(r"(?:--proxy-trusted[ =]|SSMTPD_PROXY_TRUSTED=)([0-9A-Fa-f.:/,]+)",
                         text)
     assert values, "the README shows no --proxy-trusted value"

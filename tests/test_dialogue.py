@@ -1,6 +1,6 @@
-"""Every tests/dialogues/*.txt script, played against a real server (README "The dialogue").
+"""Every tests/dialogues/*.txt script, played against a real server (docs/dialogue.md "The dialogue").
 
-A script is one client connection.  Its first line is `# README "The dialogue": <what it
+A script is one client connection.  Its first line is `# docs/dialogue.md "The dialogue": <what it
 pins>`; an optional `# args: ...` line gives extra server options (scripts
 with the same options share one server).  Other `#` lines and blank lines are
 comments.  Steps:
@@ -34,7 +34,7 @@ from conftest import HOSTNAME, ServerProcess, client_context
 
 DIALOGUES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dialogues")
 SCRIPTS = sorted(glob.glob(os.path.join(DIALOGUES, "*.txt")))
-HEADER = '# README "The dialogue": '
+HEADER = '# docs/dialogue.md "The dialogue": '
 REPLY_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
 # Long enough for any line the scripts send, short enough to keep failures readable.
@@ -272,7 +272,7 @@ def servers(tmp_path_factory, certs):
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=[os.path.basename(p) for p in SCRIPTS])
 def test_dialogue(path, servers):
-    """README "The dialogue": one dialogue script, as its header line says."""
+    """docs/dialogue.md "The dialogue": one dialogue script, as its header line says."""
     args, steps = parse(path)
     server = servers(args)
     # The log is shared with other scripts: blame only what this one added.
@@ -287,5 +287,5 @@ def test_dialogue(path, servers):
 
 
 def test_scripts_exist():
-    """README "The dialogue": the dialogue scripts are there to be played (an empty glob tests nothing)."""
+    """docs/dialogue.md "The dialogue": the dialogue scripts are there to be played (an empty glob tests nothing)."""
     assert len(SCRIPTS) >= 40, SCRIPTS

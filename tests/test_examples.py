@@ -37,7 +37,7 @@ def auth_users(users, *args, stdin=b"", cwd=None):
 
 
 def check(users, user, password) -> int:
-    """Run auth-users the way the server does (README "The auth program"): env, no args, empty stdin."""
+    """Run auth-users the way the server does (docs/auth-program.md "The auth program"): env, no args, empty stdin."""
     env = dict(os.environ, SSMTPD_USERNAME=user, SSMTPD_PASSWORD=password,
                SSMTPD_MECHANISM="PLAIN", SSMTPD_CLIENT_ADDR="127.0.0.1")
     proc = subprocess.run([AUTH_USERS, "--users", users], env=env, stdin=subprocess.DEVNULL,
@@ -71,7 +71,7 @@ def users(tmp_path):
 # --- conf/auth-users ---------------------------------------------------------------
 
 def test_auth_users_add_then_good_password_exits_0(users):
-    """README "The auth program" exit 0 → 235: a password set with `add` checks out."""
+    """docs/auth-program.md "The auth program" exit 0 → 235: a password set with `add` checks out."""
     proc = add(users, "alice")
     assert proc.stdout == b"added alice\n"
     assert PASSWORD.encode() not in proc.stdout + proc.stderr
@@ -79,7 +79,7 @@ def test_auth_users_add_then_good_password_exits_0(users):
 
 
 def test_auth_users_wrong_password_exits_1(users):
-    """README "The auth program" other exit → 535: a wrong password, even one letter off."""
+    """docs/auth-program.md "The auth program" other exit → 535: a wrong password, even one letter off."""
     add(users, "alice")
     assert check(users, "alice", PASSWORD + "!") == 1
     assert check(users, "alice", PASSWORD.upper()) == 1
@@ -87,7 +87,7 @@ def test_auth_users_wrong_password_exits_1(users):
 
 
 def test_auth_users_unknown_user_exits_1(users):
-    """README "The auth program" other exit → 535: unknown and malformed names are just wrong."""
+    """docs/auth-program.md "The auth program" other exit → 535: unknown and malformed names are just wrong."""
     add(users, "alice")
     assert check(users, "bob", PASSWORD) == 1
     assert check(users, "Alice", PASSWORD) == 1
@@ -95,7 +95,7 @@ def test_auth_users_unknown_user_exits_1(users):
 
 
 def test_auth_users_missing_file_exits_75(users):
-    """README "The auth program" exit 75 → 454: an unreadable users file is a temporary failure."""
+    """docs/auth-program.md "The auth program" exit 75 → 454: an unreadable users file is a temporary failure."""
     env = dict(os.environ, SSMTPD_USERNAME="alice", SSMTPD_PASSWORD=PASSWORD)
     proc = subprocess.run([AUTH_USERS, "--users", users], env=env, stdin=subprocess.DEVNULL,
                           capture_output=True, timeout=RUN_TIMEOUT)
@@ -180,12 +180,12 @@ def test_auth_users_default_file_is_var_users(tmp_path):
     assert proc.stdout == b"alice\n"
 
 
-# --- auth-users and a dedicated user (README "Deploying") -------------------------
+# --- auth-users and a dedicated user (docs/deploying.md "Deploying") -------------------------
 
 @pytest.fixture
 def dedicated():
     """A throwaway system user (and its group), and a state directory it owns that
-    every user can reach, as README "Deploying" sets up; both removed after."""
+    every user can reach, as docs/deploying.md "Deploying" sets up; both removed after."""
     if os.geteuid() != 0:
         pytest.skip("creating a system user and acting as root need root")
     if not (shutil.which("useradd") and shutil.which("runuser")):
@@ -219,7 +219,7 @@ def python_for(user):
 
 
 def test_auth_users_as_root_gives_new_files_the_state_directory_owner(dedicated):
-    """README "Deploying": root running `add` on the dedicated user's state directory
+    """docs/deploying.md "Deploying": root running `add` on the dedicated user's state directory
     makes a users file (and a directory above it) that user owns and can read, so its
     logins are not answered 454."""
     user, state = dedicated
@@ -265,7 +265,7 @@ def test_auth_users_as_root_in_roots_directory_says_who_can_read(users):
 
 
 def test_auth_users_unreadable_file_says_whose_it_is(dedicated):
-    """README "The auth program" exit 75 -> 454: a users file the server's user cannot
+    """docs/auth-program.md "The auth program" exit 75 -> 454: a users file the server's user cannot
     read says in the log whose it is and as whom the program ran."""
     user, state = dedicated
     users = os.path.join(state, "users")
@@ -287,7 +287,7 @@ MESSAGE = (b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test (ssmtpd);\
 
 
 def test_deliver_maildir_writes_exact_message_into_new(tmp_path):
-    """README "The process program" exit 0 → 250 with the program's words: file in new/, byte for byte."""
+    """docs/process-program.md "The process program" exit 0 → 250 with the program's words: file in new/, byte for byte."""
     root = str(tmp_path / "mail")
     proc = deliver(root, "alice", MESSAGE)
     assert proc.returncode == 0, proc.stderr
@@ -311,7 +311,7 @@ def test_deliver_maildir_writes_exact_message_into_new(tmp_path):
 @pytest.mark.parametrize("user", ["", "a/b", "../x", ".", "..", ".hidden", "a\x01b",
                                   "a\nb", "a\x7fb"])
 def test_deliver_maildir_refuses_unsafe_user_with_67(tmp_path, user):
-    """README "The process program" other exit → 554: EX_NOUSER for a name that is not a safe directory."""
+    """docs/process-program.md "The process program" other exit → 554: EX_NOUSER for a name that is not a safe directory."""
     root = str(tmp_path / "mail")
     proc = deliver(root, user, MESSAGE)
     assert proc.returncode == 67
@@ -321,7 +321,7 @@ def test_deliver_maildir_refuses_unsafe_user_with_67(tmp_path, user):
 
 
 def test_deliver_maildir_wrong_arguments_exit_64(tmp_path):
-    """README "The process program" other exit → 554: EX_USAGE without exactly ROOT and USERNAME."""
+    """docs/process-program.md "The process program" other exit → 554: EX_USAGE without exactly ROOT and USERNAME."""
     for argv in ([DELIVER], [DELIVER, str(tmp_path)],
                  [DELIVER, str(tmp_path), "alice", "extra"]):
         proc = subprocess.run(argv, input=b"x", capture_output=True, timeout=RUN_TIMEOUT)
@@ -331,7 +331,7 @@ def test_deliver_maildir_wrong_arguments_exit_64(tmp_path):
 
 
 def test_deliver_maildir_unwritable_root_exits_75(tmp_path):
-    """README "The process program" exit 75 → 451: an I/O error is temporary, the client keeps the message."""
+    """docs/process-program.md "The process program" exit 75 → 451: an I/O error is temporary, the client keeps the message."""
     # A regular file as ROOT: root ignores permissions, but not ENOTDIR.
     root = tmp_path / "mail"
     root.write_bytes(b"not a directory")
@@ -343,7 +343,7 @@ def test_deliver_maildir_unwritable_root_exits_75(tmp_path):
 
 
 def test_deliver_maildir_failed_write_leaves_nothing(tmp_path):
-    """README "The process program" exit 75 → 451: a write that fails midway (disk full) leaves no file behind."""
+    """docs/process-program.md "The process program" exit 75 → 451: a write that fails midway (disk full) leaves no file behind."""
     root = str(tmp_path / "mail")
 
     def small_files():
@@ -367,7 +367,7 @@ def _ini_text():
 
 
 def test_ini_sets_first_run_defaults():
-    """README "Configuration" ini file: [ssmtpd] wires the example programs on 127.0.0.1:8025."""
+    """docs/configuration.md "Configuration" ini file: [ssmtpd] wires the example programs on 127.0.0.1:8025."""
     ini = configparser.ConfigParser()
     ini.read_string(_ini_text())
     assert ini.sections() == ["ssmtpd"]
@@ -380,7 +380,7 @@ def test_ini_sets_first_run_defaults():
 
 
 def test_ini_shows_every_option_once(monkeypatch, certs):
-    """README "Configuration" options table: every option is set or shown commented, with valid values."""
+    """docs/configuration.md "Configuration" options table: every option is set or shown commented, with valid values."""
     monkeypatch.syspath_prepend(ROOT)
     from ssmtpd import config
 
@@ -452,7 +452,7 @@ def read_delivered(maildir, name) -> bytes:
 
 
 def test_example_programs_behind_server(make_server, certs, tmp_path):
-    """README "The auth program", "The process program" end to end: auth-users decides AUTH, deliver-maildir files the message."""
+    """docs/auth-program.md "The auth program", docs/process-program.md "The process program" end to end: auth-users decides AUTH, deliver-maildir files the message."""
     data = tmp_path / "data"
     text = _ini_text().replace("conf/", CONF + "/").replace("var/", f"{data}/")
     ini = tmp_path / "ssmtpd.ini"
@@ -494,7 +494,7 @@ def test_example_programs_behind_server(make_server, certs, tmp_path):
 
 
 def test_shipped_config_first_run(make_server, tmp_path):
-    """README "Configuration" first run: conf/ssmtpd.ini as shipped, self-signed TLS, mail in var/mail."""
+    """docs/configuration.md "Configuration" first run: conf/ssmtpd.ini as shipped, self-signed TLS, mail in var/mail."""
     srv = make_server("-c", "conf/ssmtpd.ini", defaults=False, start=False)
     # The shipped paths are relative to the repository root; give the server
     # a working directory that looks like one, so var/ lands in tmp.
@@ -513,7 +513,7 @@ def test_shipped_config_first_run(make_server, tmp_path):
 
 
 def test_example_programs_are_installed_as_commands(tmp_path):
-    """README "Quick start": an installed ssmtpd brings the example programs as the
+    """docs/install.md "Quick start": an installed ssmtpd brings the example programs as the
     commands ssmtpd-auth-users and ssmtpd-deliver-maildir."""
     bindir = os.path.dirname(sys.executable)
     path = os.pathsep.join([bindir, os.environ.get("PATH", "")])
@@ -533,7 +533,7 @@ def test_example_programs_are_installed_as_commands(tmp_path):
 
 
 def test_installed_package_alone_runs_its_example(tmp_path):
-    """README "Quick start": a wheel installed into a fresh virtualenv, no source tree and
+    """docs/install.md "Quick start": a wheel installed into a fresh virtualenv, no source tree and
     no venv on PATH: `ssmtpd --example-config > ssmtpd.ini` and `ssmtpd --config
     ssmtpd.ini` serve mail with the installed example commands."""
     from conftest import free_port, installed_wheel, submit_self_signed, wait_for_port
@@ -570,7 +570,7 @@ def test_installed_package_alone_runs_its_example(tmp_path):
         cwd=home, capture_output=True, text=True).stdout
 
 
-# --- conf/auth-introspect (README "OAuth 2 tokens") -----------------------------------------
+# --- conf/auth-introspect (docs/auth-program.md "OAuth 2 tokens") -----------------------------------------
 
 INTROSPECT = os.path.join(CONF, "auth-introspect")
 CLIENT_ID, CLIENT_SECRET = "ssmtpd", 'se"cr\\et'
@@ -654,7 +654,7 @@ def introspect(url, client, user="alice", token="ya29.alice-token", **extra):
 ], ids=["active", "scope", "other-scope", "other-user", "no-such-field", "inactive", "unknown",
         "active-not-true", "password"])
 def test_auth_introspect_decides_by_the_endpoint(introspection, user, token, extra, expected):
-    """README "OAuth 2 tokens": the introspection example exits 0 only for an active token
+    """docs/auth-program.md "OAuth 2 tokens": the introspection example exits 0 only for an active token
     (RFC 7662 §2.2) issued to the login name, with the scope if one is asked for; it
     authenticates to the endpoint with the client credentials and sends the token."""
     url, client, seen, _ = introspection
@@ -666,7 +666,7 @@ def test_auth_introspect_decides_by_the_endpoint(introspection, user, token, ext
 
 
 def test_auth_introspect_endpoint_trouble_is_temporary(introspection, tmp_path):
-    """README "OAuth 2 tokens": an endpoint that fails, refuses our client credentials or
+    """docs/auth-program.md "OAuth 2 tokens": an endpoint that fails, refuses our client credentials or
     cannot be reached gives exit 75, a 454 for the client, not a failed login."""
     url, client, seen, state = introspection
     state["status"] = 503
@@ -680,7 +680,7 @@ def test_auth_introspect_endpoint_trouble_is_temporary(introspection, tmp_path):
 
 
 def test_auth_introspect_behind_server(make_server, introspection):
-    """README "OAuth 2 tokens" end to end: the server with --auth conf/auth-introspect and
+    """docs/auth-program.md "OAuth 2 tokens" end to end: the server with --auth conf/auth-introspect and
     --auth-mechanisms XOAUTH2 logs in a valid token and refuses an expired one."""
     import base64
     url, client, seen, _ = introspection

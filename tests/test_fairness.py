@@ -1,4 +1,4 @@
-"""No client holds back the others (README "Limits and abuse" fairness; README "Limits and abuse").
+"""No client holds back the others (docs/limits.md "Limits and abuse" fairness; docs/limits.md "Limits and abuse").
 
 Flooding clients run in their own processes (tests/flood.py) and keep their
 sockets full, while a normal client does a whole STARTTLS + AUTH + message
@@ -44,7 +44,7 @@ RAN = "message from="
 FLOOD_SECONDS = 120.0
 # Timed sessions under one flood, and how long they may go on starting.
 MEASURE_SESSIONS, MEASURE_SECONDS = 20, 7.0
-# Stated in the README: measured worst case here is about 0.05 s.
+# Stated in docs/performance.md "Fairness under load": measured worst case here is about 0.05 s.
 REPLY_BOUND = 0.5
 # A reply later than this is the flood holding the server, not a slow machine.
 REPLY_TIMEOUT = 10.0
@@ -275,7 +275,7 @@ ATTEMPTS = 3
 
 @pytest.mark.parametrize("flood", sorted(FLOODS))
 def test_flood_does_not_delay_other_clients(fair_server, flood):
-    """README "Limits and abuse": under a flood, every reply of another client's full session comes
+    """docs/limits.md "Limits and abuse": under a flood, every reply of another client's full session comes
     within REPLY_BOUND of its unloaded time."""
     srv = fair_server
     unloaded, sessions = worst_replies(srv, 3)
@@ -307,13 +307,13 @@ def test_flood_does_not_delay_other_clients(fair_server, flood):
 
 
 def test_benchmark_load_does_not_delay_other_clients(make_server):
-    """README "Performance": under the benchmark's C=50 load (bench/loadgen.py: 50 clients
+    """docs/performance.md "Performance": under the benchmark's C=50 load (bench/loadgen.py: 50 clients
     doing STARTTLS, AUTH and a 4 KiB message each, over and over), every reply of
     another client's session comes within REPLY_BOUND of its unloaded time."""
     srv = make_server("--auth", AUTH_QUICK, "--process", BENCH_PROCESS,
                       "--auth-failure-delay", "0", "--max-connections", "500",
                       "--max-connections-per-ip", "500",
-                      # The load is one user: lifted past README "Accounts and limits".
+                      # The load is one user: lifted past docs/limits.md "Accounts and limits".
                       "--max-messages-per-user", "0", "--max-recipients-per-user", "0",
                       "--max-sessions-per-user", "0")
     unloaded, _ = worst_replies(srv, 3)
@@ -361,7 +361,7 @@ def test_benchmark_load_does_not_delay_other_clients(make_server):
 
 @pytest.mark.parametrize("flood", ["commands", "data"])
 def test_flood_does_not_delay_timeouts_or_signals(fair_server, flood):
-    """README "Limits and abuse": under a flood, an idle session still times out on time (--timeout 3)
+    """docs/limits.md "Limits and abuse": under a flood, an idle session still times out on time (--timeout 3)
     and SIGTERM is acted on at once."""
     srv = fair_server
     with Flood(srv, *FLOODS[flood]) as flooders:

@@ -1,11 +1,11 @@
-"""Dialogue fuzzing against a live server (README "The process program", "The dialogue").
+"""Dialogue fuzzing against a live server (docs/process-program.md "The process program", docs/dialogue.md "The dialogue").
 
 A seeded random client throws command sequences at a real server: valid and
 invalid EHLO/HELO, STARTTLS with and without the handshake, AUTH PLAIN/LOGIN
 with good, bad and garbled responses, MAIL/RCPT with odd addresses and
 parameters, DATA with dots, bare CR/LF and smuggling-like bodies, junk bytes,
 overlong lines, QUIT and abrupt closes.  A small model of the session predicts
-every reply code from the README, so any disagreement fails with a transcript.
+every reply code from docs/dialogue.md, so any disagreement fails with a transcript.
 At the end, each DATA answered 250 must have exactly one run of the record
 program, with the expected envelope and message, and no other run may exist.
 
@@ -38,7 +38,7 @@ IO_TIMEOUT = 10.0
 MAX_SIZE = 6000
 MAX_RCPTS = 4
 
-# The server's line limits (README "The dialogue", RFC 5321 §4.5.3.1.4, RFC 4954 §4), with CRLF.
+# The server's line limits (docs/dialogue.md "The dialogue", RFC 5321 §4.5.3.1.4, RFC 4954 §4), with CRLF.
 COMMAND_LIMIT = 512
 MAIL_LIMIT = 512 + 26 + 500 + 10
 AUTH_LIMIT = 12288 + 2
@@ -76,7 +76,7 @@ class Ledger:
         self.events = collections.Counter()  # what the fuzzer reached, for the summary
 
 
-# --- the model's small parsers: literal readings of README "The dialogue" -------------------
+# --- the model's small parsers: literal readings of docs/dialogue.md "The dialogue" -------------------
 
 def unstuff(message: bytes) -> bytes:
     """RFC 5321 §4.5.2 on a CRLF-only message: one leading dot off every line."""
@@ -367,7 +367,7 @@ class Session:
         how = self.pick((8, "wrap"), (1, "inject"), (1, "plain"))
         self.ledger.events[f"STARTTLS {how}"] += 1
         # A command pipelined behind STARTTLS travels in the clear: it must be
-        # dropped, never run (README "The dialogue", RFC 3207 §4.2).
+        # dropped, never run (docs/dialogue.md "The dialogue", RFC 3207 §4.2).
         self.send(raw + (b"RSET\r\nNOOP\r\n" if how == "inject" else b""), whole=True)
         code, lines = self.reply()
         if code != 220:
@@ -626,7 +626,7 @@ class Session:
             if not clean or not has_bare(piece):
                 pieces.append(piece)
         if self.rng.random() < 0.1:
-            # Right at the size limit, or one octet over it (README "The dialogue", 552).
+            # Right at the size limit, or one octet over it (docs/dialogue.md "The dialogue", 552).
             size = len(unstuff(b"".join(pieces)))
             pad = MAX_SIZE - size - 2 + self.rng.choice([0, 1])
             if pad > 0:
@@ -671,7 +671,7 @@ class Session:
         tag, wire, message = self.new_message()
         how = self.pick((18, "whole"), (1, "vanish"), (1, "half-close"))
         if how == "vanish":
-            # Vanish mid-DATA: the message stays ours and must never run (README "The dialogue").
+            # Vanish mid-DATA: the message stays ours and must never run (docs/dialogue.md "The dialogue").
             cut = self.rng.randrange(0, len(wire) - 3)
             self.send(wire[:cut])
             self.ledger.abandoned.add(tag)
@@ -913,7 +913,7 @@ def check_runs(srv, ledger: Ledger) -> None:
 
 @pytest.mark.parametrize("require_tls", [True, False], ids=["require-tls", "no-require-tls"])
 def test_fuzzed_dialogues(make_server, require_tls):
-    """README "The dialogue" dialogue and §4 delivery: random sessions; one run per 250, none otherwise."""
+    """docs/dialogue.md "The dialogue" dialogue and §4 delivery: random sessions; one run per 250, none otherwise."""
     args = ["--auth", AUTH_QUICK, "--max-message-size", str(MAX_SIZE),
             "--max-recipients", str(MAX_RCPTS)]
     if not require_tls:

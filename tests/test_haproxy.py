@@ -1,6 +1,6 @@
-"""A real HAProxy in front of two ssmtpd instances, speaking PROXY v2 and v1 (README "Scaling").
+"""A real HAProxy in front of two ssmtpd instances, speaking PROXY v2 and v1 (docs/scaling.md "Scaling").
 
-The HAProxy configuration is the one README "Scaling" shows, with loopback
+The HAProxy configuration is the one docs/scaling.md "Scaling" shows, with loopback
 ports filled in.  Clients connect to HAProxy from 127.0.0.2 and 127.0.0.3;
 HAProxy connects to ssmtpd from 127.0.0.1, the only --proxy-trusted address.
 """
@@ -14,7 +14,7 @@ import pytest
 
 from conftest import PASSWORD, USER, Raw, free_port, plain_token, stop_process, wait_for_port, wait_until
 
-# The README's configuration; {…} are filled in by the test.
+# The configuration of docs/scaling.md "HAProxy"; {…} are filled in by the test.
 HAPROXY_CFG = """\
 global
     maxconn 1000
@@ -54,7 +54,7 @@ PROBE_ADDRESSES = ("127.0.0.9", "127.0.0.10")
 
 @contextlib.contextmanager
 def haproxy_in_front_of(a, b, tmp_path):
-    """HAProxy with the README's configuration before servers a and b: (port_v2, port_v1)."""
+    """HAProxy with the configuration of docs/scaling.md "HAProxy" before servers a and b: (port_v2, port_v1)."""
     if not shutil.which("haproxy"):
         pytest.fail("haproxy is not installed (.ci/run installs Debian's haproxy)")
     port_v2, port_v1 = free_port(), free_port()
@@ -82,7 +82,7 @@ def haproxy_in_front_of(a, b, tmp_path):
 
 @pytest.fixture
 def haproxy_front(make_server, tmp_path):
-    # At DEBUG: the health checks' lines are there only (README "Logging").
+    # At DEBUG: the health checks' lines are there only (docs/logging.md "Logging").
     common = ("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
               "--max-connections-per-ip", "1", "--log-level", "debug")
     a, b = make_server(*common), make_server(*common)
@@ -109,7 +109,7 @@ def all_runs(*servers):
 
 
 def test_messages_through_haproxy_carry_the_client_address(haproxy_front):
-    """README "Scaling": through PROXY v2 and v1, the program sees the client's address, not
+    """docs/scaling.md "Scaling": through PROXY v2 and v1, the program sees the client's address, not
     HAProxy's, in SSMTPD_CLIENT_ADDR and the Received header; both servers serve."""
     a, b, port_v2, port_v1 = haproxy_front
     ctx = a.tls_context()
@@ -126,7 +126,7 @@ def test_messages_through_haproxy_carry_the_client_address(haproxy_front):
 
 
 def test_per_address_limit_counts_real_clients_behind_haproxy(haproxy_front):
-    """README "Scaling": --max-connections-per-ip 1 counts the clients in the headers: two
+    """docs/scaling.md "Scaling": --max-connections-per-ip 1 counts the clients in the headers: two
     servers hold at most two connections of 127.0.0.2, so of three one is refused;
     127.0.0.3 is still served."""
     a, b, port_v2, _ = haproxy_front
@@ -150,7 +150,7 @@ def test_per_address_limit_counts_real_clients_behind_haproxy(haproxy_front):
 
 
 def test_health_checks_do_not_disturb(haproxy_front):
-    """README "Scaling", "Logging": HAProxy's SMTP health checks (v2 LOCAL) are served as
+    """docs/scaling.md "Scaling", docs/logging.md "Logging": HAProxy's SMTP health checks (v2 LOCAL) are served as
     HAProxy's own connections, end cleanly, are logged at DEBUG only, and leave service and
     limits alone."""
     a, b, port_v2, _ = haproxy_front
@@ -175,7 +175,7 @@ def test_health_checks_do_not_disturb(haproxy_front):
 
 
 def test_direct_connection_from_untrusted_address_gets_nothing(haproxy_front):
-    """README "Scaling": a client that goes around HAProxy is closed without a byte."""
+    """docs/scaling.md "Scaling": a client that goes around HAProxy is closed without a byte."""
     a, _, _, _ = haproxy_front
     raw = Raw(socket.create_connection(("127.0.0.1", a.port), timeout=10,
                                        source_address=("127.0.0.5", 0)))
@@ -185,8 +185,8 @@ def test_direct_connection_from_untrusted_address_gets_nothing(haproxy_front):
 
 
 def test_instances_behind_haproxy_share_failed_logins_through_redis(make_server, tmp_path):
-    """README "Scaling": both instances behind HAProxy name one --state Redis, as the
-    README shows: a client's failed logins, spread over both by round robin, are counted
+    """docs/scaling.md "Scaling": both instances behind HAProxy name one --state Redis, as the
+    docs/scaling.md shows: a client's failed logins, spread over both by round robin, are counted
     together, so its next login is refused 421 by whichever instance it reaches."""
     from test_state import Redis
     redis = Redis(tmp_path).start()

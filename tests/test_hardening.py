@@ -1,4 +1,4 @@
-"""Abuse and resource limits, and hostile programs (README "Configuration" limits, §3, §4, §5, §7).
+"""Abuse and resource limits, and hostile programs (docs/configuration.md "Configuration" limits, §3, §4, §5, §7).
 
 Every test here plays a client or a program that misbehaves on purpose and then
 checks that the server answers within a bounded time, keeps its memory, file
@@ -236,7 +236,7 @@ def hostile_records(srv):
 # === Abuse and resource limits ===============================================
 
 def test_slow_drip_command_line_and_tls_handshake_cut_off(drip_server):
-    """README "The dialogue" idle timeout: a command line or TLS handshake dripped byte by byte ends at --timeout."""
+    """docs/dialogue.md "The dialogue" idle timeout: a command line or TLS handshake dripped byte by byte ends at --timeout."""
     srv = drip_server
     srv.clear_runs()
     line = srv.raw()
@@ -283,7 +283,7 @@ def test_slow_drip_command_line_and_tls_handshake_cut_off(drip_server):
 
 
 def test_timeouts_bound_each_wait_not_the_session(drip_server):
-    """README "The dialogue": --timeout bounds each wait for a line and --data-timeout each
+    """docs/dialogue.md "The dialogue": --timeout bounds each wait for a line and --data-timeout each
     DATA phase; a session that is never idle that long is never cut, however long it lasts."""
     srv = drip_server  # --timeout 2, --data-timeout 3
     srv.clear_runs()
@@ -307,7 +307,7 @@ def test_timeouts_bound_each_wait_not_the_session(drip_server):
 
 
 def test_slow_drip_data_cut_off_at_data_timeout(drip_server):
-    """README "The dialogue": a DATA phase dripped slower than --data-timeout gets 421 4.4.2 and no program run."""
+    """docs/dialogue.md "The dialogue": a DATA phase dripped slower than --data-timeout gets 421 4.4.2 and no program run."""
     srv = drip_server
     srv.clear_runs()
     victim = login(srv)
@@ -338,7 +338,7 @@ def test_slow_drip_data_cut_off_at_data_timeout(drip_server):
 
 
 def test_client_silent_in_data_is_cut_at_timeout(make_server):
-    """README "The dialogue": a client that goes silent in the middle of DATA gets
+    """docs/dialogue.md "The dialogue": a client that goes silent in the middle of DATA gets
     421 4.4.2 at --timeout (2 s), not only at --data-timeout (30 s), and no program runs."""
     srv = make_server("--timeout", "2", "--data-timeout", "30")
     client = login(srv)
@@ -355,7 +355,7 @@ def test_client_silent_in_data_is_cut_at_timeout(make_server):
 
 
 def test_stranger_silent_in_data_gets_busy_timeout(make_server):
-    """README "Limits and abuse" busy timeout: without --require-auth, strangers that stall
+    """docs/limits.md "Limits and abuse" busy timeout: without --require-auth, strangers that stall
     in DATA while the server is nearly full are cut at --busy-timeout, like idle ones."""
     srv = make_server("--no-require-auth", "--max-connections", "4", "--timeout", "60",
                       "--busy-timeout", "1")
@@ -397,10 +397,10 @@ def _greeted(connect) -> bool:
 
 
 def test_max_connections(make_server):
-    """README "Configuration" --max-connections: one over gets 421 at once and is closed; a freed slot is reused."""
+    """docs/configuration.md "Configuration" --max-connections: one over gets 421 at once and is closed; a freed slot is reused."""
     smtps = str(free_port())
     # At DEBUG, where the start-up probe's lines are: it connects and closes,
-    # as a health check does (README "Logging").
+    # as a health check does (docs/logging.md "Logging").
     srv = make_server("--max-connections", "5", "--smtps-port", smtps, "--log-level", "debug")
     # The start-up probe of the port is a session too; it must hold no slot.
     assert wait_until(lambda: sessions_settled(srv, at_least=1), 10)
@@ -433,7 +433,7 @@ def test_max_connections(make_server):
 
 
 def test_max_connections_per_ip(make_server):
-    """README "Configuration" --max-connections-per-ip: counted per client address, 421 at once when over."""
+    """docs/configuration.md "Configuration" --max-connections-per-ip: counted per client address, 421 at once when over."""
     # At DEBUG, where the start-up probe's lines are (a health check's).
     srv = make_server("--max-connections-per-ip", "3", "--log-level", "debug")
     # The start-up probe of the port is a session too; it must hold no slot.
@@ -457,7 +457,7 @@ def test_max_connections_per_ip(make_server):
 
 
 def test_ten_errors_close_the_session(server):
-    """README "The dialogue" (README): the 10th protocol error gets its reply, then 421 4.7.0 and close."""
+    """docs/dialogue.md "The dialogue": the 10th protocol error gets its reply, then 421 4.7.0 and close."""
     raw = server.raw()
     assert raw.reply()[0] == 220
     errors = [("FOO", 502), ("MAIL FROM:<a@example.test>", 503), ("EHLO", 501),
@@ -477,7 +477,7 @@ def test_ten_errors_close_the_session(server):
 @pytest.mark.parametrize("request_line", ["GET / HTTP/1.1", "POST /x HTTP/1.1",
                                           "CONNECT a:25 HTTP/1.1"])
 def test_http_request_closed_without_reply(server, request_line):
-    """README "The dialogue" (README): an HTTP request line is closed at once, nothing echoed back."""
+    """docs/dialogue.md "The dialogue": an HTTP request line is closed at once, nothing echoed back."""
     raw = server.raw()
     assert raw.reply()[0] == 220
     raw.send(f"{request_line}\r\nHost: a\r\nContent-Length: 5\r\n\r\nQUIT\r\n")
@@ -486,7 +486,7 @@ def test_http_request_closed_without_reply(server, request_line):
 
 
 def test_huge_line_without_crlf_bounded(server):
-    """README "The dialogue" line limit: a 24 MB line gets 500 5.5.2, the session goes on, memory stays flat."""
+    """docs/dialogue.md "The dialogue" line limit: a 24 MB line gets 500 5.5.2, the session goes on, memory stays flat."""
     pid = server.proc.pid
     raw = server.raw(timeout=60)
     assert raw.reply()[0] == 220
@@ -507,7 +507,7 @@ def test_huge_line_without_crlf_bounded(server):
 
 
 def test_five_thousand_pipelined_commands(server):
-    """RFC 2920 / README "The dialogue" PIPELINING: 5000 EHLOs in one write get 5000 replies, no deadlock.
+    """RFC 2920 / docs/dialogue.md "The dialogue" PIPELINING: 5000 EHLOs in one write get 5000 replies, no deadlock.
 
     EHLO rather than NOOP: past 100 NOOPs the junk-command limit ends the
     session (test_abuse.py), and each EHLO reply is larger than its command,
@@ -534,7 +534,7 @@ def test_five_thousand_pipelined_commands(server):
 
 
 def test_auth_line_of_twelve_kilobytes(server):
-    """README "The dialogue" / RFC 4954 §4: an AUTH line up to 12288 octets is handled, not refused as too long."""
+    """docs/dialogue.md "The dialogue" / RFC 4954 §4: an AUTH line up to 12288 octets is handled, not refused as too long."""
     user = "u" * 9196
     line = f"AUTH PLAIN {plain_token(user)}"
     assert 12000 < len(line) + 2 <= 12288
@@ -565,7 +565,7 @@ def test_auth_line_of_twelve_kilobytes(server):
 
 
 def test_hundred_megabytes_over_the_limit(make_server):
-    """README "The dialogue" size limit: 100 MB over --max-message-size 1 MiB gets 552 5.3.4 after the dot, no run."""
+    """docs/dialogue.md "The dialogue" size limit: 100 MB over --max-message-size 1 MiB gets 552 5.3.4 after the dot, no run."""
     srv = make_server("--max-message-size", "1048576")
     pid = srv.proc.pid
     raw = login(srv, timeout=120)
@@ -588,7 +588,7 @@ def test_hundred_megabytes_over_the_limit(make_server):
 
 
 def test_line_without_lf_in_data_is_spooled_not_buffered(hostile):
-    """README "The process program" spooling: a 16 MiB body line without LF reaches the program whole; memory stays flat."""
+    """docs/process-program.md "The process program" spooling: a 16 MiB body line without LF reaches the program whole; memory stays flat."""
     pid = hostile.proc.pid
     raw = login(hostile, timeout=60)
     transaction(raw, "plain@example.test")
@@ -662,7 +662,7 @@ ABUSES = [_connect_and_close, _random_bytes, _half_open_tls, _rst_mid_data, _gar
 
 
 def test_two_hundred_abusive_sessions_leave_no_trace(make_server):
-    """README "The dialogue", "Logging": after 200 hostile sessions the server serves, with fds, memory and children back."""
+    """docs/dialogue.md "The dialogue", docs/logging.md "Logging": after 200 hostile sessions the server serves, with fds, memory and children back."""
     srv = make_server("--auth", shutil.which("true"), "--timeout", "10")
     pid = srv.proc.pid
     rng = random.Random(20240501)
@@ -692,7 +692,7 @@ def test_two_hundred_abusive_sessions_leave_no_trace(make_server):
 
 
 def test_max_connections_beyond_the_open_file_limit_is_lowered_to_fit(make_server):
-    """README "Limits and abuse": a --max-connections the open file limit cannot hold
+    """docs/limits.md "Limits and abuse": a --max-connections the open file limit cannot hold
     (200 descriptors: 34 clients) is lowered to fit, with a warning, so the server still
     gets three quarters full and strangers get the busy timeout instead of --timeout."""
     srv = make_server("--busy-timeout", "1", "--timeout", "60",
@@ -722,7 +722,7 @@ def test_max_connections_beyond_the_open_file_limit_is_lowered_to_fit(make_serve
 
 
 def test_descriptor_exhaustion_is_survived_quietly(make_server):
-    """README "The process program", "Logging": out of descriptors: 451 for a program that cannot start, no traceback, then service resumes."""
+    """docs/process-program.md "The process program", docs/logging.md "Logging": out of descriptors: 451 for a program that cannot start, no traceback, then service resumes."""
     srv = make_server("--max-connections-per-ip", "100")
     pid = srv.proc.pid
     sender = login(srv)
@@ -750,7 +750,7 @@ def test_descriptor_exhaustion_is_survived_quietly(make_server):
 
 
 def test_client_that_never_reads_is_cut_off(drip_server):
-    """README "The dialogue" --timeout: a client that pipelines without reading replies cannot pin a session."""
+    """docs/dialogue.md "The dialogue" --timeout: a client that pipelines without reading replies cannot pin a session."""
     srv = drip_server
     raw = srv.raw(timeout=30)
     assert raw.reply()[0] == 220
@@ -851,7 +851,7 @@ def _timed_message(raw, mail_from, body):
 
 
 def test_slow_program_does_not_stall_other_clients(server):
-    """README (gevent): while one message's program runs, another client logs in and is answered."""
+    """docs/index.md (gevent): while one message's program runs, another client logs in and is answered."""
     busy = login(server)
     transaction(busy, "sleep4@example.test")
     busy.send(b"Subject: slow\r\n\r\nx\r\n.\r\n")
@@ -874,7 +874,7 @@ def test_slow_program_does_not_stall_other_clients(server):
     (400 * 1024, "noread3", 554),
 ])
 def test_program_that_does_not_read_its_message(hostile, size, local, code):
-    """README "The process program" exit table: a program exiting without reading stdin is judged by its exit code alone."""
+    """docs/process-program.md "The process program" exit table: a program exiting without reading stdin is judged by its exit code alone."""
     raw = login(hostile, timeout=60)
     body = b"Subject: unread\r\n\r\n" + (b"u" * 98 + b"\r\n") * (size // 100)
     got, lines, seconds = _timed_message(raw, f"{local}@example.test", body)
@@ -886,7 +886,7 @@ def test_program_that_does_not_read_its_message(hostile, size, local, code):
 
 @pytest.mark.parametrize("local", ["flood", "blankflood"])
 def test_stderr_flood_is_capped_in_the_log(hostile, local):
-    """README "The process program", "Logging": 10 MB of stderr before reading: 250, the message whole, the log grows by < 256 KiB."""
+    """docs/process-program.md "The process program", docs/logging.md "Logging": 10 MB of stderr before reading: 250, the message whole, the log grows by < 256 KiB."""
     raw = login(hostile)
     body = b"Subject: flood\r\n\r\n" + b"m" * 98 + b"\r\n" + (b"f" * 98 + b"\r\n") * 3000
     before = os.path.getsize(hostile.log_path)
@@ -901,7 +901,7 @@ def test_stderr_flood_is_capped_in_the_log(hostile, local):
 
 
 def test_grandchild_holding_pipes_is_ended_with_the_run(hostile):
-    """README "The process program" (README): the exit code decides at once, and nothing of the run outlives the reply."""
+    """docs/process-program.md "The process program": the exit code decides at once, and nothing of the run outlives the reply."""
     raw = login(hostile)
     code, lines, seconds = _timed_message(raw, "grandchild@example.test", b"Subject: g\r\n\r\nx\r\n")
     assert code == 250, lines
@@ -913,7 +913,7 @@ def test_grandchild_holding_pipes_is_ended_with_the_run(hostile):
 
 
 def test_grandchild_leaving_the_session_does_not_stall_the_reply(hostile):
-    """README "The process program": a setsid grandchild keeping stdout open cannot hold the reply past a short grace."""
+    """docs/process-program.md "The process program": a setsid grandchild keeping stdout open cannot hold the reply past a short grace."""
     raw = login(hostile)
     rec = None
     try:
@@ -929,7 +929,7 @@ def test_grandchild_leaving_the_session_does_not_stall_the_reply(hostile):
 
 
 def test_program_ignoring_sigterm_is_killed_at_the_timeout(hostile):
-    """README "The process program": over --process-timeout (5 s) gets 451 4.3.0, and the program and its child are gone."""
+    """docs/process-program.md "The process program": over --process-timeout (5 s) gets 451 4.3.0, and the program and its child are gone."""
     raw = login(hostile)
     code, lines, seconds = _timed_message(raw, "ignoreterm@example.test", b"Subject: t\r\n\r\nx\r\n")
     assert code == 451 and lines[0].startswith("451 4.3.0 "), lines
@@ -942,7 +942,7 @@ def test_program_ignoring_sigterm_is_killed_at_the_timeout(hostile):
 # --- what clients say reaches the programs verbatim, never a shell -------------
 
 def test_shell_metacharacters_reach_programs_verbatim(server, tmp_path):
-    """README "Configuration", "The auth program", "The process program": no shell: user, HELO, MAIL FROM and RCPT TO arrive byte for byte."""
+    """docs/configuration.md "Configuration", docs/auth-program.md "The auth program", docs/process-program.md "The process program": no shell: user, HELO, MAIL FROM and RCPT TO arrive byte for byte."""
     marker = tmp_path / "pwned"
     m = str(marker)
     user = f"$(touch {m})`touch {m}`;touch {m}|touch {m}&'q'\"d\"ü名"
@@ -972,7 +972,7 @@ def test_shell_metacharacters_reach_programs_verbatim(server, tmp_path):
 
 
 def test_program_value_is_never_given_to_a_shell(make_server, tmp_path):
-    """README "Configuration": --process is split shell-style and run directly, so `;` and `$()` are plain words."""
+    """docs/configuration.md "Configuration": --process is split shell-style and run directly, so `;` and `$()` are plain words."""
     marker = tmp_path / "pwned-argv"
     srv = make_server("--process", f"{RECORD} ; touch {marker} $(touch {marker})")
     raw = login(srv)
@@ -983,7 +983,7 @@ def test_program_value_is_never_given_to_a_shell(make_server, tmp_path):
 
 
 def test_control_bytes_and_bad_utf8_refused(debug_server):
-    """README "The dialogue", "Logging": CR, NUL and invalid UTF-8 in commands get 501/500, never a traceback or a split log."""
+    """docs/dialogue.md "The dialogue", docs/logging.md "Logging": CR, NUL and invalid UTF-8 in commands get 501/500, never a traceback or a split log."""
     srv = debug_server
     raw = srv.raw()
     assert raw.reply()[0] == 220
@@ -991,7 +991,7 @@ def test_control_bytes_and_bad_utf8_refused(debug_server):
                        (b"NO\x00OP", 502),
                        (b"NOOP x\r2099-01-01T00:00:00.000 ERROR forged", 250),
                        # Line and paragraph separators split lines for many
-                       # readers (README "Envelope rules").
+                       # readers (docs/limits.md "Envelope values that could harm a program").
                        ("EHLO a\u2028b\u2029c".encode(), 501),
                        (b"EHLO client.test", 250)]:
         raw.send(line + b"\r\n")
@@ -1034,7 +1034,7 @@ def test_control_bytes_and_bad_utf8_refused(debug_server):
 
 
 def test_c1_control_characters_in_username_refused(debug_server):
-    """README auth table: the login name has no control characters, C1 (NEL, CSI) included."""
+    """docs/auth-program.md "The auth program" table: the login name has no control characters, C1 (NEL, CSI) included."""
     for name in ["a\x85b", "a\x9b31mb"]:
         raw = debug_server.raw()
         assert raw.reply()[0] == 220
@@ -1049,7 +1049,7 @@ def test_c1_control_characters_in_username_refused(debug_server):
 # --- the password, on every path ----------------------------------------------
 
 def test_password_never_leaks_on_failure_paths(debug_server):
-    """README "The auth program", "Logging": at debug level no failure path puts the password in a log line, argv or env."""
+    """docs/auth-program.md "The auth program", docs/logging.md "Logging": at debug level no failure path puts the password in a log line, argv or env."""
     srv = debug_server
     since = len(srv.log())
     tag = os.urandom(4).hex()
@@ -1126,7 +1126,7 @@ def test_password_never_leaks_on_failure_paths(debug_server):
 
 
 def test_password_sent_out_of_turn_is_not_logged(debug_server):
-    """README "Logging": a password line the server did not ask for (AUTH refused) is not logged at debug."""
+    """docs/logging.md "Logging": a password line the server did not ask for (AUTH refused) is not logged at debug."""
     srv = debug_server
     since = len(srv.log())
     password = f"Pw-stray-{os.urandom(4).hex()}"

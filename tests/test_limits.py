@@ -1,4 +1,4 @@
-"""The per-address accounting in ssmtpd/limits.py, alone (README "Limits and abuse").
+"""The per-address accounting in ssmtpd/limits.py, alone (docs/limits.md "Limits and abuse").
 
 Pure bookkeeping with a clock we drive, so the window arithmetic and the IPv6
 grouping are checked exactly; test_abuse.py checks the same rules end to end.
@@ -26,7 +26,7 @@ class Clock:
 # --- grouping addresses -------------------------------------------------------------
 
 def test_ipv6_addresses_of_one_prefix_share_a_key():
-    """README "Limits and abuse": IPv6 clients count by their --ipv6-prefix-length prefix (default 64)."""
+    """docs/limits.md "Limits and abuse": IPv6 clients count by their --ipv6-prefix-length prefix (default 64)."""
     a = address_key("2001:db8:1:2::a", 64)
     assert a == address_key("2001:db8:1:2:ffff:ffff:ffff:ffff", 64) == "2001:db8:1:2::/64"
     assert a != address_key("2001:db8:1:3::a", 64)
@@ -35,7 +35,7 @@ def test_ipv6_addresses_of_one_prefix_share_a_key():
 
 
 def test_ipv4_counts_whole_and_mapped_addresses_are_ipv4():
-    """README "Limits and abuse": IPv4 by its whole address, also when a dual-stack socket maps it."""
+    """docs/limits.md "Limits and abuse": IPv4 by its whole address, also when a dual-stack socket maps it."""
     assert address_key("192.0.2.1", 64) == "192.0.2.1"
     assert address_key("192.0.2.1", 64) != address_key("192.0.2.2", 64)
     assert address_key("::ffff:192.0.2.1", 64) == "192.0.2.1"
@@ -68,7 +68,7 @@ def test_connection_count_refuses_at_each_limit():
 
 
 def test_pressure_is_more_than_three_quarters():
-    """README "Limits and abuse": under pressure while more than 3/4 of --max-connections are in use."""
+    """docs/limits.md "Limits and abuse": under pressure while more than 3/4 of --max-connections are in use."""
     count = ConnectionCount(max_total=8, max_per_key=8)
     for _ in range(6):
         count.admit("a")
@@ -121,7 +121,7 @@ def test_blocked_matches_a_plain_count(events, limit, window):
                           st.booleans()), max_size=40),
        st.integers(1, 6), st.floats(1, 100), st.integers(1, 7))
 def test_room_matches_a_plain_count(steps, limit, window, wanted):
-    """README "Accounts and limits": room(key, n) is exactly: the events of key within the
+    """docs/limits.md "Accounts and limits": room(key, n) is exactly: the events of key within the
     last `window`, plus n, are at most `limit`; taking only what has room, and giving
     back a take, keep that true."""
     clock = Clock()
@@ -152,7 +152,7 @@ def settings(**overrides):
 
 
 def test_a_message_is_taken_with_its_recipients_and_given_back_whole():
-    """README "Accounts and limits": every window must allow it; a message not accepted
+    """docs/limits.md "Accounts and limits": every window must allow it; a message not accepted
     counts for nothing; users are counted exactly as given."""
     limits = Limits(settings())
     assert limits.sending_refused("alice", 1, 11) == RECIPIENTS
@@ -168,7 +168,7 @@ def test_a_message_is_taken_with_its_recipients_and_given_back_whole():
 
 
 def test_zero_turns_each_limit_off():
-    """README "Accounts and limits": 0 for no limit, for all three."""
+    """docs/limits.md "Accounts and limits": 0 for no limit, for all three."""
     limits = Limits(settings(max_messages_per_user=(), max_recipients_per_user=(),
                              max_sessions_per_user=0))
     for _ in range(3000):
@@ -187,7 +187,7 @@ def test_sessions_per_user_are_held_and_released():
 
 
 def test_a_reload_keeps_what_the_windows_counted(monkeypatch):
-    """README "Reloading and upgrading": a reload is no way around a limit. 100 messages
+    """docs/operations.md "Reloading (SIGHUP)": a reload is no way around a limit. 100 messages
     sent over 10 minutes under 10/1m,100/1h stay counted after a reload to 100/1h alone,
     and a session slot taken while the limit was off is counted once it is on."""
     clock = Clock()

@@ -1,7 +1,7 @@
-"""Logs for machines and for people (README "Logging").
+"""Logs for machines and for people (docs/logging.md "Logging").
 
 --log-format json: every line one JSON object with the fields and the event
-vocabulary the README lists, bounded, never a secret; every refused command
+vocabulary docs/logging.md lists, bounded, never a secret; every refused command
 exactly one line, in both formats; a load balancer's health checks at DEBUG
 only.  Each test drives a real server over real sockets and reads what it
 wrote to stderr.
@@ -27,7 +27,7 @@ from conftest import (PASSWORD, ROOT, USER, Raw, free_port, plain_token, stop_pr
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 LEVELS = ("debug", "info", "warning", "error")
 HEAD = ["ts", "level", "event", "session", "client_ip"]
-# SPEC's minimum vocabulary; README "Logging" lists the whole one.
+# SPEC's minimum vocabulary; docs/logging.md "Logging" lists the whole one.
 REQUIRED_EVENTS = {"connected", "tls", "auth", "auth_failed", "auth_throttled", "mail", "rcpt",
                    "refused", "message", "rate_limited", "disconnected", "reload", "worker"}
 # A text line: time, level, [session] address user: what happened.
@@ -37,13 +37,11 @@ MAX_LINE = 1024
 
 
 def readme_events():
-    """The event names of README "Logging"'s table of events."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    """The event names of the table of events of docs/logging.md "Events"."""
+    with open(os.path.join(ROOT, "docs", "logging.md"), encoding="utf-8") as f:
         text = f.read()
-    section = text[text.index("\n## Logging\n"):]
-    section = section[:section.index("\n## ", 1)]
-    table = section[section.index("\n### Events\n"):]
-    table = table[:table.index("\n### ", 1)]
+    table = text[text.index("\n## Events\n"):]
+    table = table[:table.index("\n## ", 1)]
     return set(re.findall(r"(?m)^\| `([a-z_]+)` \|", table))
 
 
@@ -72,7 +70,7 @@ def text_lines(srv):
 
 
 def check_json_line(obj, vocabulary):
-    """The fields every line has, in their place (README "Logging")."""
+    """The fields every line has, in their place (docs/logging.md "Logging")."""
     keys = list(obj)
     assert keys[:3] == HEAD[:3], obj
     assert TS.match(obj["ts"]), obj
@@ -112,7 +110,7 @@ def secrets():
 
 def full_dialogue(srv, source):
     """One session through the events of the vocabulary a session can have, then
-    a second from the same address whose AUTH is throttled (README "Logging")."""
+    a second from the same address whose AUTH is throttled (docs/logging.md "Logging")."""
     raw = Raw(socket.create_connection(("127.0.0.1", srv.port), timeout=10,
                                        source_address=(source, 0)))
     assert raw.reply()[0] == 220
@@ -159,10 +157,10 @@ THROTTLED_EVENTS = [("connected", "info"), ("tls", "info"), ("auth_failed", "war
 
 
 def test_json_lines_carry_their_fields_and_every_event_in_order(make_server):
-    """README "Logging": at --log-level debug --log-format json every line is one JSON
+    """docs/logging.md "Logging": at --log-level debug --log-format json every line is one JSON
     object with ts, level and event first, a session's with session and client_ip, and
     user from the login on; the events of a session come in the order they happened,
-    each with its own fields, and every event is one of the README's vocabulary."""
+    each with its own fields, and every event is one of docs/logging.md's vocabulary."""
     srv = make_server("--log-level", "debug", "--log-format", "json",
                       "--max-auth-failures-per-ip", "2")
     full_dialogue(srv, "127.0.0.31")
@@ -216,7 +214,7 @@ def test_json_lines_carry_their_fields_and_every_event_in_order(make_server):
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_no_password_token_or_message_data_in_any_line(make_server, log_format):
-    """README "Logging": never a password, a token or a line of a message, in any form
+    """docs/logging.md "Logging": never a password, a token or a line of a message, in any form
     (plain, base64, JSON-escaped), at DEBUG, in either format."""
     srv = make_server("--log-level", "debug", "--log-format", log_format,
                       "--max-auth-failures-per-ip", "2")
@@ -229,7 +227,7 @@ def test_no_password_token_or_message_data_in_any_line(make_server, log_format):
 
 
 def test_readme_lists_every_event_and_the_required_ones():
-    """README "Logging": the table of events holds SPEC's vocabulary and every event the
+    """docs/logging.md "Logging": the table of events holds SPEC's vocabulary and every event the
     server can write, and nothing else."""
     from ssmtpd import events
     listed = readme_events()
@@ -294,7 +292,7 @@ def text_refusals(lines):
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_every_refused_command_is_exactly_one_line(make_server, log_format):
-    """README "Logging": each refused MAIL, RCPT, DATA and AUTH is exactly one INFO line
+    """docs/logging.md "Logging": each refused MAIL, RCPT, DATA and AUTH is exactly one INFO line
     with its command and code, in both formats; the reply after the final dot is the
     message line, not a refusal."""
     srv = make_server("--log-format", log_format, "--max-recipients", "1",
@@ -318,7 +316,7 @@ def test_every_refused_command_is_exactly_one_line(make_server, log_format):
 
 
 def test_a_refusal_for_want_of_spool_space_is_one_warning(make_server, tmp_path):
-    """README "Logging": a MAIL refused because the spool is nearly full is one line, a
+    """docs/logging.md "Logging": a MAIL refused because the spool is nearly full is one line, a
     warning: the server's own trouble, which --log-level warning must still show."""
     spool = tmp_path / "spool"
     spool.mkdir()
@@ -370,7 +368,7 @@ def v2_local() -> bytes:
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_health_checks_are_logged_at_debug_only(make_server, log_format):
-    """README "Logging": a connection that closes or resets, or QUITs after at most one
+    """docs/logging.md "Logging": a connection that closes or resets, or QUITs after at most one
     HELO/EHLO, before anything else, on either port, is logged at DEBUG only, both its
     lines; a connection that times out, or does anything else, is logged at INFO."""
     smtps = free_port()
@@ -431,7 +429,7 @@ def test_health_checks_are_logged_at_debug_only(make_server, log_format):
 
 
 def test_proxy_health_checks_are_logged_at_debug_only(make_server):
-    """README "Logging": behind --proxy-protocol, a trusted peer that closes (or resets)
+    """docs/logging.md "Logging": behind --proxy-protocol, a trusted peer that closes (or resets)
     before its header, and a v2 LOCAL connection that QUITs (after one EHLO or not) or
     closes, are health checks, logged at DEBUG only; a v2 LOCAL connection that does
     more is a session logged at INFO; a peer silent past --timeout is a warning."""
@@ -481,7 +479,7 @@ def test_proxy_health_checks_are_logged_at_debug_only(make_server):
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_lines_stay_within_one_kib_whatever_the_client_sends(make_server, tmp_path,
                                                              log_format):
-    """README "Logging": huge values from the client (a user name of 8000 octets in
+    """docs/logging.md "Logging": huge values from the client (a user name of 8000 octets in
     characters JSON escapes six and twelve times over, a long address, a long HELO, a
     long stderr line) leave every line at most 1 KiB, whole (one line, valid JSON)."""
     process = tmp_path / "stderr-flood"
@@ -537,7 +535,7 @@ def test_lines_stay_within_one_kib_whatever_the_client_sends(make_server, tmp_pa
 
 @pytest.mark.parametrize("how", ["cli", "env", "ini"])
 def test_log_format_from_each_source(make_server, tmp_path, how):
-    """README "Configuration": --log-format, SSMTPD_LOG_FORMAT and the ini key
+    """docs/configuration.md "Configuration": --log-format, SSMTPD_LOG_FORMAT and the ini key
     log-format (or log_format) each choose JSON."""
     args, env = [], None
     if how == "cli":
@@ -557,7 +555,7 @@ def test_log_format_from_each_source(make_server, tmp_path, how):
 
 
 def test_a_bad_log_format_is_one_line_and_exit_2():
-    """README "Configuration": a --log-format other than text or json stops start-up with
+    """docs/configuration.md "Configuration": a --log-format other than text or json stops start-up with
     one line naming the option, exit status 2."""
     from conftest import AUTH, RECORD
     result = subprocess.run(
@@ -568,7 +566,7 @@ def test_a_bad_log_format_is_one_line_and_exit_2():
 
 
 def test_text_is_the_default_and_unchanged(server):
-    """README "Logging": without --log-format, the text lines of before."""
+    """docs/logging.md "Logging": without --log-format, the text lines of before."""
     raw = tls_client(server)
     assert raw.cmd(f"AUTH PLAIN {plain_token()}")[0] == 235
     assert raw.cmd("MAIL FROM:<a@example.org>")[0] == 250
@@ -584,7 +582,7 @@ def test_text_is_the_default_and_unchanged(server):
 # --- the server's own lines -----------------------------------------------------------------
 
 def test_workers_master_and_signals_write_json_events(make_server):
-    """README "Logging": with --workers, the master's and the workers' own lines are
+    """docs/logging.md "Logging": with --workers, the master's and the workers' own lines are
     JSON too, each with its event: listening, worker, reload, shutdown, stopped."""
     srv = make_server("--workers", "2", "--log-format", "json")
     assert wait_until(lambda: sum(o["event"] == "listening" for o in json_lines(srv)) == 3)
@@ -633,7 +631,7 @@ CHECK_SECONDS = 30.0
 
 
 def test_thirty_seconds_of_haproxy_health_checks_add_no_info_line(make_server, tmp_path):
-    """README "Logging": behind the real HAProxy of README "Scaling" (its SMTP checks,
+    """docs/logging.md "Logging": behind the real HAProxy of docs/scaling.md "Scaling" (its SMTP checks,
     each a PROXY v2 LOCAL connection, EHLO and QUIT, here every second), 30 s of health
     checks add no line at INFO or above; at DEBUG each is there."""
     if not shutil.which("haproxy"):

@@ -1,4 +1,4 @@
-"""--metrics-bind: Prometheus metrics of the whole server (README "Monitoring").
+"""--metrics-bind: Prometheus metrics of the whole server (docs/monitoring.md "Monitoring").
 
 The test does known things (logins that work, fail, fail temporarily and are
 throttled; messages accepted and rejected; a connection over the limit),
@@ -72,7 +72,7 @@ def traffic(srv, port):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_metrics_count_what_happened(make_server, workers):
-    """README "Monitoring": every SPEC metric, scraped during traffic, matches what the
+    """docs/monitoring.md "Monitoring": every SPEC metric, scraped during traffic, matches what the
     test did, with one process and summed over workers."""
     port = free_port()
     srv = make_server("--metrics-bind", f"127.0.0.1:{port}", "--workers", str(workers),
@@ -106,7 +106,7 @@ def test_metrics_count_what_happened(make_server, workers):
 
 
 def test_metrics_port_in_use_is_a_start_up_error(tmp_path, certs):
-    """README "Configuration": a --metrics-bind that cannot be bound: one line, exit 2."""
+    """docs/configuration.md "Configuration": a --metrics-bind that cannot be bound: one line, exit 2."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -118,10 +118,10 @@ def test_metrics_port_in_use_is_a_start_up_error(tmp_path, certs):
         f"ssmtpd: --metrics-bind: cannot listen on 127.0.0.1 port {port}: Address already in use"]
 
 
-# --- bounded like the SMTP side (README "Monitoring") ----------------------------
+# --- bounded like the SMTP side (docs/monitoring.md "Monitoring") ----------------------------
 
 IDLE = 2000
-# README "Monitoring": the listener's bounds.
+# docs/monitoring.md "Monitoring": the listener's bounds.
 METRICS_CLIENTS = 16
 METRICS_DEADLINE = 5.0
 # What the process serving /metrics may open: the systemd default soft limit,
@@ -204,7 +204,7 @@ def submit(srv) -> int:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_idle_metrics_connections_leave_smtp_and_supervision_alone(make_server, workers):
-    """README "Monitoring": 2000 idle connections to the metrics port while SMTP
+    """docs/monitoring.md "Monitoring": 2000 idle connections to the metrics port while SMTP
     sessions run: at most 16 are served at once, the rest closed at once, so new
     SMTP clients are greeted and served and (with --workers) a killed worker is
     replaced; the 16 are cut at the 5 s deadline, and /metrics counts right."""
@@ -278,7 +278,7 @@ def read_answer(sock):
 
 
 def test_one_answer_per_connection_and_only_metrics(make_server):
-    """README "Monitoring": GET or HEAD /metrics, one answer, then the connection
+    """docs/monitoring.md "Monitoring": GET or HEAD /metrics, one answer, then the connection
     closes; other paths 404, other methods 405, a request head over 8 KiB 431."""
     mport = free_port()
     make_server("--metrics-bind", f"127.0.0.1:{mport}")
@@ -299,7 +299,7 @@ def test_one_answer_per_connection_and_only_metrics(make_server):
 
 
 def test_out_of_descriptors_scrapes_wait_with_one_line_logged(make_server):
-    """README "Monitoring": while the server is out of descriptors, a scrape waits
+    """docs/monitoring.md "Monitoring": while the server is out of descriptors, a scrape waits
     (one line in the log, however long it lasts; no traceback) and is answered
     once descriptors are free again."""
     mport = free_port()
@@ -335,7 +335,7 @@ def test_out_of_descriptors_scrapes_wait_with_one_line_logged(make_server):
 
 
 def test_master_out_of_descriptors_answers_503(make_server):
-    """README "Monitoring": a master that cannot open the workers' files answers
+    """docs/monitoring.md "Monitoring": a master that cannot open the workers' files answers
     503 (one line in the log, no traceback), and 200 once it can again."""
     mport = free_port()
     srv = make_server("--metrics-bind", f"127.0.0.1:{mport}", "--workers", "2")
@@ -381,7 +381,7 @@ PASSWORD_CHECK = """#!/bin/sh
 
 
 def test_programs_cannot_write_the_workers_metrics(dedicated_user, certs):
-    """README "Monitoring": started as root with --user and --workers, the
+    """docs/monitoring.md "Monitoring": started as root with --user and --workers, the
     directory of the workers' metric files is out of the programs' reach,
     though they run as the same user: not by its path, not through /proc."""
     user = dedicated_user

@@ -1,4 +1,4 @@
-"""OAuth 2 bearer tokens: AUTH OAUTHBEARER (RFC 7628) and XOAUTH2 (README "OAuth 2 tokens").
+"""OAuth 2 bearer tokens: AUTH OAUTHBEARER (RFC 7628) and XOAUTH2 (docs/auth-program.md "OAuth 2 tokens").
 
 Raw sockets for the exact dialogue; msmtp and curl, as users set them up, for
 the main paths.  The test auth program takes the token "secret", or any token
@@ -114,7 +114,7 @@ def client(srv):
     (ALL, "AUTH PLAIN LOGIN OAUTHBEARER XOAUTH2"),
 ])
 def test_ehlo_advertises_exactly_the_configured_mechanisms(make_server, configured, advertised):
-    """README "OAuth 2 tokens": EHLO's AUTH line names exactly --auth-mechanisms, in its
+    """docs/auth-program.md "OAuth 2 tokens": EHLO's AUTH line names exactly --auth-mechanisms, in its
     order, and only after STARTTLS (RFC 4954 §4, --require-tls)."""
     srv = make_server("--auth-mechanisms", configured)
     raw = srv.raw()
@@ -130,7 +130,7 @@ def test_ehlo_advertises_exactly_the_configured_mechanisms(make_server, configur
 
 
 def test_token_mechanisms_not_offered_by_default(server):
-    """README "OAuth 2 tokens": the default is PLAIN and LOGIN; a token mechanism gets
+    """docs/auth-program.md "OAuth 2 tokens": the default is PLAIN and LOGIN; a token mechanism gets
     504 5.5.4 (RFC 4954 §4) and runs no program."""
     raw = open_tls(server)
     try:
@@ -145,7 +145,7 @@ def test_token_mechanisms_not_offered_by_default(server):
 
 
 def test_mechanism_not_offered_is_504(make_server):
-    """README "OAuth 2 tokens": with --auth-mechanisms OAUTHBEARER, PLAIN, LOGIN and
+    """docs/auth-program.md "OAuth 2 tokens": with --auth-mechanisms OAUTHBEARER, PLAIN, LOGIN and
     XOAUTH2 get 504 5.5.4 without a program run; OAUTHBEARER works."""
     srv = make_server("--auth-mechanisms", "OAUTHBEARER")
     raw = open_tls(srv)
@@ -161,7 +161,7 @@ def test_mechanism_not_offered_is_504(make_server):
 
 @pytest.mark.parametrize("mechanism", list(MESSAGES))
 def test_token_mechanism_before_tls(srv, mechanism):
-    """README "OAuth 2 tokens": token mechanisms follow --require-tls: before STARTTLS
+    """docs/auth-program.md "OAuth 2 tokens": token mechanisms follow --require-tls: before STARTTLS
     they are not advertised and AUTH gets 530 5.7.0, running no program."""
     raw = srv.raw()
     try:
@@ -180,7 +180,7 @@ def test_token_mechanism_before_tls(srv, mechanism):
 @pytest.mark.parametrize("initial", [True, False], ids=["initial", "after-334"])
 @pytest.mark.parametrize("mechanism", list(MESSAGES))
 def test_token_login_and_the_programs_view(srv, client, mechanism, initial):
-    """README "OAuth 2 tokens": with an initial response or after an empty 334, a good
+    """docs/auth-program.md "OAuth 2 tokens": with an initial response or after an empty 334, a good
     token logs in; the auth program gets SSMTPD_MECHANISM, SSMTPD_USERNAME and
     SSMTPD_TOKEN and no SSMTPD_PASSWORD; the process program sees the user."""
     raw = client()
@@ -218,7 +218,7 @@ def test_client_that_would_bind_but_thinks_we_cannot(srv, client):
 
 @pytest.mark.parametrize("mechanism", list(MESSAGES))
 def test_inherited_secrets_never_reach_the_auth_program(make_server, mechanism):
-    """README "OAuth 2 tokens": SSMTPD_TOKEN and SSMTPD_PASSWORD are the server's own
+    """docs/auth-program.md "OAuth 2 tokens": SSMTPD_TOKEN and SSMTPD_PASSWORD are the server's own
     variables: copies in the server's environment never reach a program; a password
     login gets no SSMTPD_TOKEN, a token login no SSMTPD_PASSWORD."""
     srv = make_server("--auth-mechanisms", ALL,
@@ -250,7 +250,7 @@ def test_inherited_secrets_never_reach_the_auth_program(make_server, mechanism):
     ("XOAUTH2", "not even base64!"),
 ])
 def test_rejected_token_gets_the_error_challenge(srv, client, mechanism, reply_line):
-    """README "OAuth 2 tokens" (RFC 7628 §3.2.2): a rejected token gets 334 with the base64
+    """docs/auth-program.md "OAuth 2 tokens" (RFC 7628 §3.2.2): a rejected token gets 334 with the base64
     JSON status, and after whatever the client replies, 535 5.7.8; one auth_failed
     WARNING line names the mechanism and the user."""
     raw = client()
@@ -268,7 +268,7 @@ def test_rejected_token_gets_the_error_challenge(srv, client, mechanism, reply_l
 
 
 def test_temporary_failure_has_no_challenge(srv, client):
-    """README "OAuth 2 tokens": the auth program's 454 is sent directly, without the
+    """docs/auth-program.md "OAuth 2 tokens": the auth program's 454 is sent directly, without the
     error challenge, and is not a failed login."""
     raw = client()
     for mechanism, message in MESSAGES.items():
@@ -278,7 +278,7 @@ def test_temporary_failure_has_no_challenge(srv, client):
 
 
 def test_three_rejected_tokens_close(srv, client):
-    """README "The dialogue": the third failed login on a connection, token or not, is
+    """docs/dialogue.md "The dialogue": the third failed login on a connection, token or not, is
     answered 535 (after its challenge), then 421 4.7.0 and close."""
     raw = client()
     assert raw.cmd(f"AUTH PLAIN {plain_token(USER, 'wrong')}")[1] == [INVALID_LINE]
@@ -293,7 +293,7 @@ def test_three_rejected_tokens_close(srv, client):
 
 @pytest.mark.parametrize("mechanism", list(MESSAGES))
 def test_hang_up_at_the_challenge_is_a_failed_login(make_server, mechanism):
-    """README "OAuth 2 tokens": the failure is counted and --auth-failure-delay taken
+    """docs/auth-program.md "OAuth 2 tokens": the failure is counted and --auth-failure-delay taken
     before the error challenge, so a client that hangs up there (curl does, for
     XOAUTH2) has failed a login: with --max-auth-failures-per-ip 3, three such hang-ups
     make the next AUTH from the address 421 without a program run, and each left its
@@ -356,7 +356,7 @@ MALFORMED = {
 @pytest.mark.parametrize("initial", [True, False], ids=["initial", "after-334"])
 @pytest.mark.parametrize("case", list(MALFORMED), ids=list(MALFORMED))
 def test_malformed_token_message(srv, client, case, initial):
-    """README "OAuth 2 tokens": a response that does not parse gets 501 5.5.2, runs no
+    """docs/auth-program.md "OAuth 2 tokens": a response that does not parse gets 501 5.5.2, runs no
     program, is no failed login, and the session goes on."""
     mechanism = "OAUTHBEARER" if case.startswith("oauthbearer") else "XOAUTH2"
     raw = client()
@@ -371,7 +371,7 @@ def test_malformed_token_message(srv, client, case, initial):
 @pytest.mark.parametrize("mechanism", list(MESSAGES))
 @pytest.mark.parametrize("response", ["c2VjcmV0=", "%%%", "="], ids=["padding", "junk", "empty"])
 def test_bad_base64_token_message(srv, client, mechanism, response):
-    """README "OAuth 2 tokens": bad base64 gets 501 5.5.2, an empty response (RFC 4954 §4
+    """docs/auth-program.md "OAuth 2 tokens": bad base64 gets 501 5.5.2, an empty response (RFC 4954 §4
     `=`) is malformed: 501 5.5.2 too; no program runs."""
     raw = client()
     code, lines = raw.cmd(f"AUTH {mechanism} {response}")
@@ -395,7 +395,7 @@ def token_line(line_octets: int, mechanism: str, prefix: str):
 
 @pytest.mark.parametrize("mechanism", list(MESSAGES))
 def test_token_lines_of_16384_octets(srv, client, mechanism):
-    """README "OAuth 2 tokens": an AUTH line, or a response, of a token mechanism may
+    """docs/auth-program.md "OAuth 2 tokens": an AUTH line, or a response, of a token mechanism may
     be 16384 octets without its CRLF; one octet more is 500 5.5.2 with no program run."""
     line, token = token_line(16384, mechanism, f"AUTH {mechanism} ")
     raw = client()
@@ -417,7 +417,7 @@ def test_token_lines_of_16384_octets(srv, client, mechanism):
 
 
 def test_password_lines_keep_12288_octets(srv, client):
-    """README "The dialogue": PLAIN and LOGIN keep 12288 octets, also on a server that
+    """docs/dialogue.md "The dialogue": PLAIN and LOGIN keep 12288 octets, also on a server that
     offers token mechanisms and reads their longer lines."""
     raw = client()
     assert raw.cmd("AUTH PLAIN " + "A" * 12278)[1] == ["500 5.5.2 Line too long"]
@@ -433,7 +433,7 @@ def xoauth2_authobject(user, token):
 
 
 def test_12_kb_token_with_smtplib(srv):
-    """README "OAuth 2 tokens": a 12000-octet token (its base64 well above PLAIN's whole
+    """docs/auth-program.md "OAuth 2 tokens": a 12000-octet token (its base64 well above PLAIN's whole
     line) logs in through smtplib's AUTH with an initial response, and the message is
     delivered."""
     token = LONG_TOKEN
@@ -454,7 +454,7 @@ def test_12_kb_token_with_smtplib(srv):
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_token_never_appears(make_server, log_format):
-    """README "OAuth 2 tokens", "Logging": a token, good or rejected, is in no log line
+    """docs/auth-program.md "OAuth 2 tokens", docs/logging.md "Logging": a token, good or rejected, is in no log line
     (at debug, in either format, plain or in base64) and never reaches the process
     program, whose whole environment and argv are looked at."""
     good = "good-Zq8-unusual-T0ken-Xv31"
@@ -526,7 +526,7 @@ def assert_token_login_delivered(srv, mechanism, token=TOKEN):
 
 
 def write_msmtprc(srv, tmp_path, token_file) -> str:
-    """msmtp as the README sets it up: `auth oauthbearer` or `auth xoauth2`, the token
+    """msmtp as docs/auth-program.md "Clients" sets it up: `auth oauthbearer` or `auth xoauth2`, the token
     from `passwordeval`."""
     rc = f"""\
 defaults
@@ -562,7 +562,7 @@ def msmtp(rc_path, account):
 
 @pytest.mark.parametrize("account", ["oauthbearer", "xoauth2"])
 def test_msmtp_token_login(srv, tmp_path, account):
-    """README "OAuth 2 tokens": msmtp with `auth oauthbearer` / `auth xoauth2` and the
+    """docs/auth-program.md "OAuth 2 tokens": msmtp with `auth oauthbearer` / `auth xoauth2` and the
     token from `passwordeval` logs in and submits.  (msmtp sends no command over 4094
     characters: the long tokens are curl's and smtplib's tests.)"""
     token_file = tmp_path / "token"
@@ -575,7 +575,7 @@ def test_msmtp_token_login(srv, tmp_path, account):
 
 @pytest.mark.parametrize("account", ["oauthbearer", "xoauth2"])
 def test_msmtp_rejected_token(srv, tmp_path, account):
-    """README "OAuth 2 tokens": msmtp answers the error challenge and hears 535 5.7.8;
+    """docs/auth-program.md "OAuth 2 tokens": msmtp answers the error challenge and hears 535 5.7.8;
     nothing is delivered."""
     token_file = tmp_path / "token"
     token_file.write_text("expired-token\n")
@@ -603,7 +603,7 @@ def curl_message(tmp_path):
 @pytest.mark.parametrize("initial", [False, True], ids=["after-334", "sasl-ir"])
 @pytest.mark.parametrize("mechanism", list(MESSAGES))
 def test_curl_oauth2_bearer(make_server, curl_message, mechanism, initial, token):
-    """README "OAuth 2 tokens": `curl --oauth2-bearer` against a server that offers only
+    """docs/auth-program.md "OAuth 2 tokens": `curl --oauth2-bearer` against a server that offers only
     OAUTHBEARER, then only XOAUTH2, logs in with it (a 12000-octet token too, with or
     without an initial response) and submits."""
     srv = make_server("--auth-mechanisms", mechanism)
@@ -619,7 +619,7 @@ def test_curl_oauth2_bearer(make_server, curl_message, mechanism, initial, token
 
 @pytest.mark.parametrize("mechanism", list(MESSAGES))
 def test_curl_rejected_token_counts_as_failed_login(make_server, curl_message, mechanism):
-    """README "OAuth 2 tokens": curl with a rejected token fails (it hangs up at XOAUTH2's
+    """docs/auth-program.md "OAuth 2 tokens": curl with a rejected token fails (it hangs up at XOAUTH2's
     challenge), and each attempt is a failed login: with --max-auth-failures-per-ip 2 the
     third attempt hears 421 without a program run."""
     srv = make_server("--auth-mechanisms", mechanism, "--max-auth-failures-per-ip", "2")

@@ -1,6 +1,6 @@
-"""The package as a wheel installs it, without the source tree (README "Quick start").
+"""The package as a wheel installs it, without the source tree (docs/install.md "Quick start").
 
-One wheel is built with the command the README gives and installed into a fresh
+One wheel is built with the command docs/install.md gives and installed into a fresh
 virtualenv; every test here runs that installation's commands from a directory
 outside the clone, with neither the venv nor this Python on PATH.
 """
@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, free_port, installed_wheel, submit_self_signed, wait_for_port
 
 # `ssmtpd --example NAME` -> the file of the clone it must print, at the path
-# README "Deploying" names.
+# docs/deploying.md "Deploying" names.
 EXAMPLES = {
     "config": "ssmtpd/examples/ssmtpd.ini",
     "systemd": "conf/ssmtpd.service",
@@ -42,8 +42,8 @@ def installed(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(EXAMPLES))
 def test_example_printed_from_the_installed_package(installed, name):
-    """README "Quick start", "Deploying": `ssmtpd --example NAME` prints each file the
-    README points to in the clone, byte for byte, from the installed package alone."""
+    """docs/install.md "Quick start", docs/deploying.md "Deploying": `ssmtpd --example NAME` prints each file the
+    documentation points to in the clone, byte for byte, from the installed package alone."""
     bindir, home, env = installed
     printed = subprocess.run([str(bindir / "ssmtpd"), "--example", name], env=env, cwd=home,
                              capture_output=True, timeout=60)
@@ -53,7 +53,7 @@ def test_example_printed_from_the_installed_package(installed, name):
 
 
 def test_example_config_is_example_config(installed):
-    """README "Quick start": --example-config still prints the first configuration."""
+    """docs/install.md "Quick start": --example-config still prints the first configuration."""
     bindir, home, env = installed
     old, new = (subprocess.run([str(bindir / "ssmtpd"), *args], env=env, cwd=home,
                                capture_output=True, timeout=60)
@@ -62,7 +62,7 @@ def test_example_config_is_example_config(installed):
 
 
 def test_unknown_example_is_refused(installed):
-    """README "Configuration": an unknown --example name is one line naming --example, exit 2."""
+    """docs/configuration.md "Configuration": an unknown --example name is one line naming --example, exit 2."""
     bindir, home, env = installed
     result = subprocess.run([str(bindir / "ssmtpd"), "--example", "nginx"], env=env, cwd=home,
                             capture_output=True, text=True, timeout=60)
@@ -75,7 +75,7 @@ DECOY = "#!/bin/sh\n# another installation's command: refuses every login\nexit 
 
 
 def test_own_commands_come_before_path(installed, tmp_path):
-    """README "Configuration": a bare name among ssmtpd's own commands is the installed
+    """docs/configuration.md "Configuration": a bare name among ssmtpd's own commands is the installed
     package's even when another ssmtpd-auth-users comes first in PATH; other names are
     still looked up in PATH; --check-config prints what each option runs, and that is
     what runs."""

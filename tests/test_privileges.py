@@ -1,4 +1,4 @@
-"""--user/--group: bind as root, then serve as someone else (README "Deploying").
+"""--user/--group: bind as root, then serve as someone else (docs/deploying.md "Deploying").
 
 Run as root, as CI does: the server binds a port below 1024, switches to
 nobody, and the programs it starts run as nobody.  Everything the switched
@@ -7,7 +7,7 @@ server and its programs touch lives in a directory nobody may use.
 What the service user's other processes (the programs among them) must not
 reach: the server's memory, descriptors and environment, the worker state
 the master hands over, and the capability to bind ports below 1024.  Those
-tests run the server as a throwaway dedicated user, as README "Deploying"
+tests run the server as a throwaway dedicated user, as docs/deploying.md "Deploying"
 creates one, and look at it as that user.
 """
 
@@ -62,7 +62,7 @@ def program(directory, name, text) -> str:
 
 @needs_root
 def test_binds_below_1024_then_runs_everything_as_the_user(certs, open_dir, tmp_path):
-    """README "Deploying": port below 1024 bound as root; the server and both programs
+    """docs/deploying.md "Deploying": port below 1024 bound as root; the server and both programs
     then run as --user nobody --group nogroup, with no supplementary group of root's."""
     nobody = pwd.getpwnam("nobody")
     port = privileged_port()
@@ -96,14 +96,14 @@ def test_binds_below_1024_then_runs_everything_as_the_user(certs, open_dir, tmp_
 
 @needs_root
 def test_root_without_user_is_warned_about(make_server):
-    """README "Deploying": running as root without --user logs a warning."""
+    """docs/deploying.md "Deploying": running as root without --user logs a warning."""
     srv = make_server()
     assert "running as root without --user" in srv.log()
 
 
 @needs_root
 def test_spool_dir_the_user_cannot_write_is_a_start_up_error(certs, open_dir, tmp_path):
-    """README "Deploying": what only root could use is refused after the switch, with
+    """docs/deploying.md "Deploying": what only root could use is refused after the switch, with
     the option named: here a --spool-dir only root may write."""
     spool = os.path.join(open_dir, "root-only")
     os.mkdir(spool, mode=0o700)
@@ -276,7 +276,7 @@ def user_dir(dedicated_user):
 
 @needs_root
 def test_workers_of_a_user_show_it_nothing_and_take_sealed_data(user_dir, certs):
-    """README "Deploying": with --workers 2 --user, another process of the user can read
+    """docs/deploying.md "Deploying": with --workers 2 --user, another process of the user can read
     no worker's or master's memory, descriptors or environment, nor open the worker
     state; the state is sealed JSON (root cannot change it either), and workers that
     replace killed ones start with the master's settings and certificate."""
@@ -334,7 +334,7 @@ def test_workers_of_a_user_show_it_nothing_and_take_sealed_data(user_dir, certs)
 @needs_root
 @pytest.mark.parametrize("workers", [1, 2])
 def test_nothing_inherits_the_units_capability(user_dir, workers):
-    """README "Under systemd": started as the unit starts it (its user, CAP_NET_BIND_SERVICE
+    """docs/deploying.md "Under systemd": started as the unit starts it (its user, CAP_NET_BIND_SERVICE
     ambient, reproduced with setpriv), the server binds a port below 1024, then neither it
     nor the programs it runs hold any capability, and the user's other processes cannot
     look into it."""

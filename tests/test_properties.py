@@ -1,5 +1,5 @@
-"""Property tests of the pure modules: the DATA reader (README "The dialogue"), SASL decoding
-(README "The dialogue" AUTH), envelope paths and log fields.
+"""Property tests of the pure modules: the DATA reader (docs/dialogue.md "The dialogue"), SASL decoding
+(docs/dialogue.md "The dialogue" AUTH), envelope paths and log fields.
 
 These run in-process on generated input; the server tests pin the same rules
 over real sockets.
@@ -106,7 +106,7 @@ cuts = st.lists(st.integers(min_value=1, max_value=400), max_size=12)
 @PROPERTY
 @given(message, st.binary(max_size=40), cuts)
 def test_stuffed_message_round_trips(msg, after, cut_points):
-    """README "The process program", "The dialogue": a dot-stuffed CRLF message comes out exactly; what follows is left unread."""
+    """docs/process-program.md "The process program", docs/dialogue.md "The dialogue": a dot-stuffed CRLF message comes out exactly; what follows is left unread."""
     wire = stuff(msg) + after
     result, spooled, rest = read(split(wire, cut_points))
     assert result.status == dotreader.OK
@@ -118,7 +118,7 @@ def test_stuffed_message_round_trips(msg, after, cut_points):
 @PROPERTY
 @given(raw_bytes, st.binary(max_size=20), cuts)
 def test_chunk_boundaries_never_matter(stream, after, cut_points):
-    """README "The dialogue": how the client's bytes are split into reads never changes the outcome."""
+    """docs/dialogue.md "The dialogue": how the client's bytes are split into reads never changes the outcome."""
     wire = stream + TERMINATOR + after
     whole = read([wire])
     pieces = read(split(wire, cut_points))
@@ -131,7 +131,7 @@ def test_chunk_boundaries_never_matter(stream, after, cut_points):
 @PROPERTY
 @given(raw_bytes, st.binary(max_size=20), cuts)
 def test_ends_only_at_the_first_crlf_dot_crlf(stream, after, cut_points):
-    """README "The dialogue": DATA ends at the first CRLF.CRLF and nowhere else; a bare CR or LF before it
+    """docs/dialogue.md "The dialogue": DATA ends at the first CRLF.CRLF and nowhere else; a bare CR or LF before it
     makes the message bare-line-ending, otherwise it is the unstuffed content."""
     wire = stream + TERMINATOR + after
     content, expected_rest, bare = reference(wire)
@@ -148,7 +148,7 @@ def test_ends_only_at_the_first_crlf_dot_crlf(stream, after, cut_points):
 @PROPERTY
 @given(raw_bytes, cuts)
 def test_no_terminator_means_client_gone(stream, cut_points):
-    """README "The dialogue": without CRLF.CRLF the DATA phase never ends; a vanished client is ClientGone."""
+    """docs/dialogue.md "The dialogue": without CRLF.CRLF the DATA phase never ends; a vanished client is ClientGone."""
     assume(TERMINATOR not in b"\r\n" + stream and stream)
     with pytest.raises(ClientGone):
         read(split(stream, cut_points))
@@ -157,7 +157,7 @@ def test_no_terminator_means_client_gone(stream, cut_points):
 @PROPERTY
 @given(message, st.integers(min_value=0, max_value=200), st.binary(max_size=20), cuts)
 def test_size_limit(msg, limit, after, cut_points):
-    """README "The dialogue": over the limit → too-big after reading to the real end; nothing past the
+    """docs/dialogue.md "The dialogue": over the limit → too-big after reading to the real end; nothing past the
     limit is kept; the next command is still in place."""
     result, spooled, rest = read(split(stuff(msg) + after, cut_points), limit)
     assert rest == after
@@ -175,7 +175,7 @@ def test_size_limit(msg, limit, after, cut_points):
 @given(st.integers(min_value=1000, max_value=300000), st.sampled_from([b"a", b"\r", b"\xff"]),
        st.booleans())
 def test_endless_line_is_scanned_in_bounded_memory(chunk, filler, dotted):
-    """README "The dialogue" / stream bounds: a 1 MB line without LF is not buffered whole (MAX_PENDING)."""
+    """docs/dialogue.md "The dialogue" / stream bounds: a 1 MB line without LF is not buffered whole (MAX_PENDING)."""
     line = filler * (1024 * 1024)
     wire = (b".." if dotted else b"") + line + TERMINATOR + b"NOOP\r\n"
     expected = (b"." if dotted else b"") + line + b"\r\n"
@@ -203,7 +203,7 @@ def test_endless_line_is_scanned_in_bounded_memory(chunk, filler, dotted):
 @PROPERTY
 @given(st.lists(st.binary(max_size=300), max_size=20), st.integers(min_value=0, max_value=2000))
 def test_spool_keeps_every_octet_and_goes_to_disk_when_big(writes, memory_limit):
-    """README "The process program": the spool returns the message intact, always as a real file to hand over."""
+    """docs/process-program.md "The process program": the spool returns the message intact, always as a real file to hand over."""
     spool = spooling.Spool(memory_limit=memory_limit)
     try:
         for data in writes:
@@ -221,7 +221,7 @@ def test_spool_keeps_every_octet_and_goes_to_disk_when_big(writes, memory_limit)
 # --- SASL decoding ------------------------------------------------------------------
 
 def test_spool_failure_still_reads_to_the_end(monkeypatch):
-    """README "The dialogue" DATA: a spool that cannot grow (disk full) never stops the reader mid-message."""
+    """docs/dialogue.md "The dialogue" DATA: a spool that cannot grow (disk full) never stops the reader mid-message."""
     import errno
     import tempfile
 
@@ -241,7 +241,7 @@ def test_spool_failure_still_reads_to_the_end(monkeypatch):
 
 
 def decodes_or_refuses(call, *args):
-    """Run `call`; only SmtpError may come out (README "The dialogue": every bad input is a reply)."""
+    """Run `call`; only SmtpError may come out (docs/dialogue.md "The dialogue": every bad input is a reply)."""
     try:
         return call(*args)
     except SmtpError as e:
@@ -253,7 +253,7 @@ def decodes_or_refuses(call, *args):
 @PROPERTY
 @given(st.one_of(st.text(), st.text(alphabet="ABCDabcd0189+/= *\t\r\n")))
 def test_decode_response_never_raises_anything_else(line):
-    """README "The dialogue" AUTH: arbitrary response lines decode or are refused with an SMTP reply."""
+    """docs/dialogue.md "The dialogue" AUTH: arbitrary response lines decode or are refused with an SMTP reply."""
     out = decodes_or_refuses(sasl.decode_response, line)
     assert out is None or isinstance(out, bytes)
 
@@ -269,7 +269,7 @@ def test_decode_response_reads_strict_base64(data, pad):
 
 @pytest.mark.parametrize("line", ["*", " *", "* ", "\t*\t"])
 def test_star_cancels(line):
-    """README "The dialogue" / RFC 4954 §4: `*` cancels the exchange with 501."""
+    """docs/dialogue.md "The dialogue" / RFC 4954 §4: `*` cancels the exchange with 501."""
     with pytest.raises(SmtpError) as e:
         sasl.decode_response(line)
     assert e.value.reply == replies.AUTH_CANCELLED
@@ -278,7 +278,7 @@ def test_star_cancels(line):
 @PROPERTY
 @given(st.binary(max_size=200))
 def test_plain_never_raises_anything_else(message):
-    """README "The dialogue" AUTH PLAIN: arbitrary decoded octets give credentials or an SMTP reply."""
+    """docs/dialogue.md "The dialogue" AUTH PLAIN: arbitrary decoded octets give credentials or an SMTP reply."""
     creds = decodes_or_refuses(sasl.plain, message)
     if creds is not None:
         assert creds.username and "\0" not in creds.password
@@ -287,7 +287,7 @@ def test_plain_never_raises_anything_else(message):
 @PROPERTY
 @given(st.binary(max_size=100), st.binary(max_size=100))
 def test_login_never_raises_anything_else(username, password):
-    """README "The dialogue" AUTH LOGIN: arbitrary username and password octets never crash the decoder."""
+    """docs/dialogue.md "The dialogue" AUTH LOGIN: arbitrary username and password octets never crash the decoder."""
     decodes_or_refuses(sasl.login, username, password)
 
 
@@ -315,7 +315,7 @@ def test_plain_round_trip(user, secret, with_authzid):
 @PROPERTY
 @given(username, username, password)
 def test_plain_foreign_authzid_is_refused(authzid, user, secret):
-    """README "The dialogue": a PLAIN authzid that differs from the authcid is marked, for the 535."""
+    """docs/dialogue.md "The dialogue": a PLAIN authzid that differs from the authcid is marked, for the 535."""
     assume(authzid != user)
     message = authzid.encode() + b"\0" + user.encode() + b"\0" + secret
     creds = sasl.plain(message)
@@ -325,7 +325,7 @@ def test_plain_foreign_authzid_is_refused(authzid, user, secret):
 @PROPERTY
 @given(username, username, st.characters(whitelist_categories=UNSAFE), password)
 def test_plain_unsafe_name_is_refused(head, tail, bad, secret):
-    """README "Envelope rules": a name with a control, format or separator character → 501."""
+    """docs/limits.md "Envelope values that could harm a program": a name with a control, format or separator character → 501."""
     for name in (head + bad + tail, bad + tail, head + bad):
         with pytest.raises(SmtpError) as e:
             sasl.plain(b"\0" + name.encode("utf-8") + b"\0" + secret)
@@ -341,7 +341,7 @@ def test_login_round_trip(user, secret):
     assert creds.password.encode("utf-8", "surrogateescape") == secret
 
 
-# --- bearer tokens: OAUTHBEARER (RFC 7628) and XOAUTH2 (README "OAuth 2 tokens")
+# --- bearer tokens: OAUTHBEARER (RFC 7628) and XOAUTH2 (docs/auth-program.md "OAuth 2 tokens")
 
 # RFC 6750 §2.1 b64token.
 bearer_token = st.builds(lambda body, pad: body + "=" * pad,
@@ -399,7 +399,7 @@ token_bytes = st.one_of(st.binary(max_size=200), st.lists(token_piece, max_size=
 @PROPERTY
 @given(token_bytes)
 def test_token_decoders_never_raise_anything_else(message):
-    """README "OAuth 2 tokens": arbitrary octets give credentials or 501 5.5.2, never
+    """docs/auth-program.md "OAuth 2 tokens": arbitrary octets give credentials or 501 5.5.2, never
     another exception; what they give is a safe name and a b64token."""
     for decode in (sasl.oauthbearer, sasl.xoauth2):
         try:
@@ -415,7 +415,7 @@ def test_token_decoders_never_raise_anything_else(message):
 @PROPERTY
 @given(username, username, st.characters(whitelist_categories=UNSAFE), bearer_token)
 def test_token_unsafe_name_is_refused(head, tail, bad, token):
-    """README "Envelope rules": an authzid or user= with a control, format or separator
+    """docs/limits.md "Envelope values that could harm a program": an authzid or user= with a control, format or separator
     character (bidi controls among them) → 501 5.5.2."""
     for name in (head + bad + tail, bad + tail, head + bad):
         for message in (f"n,a={saslname(name)},\x01auth=Bearer {token}\x01\x01",

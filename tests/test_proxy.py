@@ -1,4 +1,4 @@
-"""The PROXY protocol header parser, alone and against a real server (README "Scaling").
+"""The PROXY protocol header parser, alone and against a real server (docs/scaling.md "Scaling").
 
 ssmtpd/proxy.py is pure, so it is fed headers built here from HAProxy's
 proxy-protocol.txt layout, every prefix of them, and arbitrary bytes.  The
@@ -95,7 +95,7 @@ def test_arbitrary_bytes_never_crash(data):
 @given(st.binary(min_size=1, max_size=40).filter(lambda b: not b.startswith(b"P")
                                                   and not b.startswith(b"\r")))
 def test_smtp_or_tls_without_header_is_refused(data):
-    """README "Scaling": a connection that does not start with a header is refused at once."""
+    """docs/scaling.md "Scaling": a connection that does not start with a header is refused at once."""
     with pytest.raises(ProxyError):
         proxy.parse(data)
 
@@ -107,7 +107,7 @@ def test_ipv4_mapped_client_is_the_ipv4_address():
 
 
 def test_local_and_unknown_keep_the_connection_address():
-    """README "Scaling": v2 LOCAL (health checks) and v1 UNKNOWN keep the proxy's own address."""
+    """docs/scaling.md "Scaling": v2 LOCAL (health checks) and v1 UNKNOWN keep the proxy's own address."""
     local = proxy.V2_SIGNATURE + bytes([0x20, 0x00]) + b"\x00\x00"
     assert proxy.parse(local + b"EHLO") == Header(16, 2, None)
     local_with_block = v2("192.0.2.1", "192.0.2.2", 1, 2, command=0x0)
@@ -149,7 +149,7 @@ def test_malformed_headers_are_refused(data):
 
 
 # An IPv6 scope id may hold any octet but a space: these would reach the
-# Received header, SSMTPD_CLIENT_ADDR and the log (README "Scaling").
+# Received header, SSMTPD_CLIENT_ADDR and the log (docs/scaling.md "Scaling").
 SCOPED_SOURCES = [b"fe80::1%\nX-Injected:\tyes", b"fe80::1%\r\nX-Injected: yes",
                   b"fe80::1%\x00", b"fe80::1%\x1b[31m", b"fe80::1%s%s%s", b"fe80::1%eth0",
                   b"::ffff:192.0.2.1%1"]
@@ -180,7 +180,7 @@ def connect(srv, source="127.0.0.1", port=None) -> Raw:
     lambda: v2("203.0.113.7", "192.0.2.25", 40000, 587),
 ])
 def test_client_address_from_header_reaches_the_program(proxied, make_header):
-    """README "Scaling": the header's address is SSMTPD_CLIENT_ADDR, in Received and in the log."""
+    """docs/scaling.md "Scaling": the header's address is SSMTPD_CLIENT_ADDR, in Received and in the log."""
     raw = connect(proxied)
     raw.send(make_header())
     raw.login(proxied.tls_context())
@@ -193,12 +193,12 @@ def test_client_address_from_header_reaches_the_program(proxied, make_header):
 
 
 def test_local_header_keeps_the_proxy_address(proxied):
-    """README "Scaling": a v2 LOCAL header (a health check) keeps the proxy's own address."""
+    """docs/scaling.md "Scaling": a v2 LOCAL header (a health check) keeps the proxy's own address."""
     raw = connect(proxied)
     raw.send(proxy.V2_SIGNATURE + bytes([0x20, 0x00]) + b"\x00\x00")
     assert raw.reply()[0] == 220
     # More than a health check does, so that the session's lines are at INFO
-    # (README "Logging").
+    # (docs/logging.md "Logging").
     assert raw.cmd("NOOP")[0] == 250
     assert raw.cmd("QUIT")[0] == 221
     assert wait_until(lambda: " 127.0.0.1 -: disconnected" in proxied.log()), proxied.log()
@@ -211,7 +211,7 @@ def test_local_header_keeps_the_proxy_address(proxied):
     proxy.V2_SIGNATURE + bytes([0x21, 0x41]) + b"\x00\x0c" + bytes(12),
 ], ids=["smtp", "v1-garbage", "nothing", "v2-family-4"])
 def test_missing_or_bad_header_is_closed_without_a_byte(make_server, first):
-    """README "Scaling": from a trusted peer, no header, a bad one, or none within --timeout:
+    """docs/scaling.md "Scaling": from a trusted peer, no header, a bad one, or none within --timeout:
     closed without a byte."""
     srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1", "--timeout", "1")
     raw = connect(srv)
@@ -221,7 +221,7 @@ def test_missing_or_bad_header_is_closed_without_a_byte(make_server, first):
 
 
 def test_untrusted_peer_is_closed_without_a_byte(proxied):
-    """README "Scaling": a connection from outside --proxy-trusted gets nothing, header or not."""
+    """docs/scaling.md "Scaling": a connection from outside --proxy-trusted gets nothing, header or not."""
     raw = connect(proxied, source="127.0.0.2")
     raw.send(v2("203.0.113.7", "192.0.2.25", 40000, 587))
     assert raw.closed(timeout=5)
@@ -230,7 +230,7 @@ def test_untrusted_peer_is_closed_without_a_byte(proxied):
 
 
 def test_header_precedes_the_tls_handshake_on_the_smtps_port(make_server):
-    """README "Scaling": on --smtps-port the header comes first, then the TLS handshake."""
+    """docs/scaling.md "Scaling": on --smtps-port the header comes first, then the TLS handshake."""
     from conftest import free_port
     smtps = free_port()
     srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
@@ -248,7 +248,7 @@ def test_header_precedes_the_tls_handshake_on_the_smtps_port(make_server):
 
 
 def test_per_address_limit_counts_the_real_clients(make_server):
-    """README "Scaling": --max-connections-per-ip counts the addresses in the headers."""
+    """docs/scaling.md "Scaling": --max-connections-per-ip counts the addresses in the headers."""
     srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
                       "--max-connections-per-ip", "2")
     held = []
@@ -277,7 +277,7 @@ def test_injection_through_a_trusted_proxy_is_closed_without_a_trace(proxied):
         raw.close()
 
     # The start-up probe's connection closed before its header, as a health
-    # check does: no line at INFO (README "Logging").
+    # check does: no line at INFO (docs/logging.md "Logging").
     before = proxied.log()
     for source in SCOPED_SOURCES:
         attempt(source)
@@ -297,7 +297,7 @@ def test_injection_through_a_trusted_proxy_is_closed_without_a_trace(proxied):
 
 
 def test_percent_in_a_username_is_logged_as_a_character(make_server, tmp_path):
-    """README "Logging": a "%" in a username is part of the quoted name, on every line
+    """docs/logging.md "Logging": a "%" in a username is part of the quoted name, on every line
     of its session, not a conversion that breaks them."""
     srv = make_server()
     raw = srv.raw()
@@ -317,7 +317,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def test_partial_headers_cost_no_polling_and_end_with_their_client(make_server):
-    """README "Scaling": a connection that has sent part of its header waits for the rest
+    """docs/scaling.md "Scaling": a connection that has sent part of its header waits for the rest
     without the server looking again and again (500 of them cost next to no CPU), ends
     as soon as its client leaves, and counts against --max-connections."""
     srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1",
@@ -362,7 +362,7 @@ def test_partial_headers_cost_no_polling_and_end_with_their_client(make_server):
 
 @pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one-process", "workers"])
 def test_connection_rate_per_address(make_server, workers):
-    """README "Limits and abuse": past --max-connection-rate-per-ip new connections from
+    """docs/limits.md "Limits and abuse": past --max-connection-rate-per-ip new connections from
     one address (counted across workers) get 421 at once; other addresses, and clients on
     this machine (a balancer's LOCAL health checks), are not held back."""
     srv = make_server("--proxy-protocol", "--proxy-trusted", "127.0.0.1",

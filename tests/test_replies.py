@@ -1,4 +1,4 @@
-"""The reply catalogue (ssmtpd.replies): well-formed codes and the README's exact texts."""
+"""The reply catalogue (ssmtpd.replies): well-formed codes and the exact texts of the documentation."""
 
 import re
 
@@ -20,13 +20,13 @@ ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
 
 def test_catalogue_is_not_empty():
-    """README "The dialogue": every reply is named once in ssmtpd.replies (the checks below need them)."""
+    """docs/dialogue.md "The dialogue": every reply is named once in ssmtpd.replies (the checks below need them)."""
     assert len(CATALOGUE) >= 40, sorted(CATALOGUE)
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_code_is_a_reply_code(name):
-    """README "The dialogue": codes are 2xx-5xx with a second digit 0-5 (RFC 5321 §4.2.1)."""
+    """docs/dialogue.md "The dialogue": codes are 2xx-5xx with a second digit 0-5 (RFC 5321 §4.2.1)."""
     code = ALL[name].code
     assert isinstance(code, int) and 200 <= code <= 599, (name, code)
     assert code // 10 % 10 <= 5, (name, code)
@@ -34,7 +34,7 @@ def test_code_is_a_reply_code(name):
 
 @pytest.mark.parametrize("name", sorted(n for n in ALL if ALL[n].enhanced))
 def test_enhanced_code_matches_class(name):
-    """README "The dialogue": enhanced codes are c.sss.ddd, class = the reply's first digit (RFC 3463 §2)."""
+    """docs/dialogue.md "The dialogue": enhanced codes are c.sss.ddd, class = the reply's first digit (RFC 3463 §2)."""
     reply = ALL[name]
     assert ENHANCED.match(reply.enhanced), (name, reply.enhanced)
     assert reply.enhanced[0] == str(reply.code)[0], (name, reply.code, reply.enhanced)
@@ -42,7 +42,7 @@ def test_enhanced_code_matches_class(name):
 
 @pytest.mark.parametrize("name", sorted(CATALOGUE))
 def test_catalogue_replies_carry_enhanced_code(name):
-    """README "The dialogue": replies carry enhanced codes; RFC 2034 exempts only 3xx and greeting/EHLO/HELO."""
+    """docs/dialogue.md "The dialogue": replies carry enhanced codes; RFC 2034 exempts only 3xx and greeting/EHLO/HELO."""
     reply = CATALOGUE[name]
     if reply.code // 100 == 3:
         assert reply.enhanced == "", (name, reply)
@@ -51,7 +51,7 @@ def test_catalogue_replies_carry_enhanced_code(name):
 
 
 def test_greeting_and_helo_have_no_enhanced_code():
-    """README "The dialogue": greeting `220 <hostname> ESMTP ssmtpd`; it and EHLO/HELO lack enhanced codes."""
+    """docs/dialogue.md "The dialogue": greeting `220 <hostname> ESMTP ssmtpd`; it and EHLO/HELO lack enhanced codes."""
     assert replies.greeting("mx.test").encode() == b"220 mx.test ESMTP ssmtpd\r\n"
     assert replies.helo("mx.test").encode() == b"250 mx.test\r\n"
     assert replies.ehlo("mx.test", "client.test", ["PIPELINING", "SIZE 1"]).encode() == (
@@ -59,7 +59,7 @@ def test_greeting_and_helo_have_no_enhanced_code():
 
 
 def test_no_two_names_for_one_reply():
-    """README "The dialogue": each reply is named once: no two names share (code, enhanced, text)."""
+    """docs/dialogue.md "The dialogue": each reply is named once: no two names share (code, enhanced, text)."""
     seen = {}
     for name, reply in sorted(CATALOGUE.items()):
         key = (reply.code, reply.enhanced, reply.text)
@@ -69,7 +69,7 @@ def test_no_two_names_for_one_reply():
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_wire_form(name):
-    """README "The dialogue": lines are `<code>[ -]<enhanced> <text>` CRLF, ASCII, <= 512 octets (RFC 5321)."""
+    """docs/dialogue.md "The dialogue": lines are `<code>[ -]<enhanced> <text>` CRLF, ASCII, <= 512 octets (RFC 5321)."""
     reply = ALL[name]
     wire = reply.encode()
     assert wire.endswith(b"\r\n")
@@ -86,7 +86,7 @@ def test_wire_form(name):
 
 
 def test_multiline_encode_uses_continuation():
-    """README "The dialogue": multi-line text becomes `-` continuation lines, each with the enhanced code."""
+    """docs/dialogue.md "The dialogue": multi-line text becomes `-` continuation lines, each with the enhanced code."""
     reply = Reply(250, "2.0.0", "first\nsecond\nthird")
     assert reply.encode() == b"250-2.0.0 first\r\n250-2.0.0 second\r\n250 2.0.0 third\r\n"
     assert Reply(554, "5.3.0", "no such list").encode() == b"554 5.3.0 no such list\r\n"
@@ -94,7 +94,7 @@ def test_multiline_encode_uses_continuation():
 
 
 def test_with_text_keeps_the_codes():
-    """README "The process program": the process program chooses the words, never the code."""
+    """docs/process-program.md "The process program": the process program chooses the words, never the code."""
     reply = replies.ACCEPTED.with_text("queued as 4711")
     assert (reply.code, reply.enhanced, reply.text) == (250, "2.0.0", "queued as 4711")
     assert reply.encode() == b"250 2.0.0 queued as 4711\r\n"
@@ -102,7 +102,7 @@ def test_with_text_keeps_the_codes():
 
 
 def test_closing_replies():
-    """README "The dialogue", "Signals": 221 and 421 end the session, nothing else does."""
+    """docs/dialogue.md "The dialogue", docs/operations.md "Signals": 221 and 421 end the session, nothing else does."""
     closing = sorted(n for n, r in CATALOGUE.items() if r.closes)
     assert closing == sorted(n for n, r in CATALOGUE.items() if r.code in (221, 421))
     assert replies.BYE.closes and replies.SHUTTING_DOWN.closes
@@ -110,20 +110,20 @@ def test_closing_replies():
 
 
 def test_smtp_error_carries_its_reply():
-    """README "The dialogue": a verb can answer by raising SmtpError(reply)."""
+    """docs/dialogue.md "The dialogue": a verb can answer by raising SmtpError(reply)."""
     err = SmtpError(replies.NEED_MAIL)
     assert err.reply is replies.NEED_MAIL
     assert "503" in str(err)
 
 
 def test_help_names_every_command():
-    """README "The dialogue": HELP lists the commands the server implements."""
+    """docs/dialogue.md "The dialogue": HELP lists the commands the server implements."""
     for verb in ("EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP",
                  "QUIT", "VRFY", "HELP"):
         assert verb in replies.HELP.text.split(), verb
 
 
-# (name, code, enhanced, exact text or None where the README leaves the words free)
+# (name, code, enhanced, exact text or None where the documentation leaves the words free)
 SPEC_REPLIES = [
     ("AUTH_OK", 235, "2.7.0", "Authentication successful"),
     ("BAD_CREDENTIALS", 535, "5.7.8", "Authentication credentials invalid"),
@@ -159,7 +159,7 @@ SPEC_REPLIES = [
 @pytest.mark.parametrize("name,code,enhanced,text", SPEC_REPLIES,
                          ids=[row[0] for row in SPEC_REPLIES])
 def test_spec_reply(name, code, enhanced, text):
-    """README "The auth program" to "Signals": the contract's codes, and its words where the README fixes them."""
+    """docs/auth-program.md "The auth program" to docs/operations.md "Signals": the contract's codes, and its words where the documentation fixes them."""
     reply = getattr(replies, name)
     assert reply.code == code, reply
     if enhanced is not None:
@@ -170,5 +170,5 @@ def test_spec_reply(name, code, enhanced, text):
 
 
 def test_auth_cancel_is_501():
-    """README "The dialogue": `*` cancels an AUTH with 501."""
+    """docs/dialogue.md "The dialogue": `*` cancels an AUTH with 501."""
     assert replies.AUTH_CANCELLED.code == 501

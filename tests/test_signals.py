@@ -1,4 +1,4 @@
-"""Signals, the supervisord way (README "Signals"): SIGTERM and SIGINT stop in stages.
+"""Signals, the supervisord way (docs/operations.md "Signals"): SIGTERM and SIGINT stop in stages.
 
 Each test owns its server process, because each one ends it.
 """
@@ -61,7 +61,7 @@ def stopped(srv) -> int:
 
 @pytest.mark.parametrize("sig", STOP_SIGNALS)
 def test_stop_finishes_running_program(make_server, sig):
-    """README "Signals": a message whose program runs is finished and answered 250; idle ones get 421."""
+    """docs/operations.md "Signals": a message whose program runs is finished and answered 250; idle ones get 421."""
     srv = make_server()
     busy = logged_in(srv)
     idle = logged_in(srv)
@@ -95,7 +95,7 @@ def test_stop_finishes_running_program(make_server, sig):
 
 
 def test_new_connections_refused_while_draining(make_server):
-    """README "Signals": after SIGTERM the server stops accepting, even while a program still runs."""
+    """docs/operations.md "Signals": after SIGTERM the server stops accepting, even while a program still runs."""
     srv = make_server()
     busy = logged_in(srv)
     try:
@@ -120,7 +120,7 @@ IDLE_STATES = ["after-greeting", "after-ehlo", "authenticated", "in-transaction"
 @pytest.mark.parametrize("sig", STOP_SIGNALS)
 @pytest.mark.parametrize("state", IDLE_STATES)
 def test_idle_session_told_421(make_server, sig, state):
-    """README "Signals": at SIGTERM/SIGINT an idle session gets 421 4.3.2 and is closed; exit 0."""
+    """docs/operations.md "Signals": at SIGTERM/SIGINT an idle session gets 421 4.3.2 and is closed; exit 0."""
     srv = make_server()
     raw = srv.raw()
     try:
@@ -158,7 +158,7 @@ def ctrl_c(srv) -> None:
 
 @pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one-process", "workers"])
 def test_second_ctrl_c_closes_every_session_not_running_a_program(make_server, workers):
-    """README "Signals": one Ctrl-C drains (a session in its failed-login pause is left to
+    """docs/operations.md "Signals": one Ctrl-C drains (a session in its failed-login pause is left to
     finish it); a second one closes at once every session not running a program, and
     says what still runs; the running program's message is still answered 250."""
     srv = make_server("--auth-failure-delay", "60", *workers)
@@ -193,7 +193,7 @@ def test_second_ctrl_c_closes_every_session_not_running_a_program(make_server, w
 
 @pytest.mark.parametrize("sig", STOP_SIGNALS)
 def test_session_mid_data_told_421_and_no_run(make_server, sig):
-    """README "Signals": a client still sending DATA at SIGTERM may go on until
+    """docs/operations.md "Signals": a client still sending DATA at SIGTERM may go on until
     --graceful-timeout, then gets 421 4.3.2; no program runs."""
     srv = make_server("--graceful-timeout", "1")
     raw = logged_in(srv)
@@ -211,7 +211,7 @@ def test_session_mid_data_told_421_and_no_run(make_server, sig):
 
 
 def test_sigterm_without_sessions_exits_0(make_server):
-    """README "Signals": SIGTERM with nobody connected: exit 0, and the port is closed."""
+    """docs/operations.md "Signals": SIGTERM with nobody connected: exit 0, and the port is closed."""
     srv = make_server()
     srv.signal(signal.SIGTERM)
     assert stopped(srv) == 0
@@ -241,7 +241,7 @@ def full_pipe():
 @pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"),
                                  pytest.param(signal.SIGHUP, id="SIGHUP")])
 def test_signal_as_soon_as_port_listens(tmp_path, certs, sig):
-    """README "Signals": once the port accepts clients, SIGTERM means exit 0 and SIGHUP a reload.
+    """docs/operations.md "Signals": once the port accepts clients, SIGTERM means exit 0 and SIGHUP a reload.
 
     A supervisor (or a health check) may signal the moment the port is up; the
     handlers must be in place by then, or the default action kills the server.

@@ -1,4 +1,4 @@
-"""SMTP smuggling: DATA ends only at <CR><LF>.<CR><LF> (README "The dialogue", RFC 5321 §2.3.8, §4.1.1.4).
+"""SMTP smuggling: DATA ends only at <CR><LF>.<CR><LF> (docs/dialogue.md "The dialogue", RFC 5321 §2.3.8, §4.1.1.4).
 
 Each attack hides a second transaction behind a would-be end of data that some
 other server in a chain might honour.  Here it must stay data: one reply for
@@ -76,7 +76,7 @@ def body(stdin: str) -> bytes:
 @pytest.mark.parametrize("lead", [HEAD + fake for fake in BARE_FAKE_ENDS] + BARE_FAKE_STARTS,
                          ids=lambda lead: repr(lead.replace(HEAD, b"<head>")))
 def test_bare_fake_end_is_data_and_refused(server, lead):
-    """README "The dialogue": LF.LF, CR.CR, LF.CRLF, CRLF.LF, CRLF.CR, CR.CRLF never end DATA → one 554 5.6.0."""
+    """docs/dialogue.md "The dialogue": LF.LF, CR.CR, LF.CRLF, CRLF.LF, CRLF.CR, CR.CRLF never end DATA → one 554 5.6.0."""
     raw = session(server)
     start_data(raw)
     assert b"\r\n.\r\n" not in b"\r\n" + lead + SMUGGLED
@@ -90,7 +90,7 @@ def test_bare_fake_end_is_data_and_refused(server, lead):
 
 @pytest.mark.parametrize("fake", BARE_FAKE_ENDS, ids=repr)
 def test_bare_fake_end_split_across_writes(server, fake):
-    """README "The dialogue": the same, with every byte around the fake end in its own TCP segment."""
+    """docs/dialogue.md "The dialogue": the same, with every byte around the fake end in its own TCP segment."""
     raw = session(server)
     start_data(raw)
     raw.send(HEAD)
@@ -109,7 +109,7 @@ def test_bare_fake_end_split_across_writes(server, fake):
 
 @pytest.mark.parametrize("fake", CLEAN_FAKE_ENDS, ids=repr)
 def test_clean_look_alike_is_just_data(server, fake):
-    """README "The dialogue": a CRLF-clean dot line that is not CRLF.CRLF is content: one message, one run."""
+    """docs/dialogue.md "The dialogue": a CRLF-clean dot line that is not CRLF.CRLF is content: one message, one run."""
     raw = session(server)
     start_data(raw)
     raw.send(HEAD + fake + SMUGGLED + b".\r\n")
@@ -122,7 +122,7 @@ def test_clean_look_alike_is_just_data(server, fake):
 
 
 def test_real_end_split_across_writes(server):
-    """README "The dialogue": CRLF.CRLF split over several segments still ends DATA, once."""
+    """docs/dialogue.md "The dialogue": CRLF.CRLF split over several segments still ends DATA, once."""
     raw = session(server)
     start_data(raw)
     for part in (HEAD + b"\r", b"\n", b".", b"\r", b"\n"):
@@ -146,7 +146,7 @@ def test_real_end_split_across_writes(server):
 ], ids=["LF-in-body", "CR-in-body", "LF-in-header", "leading-LF", "leading-CR",
         "CR-before-CRLF", "LF-before-CRLF", "CR-in-long-line"])
 def test_bare_cr_or_lf_anywhere_is_refused(server, message):
-    """README "The dialogue": a message with a bare CR or LF → 554 5.6.0 after the real end, no run."""
+    """docs/dialogue.md "The dialogue": a message with a bare CR or LF → 554 5.6.0 after the real end, no run."""
     raw = session(server)
     start_data(raw)
     raw.send(message + b".\r\n")

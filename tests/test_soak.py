@@ -1,4 +1,4 @@
-"""Nothing lost under load (README "The process program", "Signals").
+"""Nothing lost under load (docs/process-program.md "The process program", docs/operations.md "Signals").
 
 Fifty clients submit twenty messages each over STARTTLS + AUTH to a server whose
 process program exits 0, 75 or 1 at random (tests/programs/flaky).  Every run
@@ -140,7 +140,7 @@ def start_server(tmp_path, certs, env=None) -> ServerProcess:
     srv = ServerProcess(str(tmp_path / "srv"), certs,
                         ["--auth", AUTH_QUICK, "--process", FLAKY,
                          "--max-connections-per-ip", str(CLIENTS * 2),
-                         # Every client is one user: the per-user limits (README
+                         # Every client is one user: the per-user limits (docs/limits.md
                          # "Accounts and limits") would cut this load short.
                          "--max-messages-per-user", "0", "--max-recipients-per-user", "0",
                          "--max-sessions-per-user", "0"], env)
@@ -214,7 +214,7 @@ def kill_server(srv) -> None:
 # --- the tests ---------------------------------------------------------------
 
 def test_soak_every_reply_matches_one_run(tmp_path, certs):
-    """README "The process program" table: 1000 messages; each 250/451/554 is exactly one run exiting 0/75/1."""
+    """docs/process-program.md "The process program" table: 1000 messages; each 250/451/554 is exactly one run exiting 0/75/1."""
     srv = start_server(tmp_path, certs)
     try:
         tally = Tally()
@@ -241,7 +241,7 @@ def test_soak_every_reply_matches_one_run(tmp_path, certs):
 
 
 def test_kill_9_leaves_no_250_without_an_accepted_run(tmp_path, certs):
-    """README: after kill -9 mid-load, every 250 a client holds has an accepted (exit 0) run."""
+    """docs/process-program.md "The process program": after kill -9 mid-load, every 250 a client holds has an accepted (exit 0) run."""
     srv = start_server(tmp_path, certs)
     try:
         tally = Tally(threshold=300)
@@ -278,7 +278,7 @@ def test_kill_9_leaves_no_250_without_an_accepted_run(tmp_path, certs):
 
 
 def test_sigterm_under_load_answers_running_programs(tmp_path, certs):
-    """README "Signals": SIGTERM mid-load: running programs finish and are answered; then exit 0."""
+    """docs/operations.md "Signals": SIGTERM mid-load: running programs finish and are answered; then exit 0."""
     # Slow runs make sure some are in flight when the signal lands.
     srv = start_server(tmp_path, certs, env={"FLAKY_SLEEP": "0.3"})
     signalled = {}
@@ -327,7 +327,7 @@ def test_sigterm_under_load_answers_running_programs(tmp_path, certs):
 
 
 def test_repeated_sigterm_still_exits_0(tmp_path, certs):
-    """README "Signals": SIGTERM repeated until the server is gone (a supervisor's retry) still exits 0."""
+    """docs/operations.md "Signals": SIGTERM repeated until the server is gone (a supervisor's retry) still exits 0."""
     srv = start_server(tmp_path, certs)
     idle = srv.raw()
     try:

@@ -1,5 +1,5 @@
 """--state redis://...: the windowed counts shared by several instances
-(README "Accounts and limits", "Scaling").
+(docs/limits.md "Accounts and limits", docs/scaling.md "Scaling").
 
 A real Redis (Debian's redis-server, which .ci/run installs) started by the
 test on a loopback port with its own configuration, and stopped after.
@@ -88,7 +88,7 @@ def auth_code(srv, password):
 
 
 def test_two_instances_share_failed_logins_and_the_per_user_limit(make_server, redis):
-    """README "Accounts and limits": two instances naming one Redis (one of them with
+    """docs/limits.md "Accounts and limits": two instances naming one Redis (one of them with
     --workers 2) count together: the failure past --max-auth-failures-per-ip across both
     gets 421 from either, and a user's fourth message with 3/1h is refused on either; the
     Redis password is in no line."""
@@ -108,7 +108,7 @@ def test_two_instances_share_failed_logins_and_the_per_user_limit(make_server, r
 
 
 def test_recipients_are_counted_together_and_a_take_is_seen_at_once(make_server, redis):
-    """README "Accounts and limits": --max-recipients-per-user 3/1h over two instances:
+    """docs/limits.md "Accounts and limits": --max-recipients-per-user 3/1h over two instances:
     two recipients taken on one leave room for one RCPT on either, even right after the
     take on the instance that made it."""
     common = ["--state", redis.url, "--max-connections-per-ip", "100",
@@ -129,7 +129,7 @@ def test_recipients_are_counted_together_and_a_take_is_seen_at_once(make_server,
 
 def test_in_redis_a_window_frees_up_and_a_refused_message_counts_for_nothing(make_server,
                                                                              redis):
-    """README "Accounts and limits", with --state: 2/3s,10/1h: a message the program
+    """docs/limits.md "Accounts and limits", with --state: 2/3s,10/1h: a message the program
     refuses is given back, two are accepted, the third refused, and once 3 s have passed
     the short window has room again while the hour's still counts; several rounds, so
     the windows' running sums in Redis are taken down as messages leave them."""
@@ -154,7 +154,7 @@ def test_in_redis_a_window_frees_up_and_a_refused_message_counts_for_nothing(mak
 
 
 def test_redis_failing_is_not_a_mail_outage(make_server, redis):
-    """README "Accounts and limits": Redis stopped (SIGSTOP) and then killed during traffic:
+    """docs/limits.md "Accounts and limits": Redis stopped (SIGSTOP) and then killed during traffic:
     every message is still accepted, each instance counts locally, one ERROR line, the
     metric counts the failures; Redis back: counting is shared again."""
     mport = free_port()
@@ -193,7 +193,7 @@ def test_redis_failing_is_not_a_mail_outage(make_server, redis):
 
 
 def test_a_failing_redis_is_one_error_line_for_the_whole_server(make_server, redis):
-    """README "Accounts and limits": with --workers 2, Redis killed, both workers count
+    """docs/limits.md "Accounts and limits": with --workers 2, Redis killed, both workers count
     locally and the server logs one ERROR line about it, not one per worker; and a
     stopped Redis is waited for once a second, not at every call."""
     mport = free_port()
@@ -218,7 +218,7 @@ def test_a_failing_redis_is_one_error_line_for_the_whole_server(make_server, red
 
 
 def test_a_stopped_redis_never_stalls_other_clients(make_server, redis):
-    """README "Accounts and limits": Redis calls run off the event loop: while a session
+    """docs/limits.md "Accounts and limits": Redis calls run off the event loop: while a session
     waits --state-timeout (1.5 s) on a stopped Redis, another client's replies come at
     once."""
     srv = make_server("--state", redis.url, "--state-timeout", "1.5")
@@ -243,7 +243,7 @@ def test_a_stopped_redis_never_stalls_other_clients(make_server, redis):
 
 
 def test_rediss_shares_counts_over_tls_and_checks_the_certificate(make_server, tmp_path, certs):
-    """README "Accounts and limits": rediss:// with the CA named in the URL: two instances
+    """docs/limits.md "Accounts and limits": rediss:// with the CA named in the URL: two instances
     share a user's limit over TLS, --check-config says Redis answered; with another CA
     the certificate is refused, the server counts locally and mail still goes."""
     certs_dir = tmp_path / "redis-certs"
@@ -277,7 +277,7 @@ def test_rediss_shares_counts_over_tls_and_checks_the_certificate(make_server, t
 
 
 def test_check_config_says_whether_redis_answered(make_server, redis, tmp_path):
-    """README "Accounts and limits": --check-config connects and says whether Redis
+    """docs/limits.md "Accounts and limits": --check-config connects and says whether Redis
     answered; one that does not is reported, not an error; the password is not shown."""
     for url, words in ((redis.url, "answered"),
                        (f"unix://{redis.socket}?db=0&password={REDIS_PASSWORD}", "answered"),
@@ -293,7 +293,7 @@ def test_check_config_says_whether_redis_answered(make_server, redis, tmp_path):
 
 
 def test_concurrent_sessions_over_two_instances_take_exactly_the_limit(make_server, redis):
-    """README "Accounts and limits": 20 sessions of one user at once, spread over two
+    """docs/limits.md "Accounts and limits": 20 sessions of one user at once, spread over two
     instances sharing one Redis, against --max-messages-per-user 10/1h, all past MAIL,
     RCPT and DATA before any final dot: exactly 10 accepted, the others answered 450."""
     common = ["--state", redis.url, "--max-connections-per-ip", "100",
@@ -326,7 +326,7 @@ def test_concurrent_sessions_over_two_instances_take_exactly_the_limit(make_serv
 
 
 def test_the_password_of_a_state_url_is_never_shown():
-    """README "Accounts and limits": a password in the URL, in the user part or in a
+    """docs/limits.md "Accounts and limits": a password in the URL, in the user part or in a
     unix:// query, is left out of what the server writes about --state."""
     from ssmtpd.state import safe_url
     assert safe_url(f"redis://:{REDIS_PASSWORD}@10.0.0.20:6379/0") == "redis://10.0.0.20:6379/0"

@@ -94,7 +94,7 @@ def wait_log_count(srv, needle: str, count: int, timeout: float = 10.0) -> None:
     (ssl.TLSVersion.MAXIMUM_SUPPORTED, "TLSv1.3"),
 ], ids=["TLSv1.2", "newest"])
 def test_starttls_verified_and_version_recorded(server, maximum, expected):
-    """README "The dialogue" TLS 1.2 and newer; §4 SSMTPD_TLS carries the negotiated version."""
+    """docs/dialogue.md "The dialogue" TLS 1.2 and newer; §4 SSMTPD_TLS carries the negotiated version."""
     ctx = client_context(server.ca)  # verifies the chain and 127.0.0.1 against the SAN
     ctx.maximum_version = maximum
     with server.smtp() as s:
@@ -137,7 +137,7 @@ def test_large_records_arrive_whole(server):
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1],
                          ids=["TLSv1.1", "TLSv1.0"])
 def test_starttls_refuses_tls_below_1_2(server, version):
-    """README "The dialogue": TLS 1.2 and newer only; a 1.1 or 1.0 client fails the handshake."""
+    """docs/dialogue.md "The dialogue": TLS 1.2 and newer only; a 1.1 or 1.0 client fails the handshake."""
     ctx = old_tls_context(version)
     raw = server.raw()
     try:
@@ -151,7 +151,7 @@ def test_starttls_refuses_tls_below_1_2(server, version):
 
 
 def test_second_starttls_refused(server):
-    """README "The dialogue": STARTTLS is offered before TLS only; once up it is 503."""
+    """docs/dialogue.md "The dialogue": STARTTLS is offered before TLS only; once up it is 503."""
     raw = server.raw()
     try:
         raw.login(client_context(server.ca))
@@ -173,7 +173,7 @@ INJECTIONS = {
 
 @pytest.mark.parametrize("name", sorted(INJECTIONS))
 def test_starttls_discards_pipelined_plaintext(server, name):
-    """README "The dialogue": bytes sent after STARTTLS in the same read are discarded, never executed."""
+    """docs/dialogue.md "The dialogue": bytes sent after STARTTLS in the same read are discarded, never executed."""
     payload = INJECTIONS[name]
     raw = server.raw()
     try:
@@ -207,7 +207,7 @@ def test_starttls_discards_pipelined_plaintext(server, name):
 
 
 def test_starttls_forgets_helo(server):
-    """README "The dialogue" / RFC 3207 §4.2: after STARTTLS the client must EHLO again."""
+    """docs/dialogue.md "The dialogue" / RFC 3207 §4.2: after STARTTLS the client must EHLO again."""
     raw = server.raw()
     try:
         assert raw.reply()[0] == 220
@@ -226,7 +226,7 @@ def test_starttls_forgets_helo(server):
 
 
 def test_starttls_forgets_authentication(make_server):
-    """README "The dialogue" / RFC 3207 §4.2: an AUTH done in the clear does not survive STARTTLS."""
+    """docs/dialogue.md "The dialogue" / RFC 3207 §4.2: an AUTH done in the clear does not survive STARTTLS."""
     srv = make_server("--no-require-tls")
     raw = srv.raw()
     try:
@@ -261,7 +261,7 @@ def smtps_server(make_server):
 
 
 def test_smtps_port_end_to_end(smtps_server):
-    """README "Configuration" --smtps-port: implicit TLS; no STARTTLS offered; SSMTPD_TLS set."""
+    """docs/configuration.md "Configuration" --smtps-port: implicit TLS; no STARTTLS offered; SSMTPD_TLS set."""
     srv = smtps_server
     with smtplib.SMTP_SSL("127.0.0.1", srv.smtps_port, local_hostname="client.test",
                           context=client_context(srv.ca), timeout=10) as s:
@@ -285,7 +285,7 @@ def test_smtps_port_end_to_end(smtps_server):
 
 
 def test_smtps_port_refuses_tls_1_1(smtps_server):
-    """README "The dialogue": TLS 1.2 and newer only, on the implicit-TLS port too."""
+    """docs/dialogue.md "The dialogue": TLS 1.2 and newer only, on the implicit-TLS port too."""
     srv = smtps_server
     ctx = old_tls_context(ssl.TLSVersion.TLSv1_1)
 
@@ -303,7 +303,7 @@ def test_smtps_port_refuses_tls_1_1(smtps_server):
 
 
 def test_self_signed_certificate_when_none_configured(make_server):
-    """README "Configuration": without --ssl-cert/--ssl-key, STARTTLS uses a self-signed cert for --hostname."""
+    """docs/configuration.md "Configuration": without --ssl-cert/--ssl-key, STARTTLS uses a self-signed cert for --hostname."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import NameOID
@@ -343,7 +343,7 @@ def test_self_signed_certificate_when_none_configured(make_server):
 
 
 def test_sighup_reloads_certificate(make_server, tmp_path):
-    """README "Signals" SIGHUP: new sessions get the new cert, open ones go on, a bad file is ignored."""
+    """docs/operations.md "Signals" SIGHUP: new sessions get the new cert, open ones go on, a bad file is ignored."""
     (ca_a, cert_a, key_a), (ca_b, cert_b, key_b), cert, key = two_certificates(str(tmp_path))
     srv = make_server("--ssl-cert", cert, "--ssl-key", key, with_tls=False)
 
@@ -412,7 +412,7 @@ def test_sighup_reloads_certificate(make_server, tmp_path):
 
 
 def test_sighup_keeps_old_certificate_on_mismatched_key(make_server, tmp_path):
-    """README "Signals" SIGHUP: a key that does not match the certificate keeps the old pair."""
+    """docs/operations.md "Signals" SIGHUP: a key that does not match the certificate keeps the old pair."""
     ca_a, cert_a, key_a = make_certs(str(tmp_path), serial_cn="ssmtpd first")
     other = tmp_path / "other"
     other.mkdir()
@@ -458,7 +458,7 @@ def watch_close(raw: Raw, started: float, limit: float = 10.0) -> dict:
 
 
 def test_tls_handshake_deadline(make_server):
-    """README "The dialogue": a TLS handshake gets at most --timeout; other clients are served meanwhile."""
+    """docs/dialogue.md "The dialogue": a TLS handshake gets at most --timeout; other clients are served meanwhile."""
     port = free_port()
     srv = make_server("--timeout", "2", "--smtps-port", str(port))
     wait_for_port(port, proc=srv.proc)
@@ -497,7 +497,7 @@ def client_hello() -> bytes:
 
 
 def test_tls_handshake_deadline_covers_slow_drip(make_server):
-    """README "The dialogue": the handshake deadline is for the whole handshake, not per read."""
+    """docs/dialogue.md "The dialogue": the handshake deadline is for the whole handshake, not per read."""
     srv = make_server("--timeout", "2")
     raw = srv.raw()
     try:
@@ -530,7 +530,7 @@ def test_tls_handshake_deadline_covers_slow_drip(make_server):
 
 
 def test_no_renegotiation(server, tmp_path):
-    """README "The dialogue": no renegotiation: a client's renegotiation request is refused."""
+    """docs/dialogue.md "The dialogue": no renegotiation: a client's renegotiation request is refused."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl command not installed")
@@ -603,6 +603,6 @@ def s_client_cipher(srv, cipher: str):
     ("AES128-GCM-SHA256", False),           # no forward secrecy
 ])
 def test_tls_1_2_offers_only_forward_secret_aead_suites(server, cipher, accepted):
-    """README "Limits and abuse": TLS 1.2 suites are ECDHE with AES-GCM or ChaCha20-Poly1305 only."""
+    """docs/limits.md "Limits and abuse": TLS 1.2 suites are ECDHE with AES-GCM or ChaCha20-Poly1305 only."""
     agreed = s_client_cipher(server, cipher)
     assert agreed == (cipher if accepted else None)

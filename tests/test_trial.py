@@ -1,5 +1,5 @@
 """--try-auth and --try-process: one run of a configured program by hand
-(README "The auth program", "The process program").
+(docs/auth-program.md "The auth program", docs/process-program.md "The process program").
 
 Each test runs `python -m ssmtpd --try-...` to completion with real programs and
 reads what it printed, its exit status, and what the program recorded of its run.
@@ -85,7 +85,7 @@ def test_try_auth_wrong_password_is_535_and_exit_1(tmp_path):
 
 @pytest.mark.parametrize("mechanism", ["XOAUTH2", "OAUTHBEARER"])
 def test_try_auth_token_mechanism_passes_a_token(tmp_path, mechanism):
-    """README "The auth program": for the token mechanisms the program gets
+    """docs/auth-program.md "The auth program": for the token mechanisms the program gets
     SSMTPD_TOKEN, never SSMTPD_PASSWORD."""
     auth = script(tmp_path, "auth-token", '#!/bin/sh\n'
                   'env | grep ^SSMTPD_ | sort > "$TEST_RECORD/env"\n'
@@ -110,7 +110,7 @@ def test_try_auth_token_mechanism_passes_a_token(tmp_path, mechanism):
     ("slow", "timed out, killed", "454 4.7.0 Temporary authentication failure"),
 ])
 def test_try_auth_follows_the_exit_table(tmp_path, user, result, reply):
-    """README "The auth program": each row of the table, --auth-timeout included."""
+    """docs/auth-program.md "The auth program": each row of the table, --auth-timeout included."""
     rc, out, _ = try_run(["--try-auth", user, "--auth-timeout", "1"], b"secret\n", tmp_path)
     assert (rc, printed(out, "result"), printed(out, "reply")) == (1, [result], [reply]), out
 
@@ -187,7 +187,7 @@ def test_try_process_pipes_the_message_as_a_session_would(tmp_path):
     ("sleep30@example.org", "timed out, killed", "451 4.3.0 Temporary failure, try again later"),
 ])
 def test_try_process_follows_the_exit_table(tmp_path, sender, result, reply):
-    """README "The process program": each row of the table, --process-timeout included.
+    """docs/process-program.md "The process program": each row of the table, --process-timeout included.
     (A USERNAME with an @ is also the placeholder MAIL FROM; the test program acts as
     its local part says.)"""
     rc, out, _ = try_run(["--try-process", sender, "--process-timeout", "1"], b"hi\n",
@@ -214,7 +214,7 @@ def test_try_process_program_that_cannot_start(tmp_path):
                                                          "fixed limit"),
 ])
 def test_try_process_session_rules_refuse_without_running(tmp_path, message, args, reply):
-    """README "The dialogue": a bare CR, or a message over --max-message-size (counted
+    """docs/dialogue.md "The dialogue": a bare CR, or a message over --max-message-size (counted
     with CRLF line ends), is refused and no program runs."""
     rc, out, _ = try_run(["--try-process", "alice", *args], message, tmp_path)
     assert (rc, printed(out, "reply")) == (1, [reply]), out
@@ -232,7 +232,7 @@ def test_try_process_at_the_size_limit_runs(tmp_path):
 
 @pytest.mark.parametrize("variable", ["SSMTPD_TRY_AUTH", "SSMTPD_TRY_PROCESS"])
 def test_an_environment_variable_never_makes_a_one_shot_run(tmp_path, variable):
-    """README "Configuration": the variable stops the start with one line; nothing runs."""
+    """docs/configuration.md "Configuration": the variable stops the start with one line; nothing runs."""
     rc, out, err = try_run([], b"secret\n", tmp_path, extra_env={variable: "alice"})
     assert (rc, out) == (2, "")
     assert err.startswith("ssmtpd: --try-") and "command-line only" in err and \
@@ -254,7 +254,7 @@ def test_an_ini_key_never_makes_a_one_shot_run(tmp_path, key):
 
 @needs_root
 def test_programs_run_as_the_user(tmp_path):
-    """README "Deploying": with --user nobody the one-shot run, like the server,
+    """docs/deploying.md "Deploying": with --user nobody the one-shot run, like the server,
     switches before any program runs."""
     nobody = pwd.getpwnam("nobody")
     with shared_tmp_dir("ssmtpd-try-", 0o777) as shared:

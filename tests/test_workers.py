@@ -1,4 +1,4 @@
-"""--workers N: a master that binds, supervises and passes signals on (README "Scaling").
+"""--workers N: a master that binds, supervises and passes signals on (docs/scaling.md "Scaling").
 
 Every test runs a real master with real worker processes.  Which worker served
 a message is known from the process program's parent pid, which the test
@@ -56,9 +56,9 @@ def submit(srv, sender, results, i):
 
 
 def test_sixty_concurrent_sessions_each_delivered_once_by_several_workers(workers):
-    """README "Scaling": 60 sessions at once: 60 runs, one per message, spread over workers."""
+    """docs/scaling.md "Scaling": 60 sessions at once: 60 runs, one per message, spread over workers."""
     # All come from 127.0.0.1 as one user: over the default sessions per user
-    # (README "Accounts and limits").
+    # (docs/limits.md "Accounts and limits").
     srv = workers("--max-connections-per-ip", "100", "--max-sessions-per-user", "0")
     results = [None] * 60
     threads = [threading.Thread(target=submit, args=(srv, f"s{i}@example.org", results, i))
@@ -78,7 +78,7 @@ def test_sixty_concurrent_sessions_each_delivered_once_by_several_workers(worker
 
 
 def test_sigterm_lets_running_programs_finish_then_exit_zero(workers):
-    """README "Scaling", "Signals": SIGTERM to the master while programs run: every message answered,
+    """docs/scaling.md "Scaling", docs/operations.md "Signals": SIGTERM to the master while programs run: every message answered,
     master exit 0, no worker left behind."""
     srv = workers()
     results = [None] * 6
@@ -98,7 +98,7 @@ def test_sigterm_lets_running_programs_finish_then_exit_zero(workers):
 
 
 def test_killed_worker_is_replaced(workers):
-    """README "Scaling": kill -9 of a worker: the master logs it, starts another, service goes on."""
+    """docs/scaling.md "Scaling": kill -9 of a worker: the master logs it, starts another, service goes on."""
     srv = workers()
     victim = worker_pids(srv)[0]
     os.kill(victim, signal.SIGKILL)
@@ -113,7 +113,7 @@ def test_killed_worker_is_replaced(workers):
 
 
 def test_a_dead_workers_running_program_is_killed(workers):
-    """README "Scaling": a worker killed while its process program runs leaves its client
+    """docs/scaling.md "Scaling": a worker killed while its process program runs leaves its client
     without an answer, so the client will send again: the master kills that program
     (and its group) rather than let it deliver the message a first time."""
     srv = workers()
@@ -131,7 +131,7 @@ def test_a_dead_workers_running_program_is_killed(workers):
 
 
 def test_crashing_worker_backs_off(workers, tmp_path):
-    """README "Scaling": a worker that dies at once is restarted after a growing pause, not in a spin."""
+    """docs/scaling.md "Scaling": a worker that dies at once is restarted after a growing pause, not in a spin."""
     srv = workers()
     for _ in range(3):
         pids = worker_pids(srv)
@@ -143,7 +143,7 @@ def test_crashing_worker_backs_off(workers, tmp_path):
 
 
 def test_sighup_reaches_every_worker(make_server, tmp_path):
-    """README "Scaling", "Reloading and upgrading": SIGHUP to the master: every worker
+    """docs/scaling.md "Scaling", docs/operations.md "Reloading (SIGHUP)": SIGHUP to the master: every worker
     serves the new certificate."""
     _, (ca_b, cert_b, key_b), cert, key = two_certificates(str(tmp_path))
     srv = make_server("--workers", str(WORKERS), "--ssl-cert", cert, "--ssl-key", key,
@@ -169,7 +169,7 @@ def test_sighup_reaches_every_worker(make_server, tmp_path):
 
 @pytest.mark.parametrize("count", [1, WORKERS])
 def test_connection_limits_hold_for_the_whole_server(make_server, count):
-    """README "Scaling": --max-connections and --max-connections-per-ip refuse at the same
+    """docs/scaling.md "Scaling": --max-connections and --max-connections-per-ip refuse at the same
     count with N workers as with one."""
     srv = make_server("--workers", str(count), "--max-connections", "6",
                       "--max-connections-per-ip", "4")
@@ -209,7 +209,7 @@ def auth_code(srv, password: str) -> int:
 
 
 def test_failed_logins_count_across_workers(make_server):
-    """README "Scaling", "Limits and abuse": the failed-login count is the server's, whichever worker saw them."""
+    """docs/scaling.md "Scaling", docs/limits.md "Limits and abuse": the failed-login count is the server's, whichever worker saw them."""
     srv = make_server("--workers", str(WORKERS), "--max-auth-failures-per-ip", "6")
     assert wait_until(lambda: srv.log().count("accepting on") == WORKERS)
     # One failure per connection: the kernel spreads them over the workers.
@@ -218,7 +218,7 @@ def test_failed_logins_count_across_workers(make_server):
 
 
 def test_the_failure_that_blocks_refuses_the_next_auth_at_once(make_server):
-    """README "Scaling": the worker that saw the failure reaching the limit
+    """docs/scaling.md "Scaling": the worker that saw the failure reaching the limit
     refuses its client's very next AUTH, even one already sent with it."""
     srv = make_server("--workers", "2", "--max-auth-failures-per-ip", "1",
                       "--auth-failure-window", "1", "--auth-failure-delay", "0")
@@ -236,7 +236,7 @@ def test_the_failure_that_blocks_refuses_the_next_auth_at_once(make_server):
 
 
 def test_replacement_workers_learn_the_blocked_addresses(make_server):
-    """README "Scaling": a worker started after an address was blocked from AUTH
+    """docs/scaling.md "Scaling": a worker started after an address was blocked from AUTH
     refuses it too; the master tells new workers the blocks it holds."""
     srv = make_server("--workers", "2", "--max-auth-failures-per-ip", "3")
     assert wait_until(lambda: srv.log().count("accepting on") == 2)
@@ -251,7 +251,7 @@ def test_replacement_workers_learn_the_blocked_addresses(make_server):
 
 
 def test_a_block_told_to_workers_ends_with_its_window(make_server):
-    """README "Limits and abuse": a worker lets the address log in again once
+    """docs/limits.md "Limits and abuse": a worker lets the address log in again once
     the failures have left --auth-failure-window."""
     # The second failure and four refusals must fit in the window, however
     # slow the machine; the test then waits for the window to pass.
@@ -273,7 +273,7 @@ def test_a_block_told_to_workers_ends_with_its_window(make_server):
 
 
 def test_workers_stop_when_the_master_dies(workers):
-    """README "Scaling": a worker notices its master is gone and drains and exits."""
+    """docs/scaling.md "Scaling": a worker notices its master is gone and drains and exits."""
     srv = workers()
     pids = worker_pids(srv)
     srv.proc.kill()
@@ -283,7 +283,7 @@ def test_workers_stop_when_the_master_dies(workers):
 
 
 def test_one_worker_runs_no_master(make_server):
-    """README "Scaling": --workers 1 is one process, exactly as without the option."""
+    """docs/scaling.md "Scaling": --workers 1 is one process, exactly as without the option."""
     srv = make_server("--workers", "1")
     raw = srv.raw()
     raw.login(srv.tls_context())
@@ -294,7 +294,7 @@ def test_one_worker_runs_no_master(make_server):
 
 
 def test_replacement_worker_keeps_the_masters_configuration(make_server, tmp_path):
-    """README "Scaling": a worker started later runs on the settings the master read
+    """docs/scaling.md "Scaling": a worker started later runs on the settings the master read
     at start, not on a configuration file edited (here: broken) since."""
     ini = tmp_path / "edited.ini"
     ini.write_text("[ssmtpd]\nmax-recipients = 50\n")
@@ -312,7 +312,7 @@ def test_replacement_worker_keeps_the_masters_configuration(make_server, tmp_pat
 
 
 def test_sighup_at_once_after_start_kills_no_worker(make_server):
-    """README "Scaling", "Signals": a SIGHUP that reaches a worker before it has its
+    """docs/scaling.md "Scaling", docs/operations.md "Signals": a SIGHUP that reaches a worker before it has its
     handler waits for it instead of killing the worker, and is then ignored (the
     master reloads); SIGHUPs to the master during a reload wait for it."""
     srv = make_server("--workers", str(WORKERS), start=False)
@@ -344,7 +344,7 @@ def test_sighup_at_once_after_start_kills_no_worker(make_server):
 
 
 def test_a_stalled_master_is_not_a_dead_one(make_server):
-    """README "Scaling": a master that does not answer for longer than a worker waits
+    """docs/scaling.md "Scaling": a master that does not answer for longer than a worker waits
     (here: stopped 12 s) costs new clients a 421 "try again later", not the workers:
     they keep their logged-in sessions, and count with the master again once it answers."""
     srv = make_server("--workers", "2")

@@ -7,7 +7,7 @@
 // program's stdin after a Received: header.  Both programs get the same
 // SSMTPD_* environment as under ssmtpd, run in their own session under a
 // timeout (killed as a group), and their exit status is mapped to a reply by
-// the same tables (ssmtpd's README, "The auth program", "The process program").
+// the same tables (ssmtpd's docs/auth-program.md "The auth program", docs/process-program.md "The process program").
 //
 // bench/run.py builds it once per run, in GOPATH mode from the Debian sources:
 //

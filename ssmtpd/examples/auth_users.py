@@ -6,7 +6,7 @@
     auth-users [--users FILE] delete USER
     auth-users [--users FILE] list
 
-Without a subcommand it is the program ssmtpd runs for each AUTH (README "The auth program"):
+Without a subcommand it is the program ssmtpd runs for each AUTH (docs/auth-program.md "The auth program"):
 exit 0 for a good password, 1 for a bad one or an unknown user, 75 (EX_TEMPFAIL)
 when the users file cannot be read, so the client hears "try again later"
 rather than "wrong password" while the file is missing or broken.
@@ -17,7 +17,7 @@ terminal (one trailing newline is dropped), else asks twice.  The file is
 replaced atomically.  A new file is made mode 0600; an existing one keeps its
 owner, group and mode.  Run as root, what the tool creates (the file, and any
 directory above it) belongs to the owner of the directory it is created in:
-the server's user owns its state directory (README "Deploying"), and a users
+the server's user owns its state directory (docs/deploying.md "Deploying"), and a users
 file that only root can read would answer every login with 454.  Default
 file: var/users, relative to the working directory.
 """

@@ -10,9 +10,9 @@ over (Received: header first, CRLF line ends).
 
 Delivery follows the Maildir protocol (https://cr.yp.to/proto/maildir.html):
 write into tmp/ under a unique name, fsync, rename into new/, fsync new/.
-Only then does it exit 0, which ssmtpd turns into the client's 250 (README).
+Only then does it exit 0, which ssmtpd turns into the client's 250 (docs/process-program.md "The process program").
 
-Exit status (sysexits, as README "The process program" reads them):
+Exit status (sysexits, as docs/process-program.md "The process program" reads them):
   0   delivered; the last stdout line "delivered as NAME" becomes the 250 text
   64  EX_USAGE: wrong arguments                          -> 554
   67  EX_NOUSER: empty or unsafe user name               -> 554
