@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What an upgrade in place costs the clients (README "Reloading and upgrading").
+"""What an upgrade in place costs the clients (docs/operations.md "Upgrading in place (SIGUSR2)").
 
 A server runs from a copy of the package as version 0.0.1; clients connect
 in a loop (greeting, EHLO, QUIT) from a few threads; halfway, version 0.0.2

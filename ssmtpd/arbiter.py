@@ -1,6 +1,6 @@
 """The master of --workers N: it binds, starts workers, replaces them, passes signals on.
 
-The master serves no client itself (README "Scaling").  It binds the ports
+The master serves no client itself (docs/scaling.md "Scaling").  It binds the ports
 (so 587 and 465 need root only here), then starts N workers with
 posix_spawn: each is a fresh `python -m ssmtpd` with the same arguments and
 environment, plus SSMTPD_WORKER naming the descriptors it inherits: the
@@ -14,7 +14,7 @@ Signals are queued by their handlers and acted on in the master's loop:
 SIGTERM/SIGINT are passed to every worker, which drains as a single server
 does, and the master exits 0 once all have.  SIGHUP reads the configuration
 again (reload.py) and starts a new generation of workers with it on the same
-sockets; the older one drains (README "Reloading and upgrading").  A worker
+sockets; the older one drains (docs/operations.md "Reloading (SIGHUP)").  A worker
 that dies is replaced; one that dies soon after starting is replaced after a
 growing pause, so a worker that cannot start does not spin.
 """
@@ -410,7 +410,7 @@ class Arbiter:
             None if self._metrics_dir is None else self._metrics_dir.fd,
             workers, self.ledger.limits.snapshot(),
             self.tls.pem if self.tls.self_signed else None,
-            reload_wanted=self._reload_wanted)
+            reload_wanted=self._reload_wanted, upgrade_wanted=self._upgrade_wanted)
         error = upgrade.replace_image(self.argv, inherited)
         upgrade.refused(self.log, f"the workers run ssmtpd {self._upgrade_to}, the master "
                                   f"stays: {error}")
@@ -445,6 +445,7 @@ class Arbiter:
                         if index not in taken]
         # A configuration changed since the workers started: a reload fits them to it.
         self._reload_wanted = inherited.reload_wanted or len(self._slots) != self.settings.workers
+        self._upgrade_wanted = inherited.upgrade_wanted
         serving = sum(slot.pid is not None for slot in self._slots)
         for sock, implicit in self.listeners:
             host, port = sock.getsockname()[:2]

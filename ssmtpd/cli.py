@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"ssmtpd: {option} runs {shlex.join(program)}")
         if settings.state:
             # Reported, not an error: the server would count locally until
-            # Redis answers (README "Accounts and limits").
+            # Redis answers (docs/limits.md "Accounts and limits").
             print(f"ssmtpd: --state {state.safe_url(settings.state)} "
                   f"{state.check(settings.state, settings.state_timeout)}")
         print("ssmtpd: configuration OK")
@@ -112,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _try(settings) -> int:
     """--try-auth, --try-process: one run of a program, as the server's own
-    would be after start-up gave up root (README "The auth program")."""
+    would be after start-up gave up root (docs/auth-program.md "The auth program")."""
     secret = b""
     if settings.try_auth is not None:
         noun = "token" if settings.try_mechanism in TOKEN_MECHANISMS else "password"
@@ -142,7 +142,7 @@ def _try(settings) -> int:
 def _fit_descriptor_limit(settings, logger):
     """Settings whose --max-connections the open file limit can hold: past it,
     accepting would fail before the busy timeout of three quarters full
-    ever began (README "Limits and abuse")."""
+    ever began (docs/limits.md "Limits and abuse")."""
     fits = fit_descriptor_limit(settings.max_connections)
     if fits >= settings.max_connections:
         return settings
@@ -208,7 +208,7 @@ def _serve(settings, logger, tls, worker: Optional[arbiter.WorkerSpec] = None,
             on_forget=lambda: server.forget_logins())
         listeners = [(gsocket.socket(fileno=fd), implicit) for fd, implicit in worker.listeners]
     # A worker tells its master which programs run, so that a run it leaves
-    # behind when it dies can be ended (README "Scaling").
+    # behind when it dies can be ended (docs/scaling.md "Scaling").
     def read_again():
         got = reload.read_again(argv, server.settings, server.tls, logger,
                                 workers_may_change=False,

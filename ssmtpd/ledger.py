@@ -1,7 +1,7 @@
 """The per-address counts of a server with --workers: kept by the master, asked by workers.
 
 `--max-connections`, `--max-connections-per-ip` and the failed-login count
-hold for the server as a whole (README "Scaling"), so exactly one process may
+hold for the server as a whole (docs/scaling.md "Scaling"), so exactly one process may
 keep them: the master holds the one `limits.Limits`, and each worker talks to
 it over its own SOCK_SEQPACKET socket pair (message boundaries for free, and
 EOF tells either side the other is gone).
@@ -38,10 +38,10 @@ message.  Whether a client may try AUTH is asked at every login, so the
 master tells every worker of each blocked key instead of being asked: a
 worker answers that from its own table.  A failure is answered, so the
 worker that saw it knows of the block it caused before its client's next
-command.  README "Scaling" says what else was weighed and why this won.
+command.  docs/scaling.md "Scaling" says what else was weighed and why this won.
 
-A user travels as a keyed digest of the name as given (README "Accounts
-and limits"): a name may be longer than a message, and hold any character;
+A user travels as a keyed digest of the name as given (docs/limits.md
+"Accounts and limits"): a name may be longer than a message, and hold any character;
 the master never needs the name itself, only to tell names apart.
 """
 
@@ -201,7 +201,7 @@ class Ledger:
                 self._serve_user(channel, op, rest)
 
     def _serve_user(self, channel: "_Channel", op: str, rest: str) -> None:
-        """The per-user operations (README "Accounts and limits")."""
+        """The per-user operations (docs/limits.md "Accounts and limits")."""
         limits = self.limits
         if op == "U":
             ident, messages, recipients, user = _split(rest, 4)

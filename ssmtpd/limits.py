@@ -65,7 +65,7 @@ def address_key(ip: str, ipv6_prefix_length: int) -> str:
 
 def user_key(user: str) -> str:
     """What a user is counted under: the same name, the same key, in every
-    process (a worker sends it to its master; README "Accounts and limits")."""
+    process (a worker sends it to its master; docs/limits.md "Accounts and limits")."""
     return hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 

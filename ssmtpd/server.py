@@ -1,6 +1,6 @@
 """Listeners, the session registry, connection limits and signals.
 
-README "Configuration", "Signals" and "Limits and abuse".
+docs/configuration.md "Configuration", "Signals" and "Limits and abuse".
 
 One gevent StreamServer per port spawns a greenlet per client.  gevent's own
 pool would only stop accepting when full; we count sessions ourselves so a
@@ -72,7 +72,7 @@ DESCRIPTORS_SPARE = 64
 
 def fit_descriptor_limit(max_connections: int) -> int:
     """Raise the open file limit towards what `max_connections` clients need;
-    how many clients it allows (README "Limits and abuse").
+    how many clients it allows (docs/limits.md "Limits and abuse").
 
     Workers started later inherit the raised limit.
     """
@@ -204,8 +204,8 @@ class Server:
         gevent.spawn(self._upgrade)
 
     def forget_logins(self) -> None:
-        """SIGHUP: every login is asked of the auth program again (README "The auth
-        cache"), whether or not the configuration read with it is taken."""
+        """SIGHUP: every login is asked of the auth program again (docs/auth-program.md
+        "The auth cache"), whether or not the configuration read with it is taken."""
         forgotten = self.programs.forget_logins()
         if forgotten is not None:
             events.note(self.log, events.INFO, events.RELOAD,
@@ -363,7 +363,7 @@ class Server:
         try:
             header = _read_proxy_header(sock, deadline)
         except _ClosedBeforeHeader:
-            # A load balancer's health check that only connects (README "Logging").
+            # A load balancer's health check that only connects (docs/logging.md "Logging").
             log.say(events.DEBUG, events.DISCONNECTED, reason="closed before a PROXY header",
                     duration_ms=round((time.monotonic() - started) * 1000), health_check=True)
             return None
@@ -398,7 +398,7 @@ class Server:
 
     def _sweep_strangers(self) -> None:
         """Postfix's stress mode, for sessions that began waiting before the
-        server filled up (README "Limits and abuse": --busy-timeout)."""
+        server filled up (docs/limits.md "Limits and abuse": --busy-timeout)."""
         while not self.stopping:
             gevent.sleep(PRESSURE_SWEEP)
             if self.limits.under_pressure:

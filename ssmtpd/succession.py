@@ -1,5 +1,5 @@
 """SIGUSR2 with one process: a worker of the new code takes over, then this
-process becomes its master (README "Reloading and upgrading").
+process becomes its master (docs/operations.md "Upgrading in place (SIGUSR2)").
 
 The one process holds its sessions in its own memory, so it cannot replace
 its image while they run.  It starts one worker of the installed code on the
@@ -48,6 +48,7 @@ class Succession:
         self._read_again = read_again
         self.under_way = False
         self.reload_wanted = False  # a SIGHUP came meanwhile: the master reloads after
+        self.upgrade_wanted = False  # and a SIGUSR2: it upgrades again
         self.pid: Optional[int] = None  # the worker's, once started
         self.handed_over = False  # it accepts, this process drains
         self._ledger: Optional[ledger.Ledger] = None
@@ -58,10 +59,15 @@ class Succession:
 
     def begin(self) -> None:
         """SIGUSR2: check the installed code, start its worker, hand over."""
-        if self.under_way or self.server.stopping:
+        if self.server.stopping:
             events.note(self.log, events.WARNING, events.UPGRADE,
-                        "SIGUSR2 ignored: %s", "an upgrade is under way" if self.under_way
-                        else "the server is stopping")
+                        "SIGUSR2 ignored: the server is stopping")
+            return
+        if self.under_way:
+            # Queued: the master this process becomes checks again.
+            self.upgrade_wanted = True
+            events.note(self.log, events.INFO, events.UPGRADE,
+                        "SIGUSR2: another upgrade follows the one under way")
             return
         self.under_way = True
         self.server.successor = self
@@ -166,7 +172,7 @@ class Succession:
                             holdings=self._ledger.channel_holdings(self.pid))],
             server.local_limits.snapshot(),
             self._tls.pem if self._tls.self_signed else None,
-            reload_wanted=self.reload_wanted)
+            reload_wanted=self.reload_wanted, upgrade_wanted=self.upgrade_wanted)
         error = upgrade.replace_image(self.argv, inherited)
         # Nothing here serves any more: the worker stops, and so does this
         # process, for its supervisor to start the server again.

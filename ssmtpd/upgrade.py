@@ -1,5 +1,5 @@
-"""SIGUSR2: going on with the code installed now, in the same process (README
-"Reloading and upgrading").
+"""SIGUSR2: going on with the code installed now, in the same process (docs/operations.md
+"Upgrading in place (SIGUSR2)").
 
 An upgrade has three steps, whatever the layout:
 
@@ -116,6 +116,7 @@ class Inherited:
     counts: dict  # limits.Limits.snapshot()
     pem: Optional[Tuple[bytes, bytes]]  # the self-signed certificate and key, if in use
     reload_wanted: bool = False  # a SIGHUP came during the upgrade
+    upgrade_wanted: bool = False  # and a SIGUSR2
 
     def descriptors(self) -> List[int]:
         fds = [fd for fd, _ in self.listeners] + [w.channel for w in self.workers]

@@ -1,4 +1,4 @@
-"""Deployment paths, with the real thing (README "Deploying").
+"""Deployment paths, with the real thing (docs/deploying.md "Deploying").
 
 supervisord (Debian's `supervisor`) runs supervisord.conf.example with only its
 paths and user changed, as a system user the test creates; the test logs in and
@@ -7,7 +7,7 @@ stops it with `supervisorctl stop` while a message is being processed.  The
 systemd unit is checked by `systemd-analyze verify`, and its ExecStart run in
 its sandbox, reproduced with a mount namespace and setpriv.  The Dockerfile's
 command runs on its environment alone, and its HEALTHCHECK in every
-configuration the README shows.  Postfix relays through ssmtpd.
+configuration the docs show.  Postfix relays through ssmtpd.
 """
 
 import contextlib
@@ -71,7 +71,7 @@ def example_with_paths(tmp, state, ini, command, user) -> str:
 
 @pytest.fixture
 def dedicated_user():
-    """A throwaway system user and group, as README "Deploying" creates `ssmtpd`."""
+    """A throwaway system user and group, as docs/deploying.md "Deploying" creates `ssmtpd`."""
     if os.geteuid() != 0:
         pytest.skip("a dedicated user needs root: to create it, and for supervisord to "
                     "switch to it")
@@ -113,7 +113,7 @@ def views_for(user, scratch):
     """What a mount namespace must show `user` so that it can run this Python and the
     code under test: [(directory, child, stash)], often none.
 
-    README "Deploying" installs into /opt/ssmtpd, which any user can enter; the
+    docs/deploying.md "Deploying" installs into /opt/ssmtpd, which any user can enter; the
     Python running the tests may live under a directory only root enters (/root,
     for a pyenv).  In the namespace that directory becomes a bare tmpfs holding
     only the ways down to this Python and this checkout (see SANDBOX).
@@ -129,7 +129,7 @@ def views_for(user, scratch):
     if len({directory for directory, _ in blocked}) > 1 or \
             (blocked and not shutil.which("unshare")):
         pytest.skip(f"{user.pw_name} cannot run {sys.executable}: install ssmtpd where "
-                    "any user can enter (README \"Deploying\")")
+                    "any user can enter (docs/deploying.md \"Deploying\")")
     return [(directory, child, tempfile.mkdtemp(prefix="view-", dir=scratch))
             for directory, child in sorted(blocked)]
 
@@ -145,7 +145,7 @@ def in_namespace(**spec):
 
 @pytest.fixture
 def supervised(dedicated_user):
-    """README "Deploying" with a dedicated user: its state directory, a users file made
+    """docs/deploying.md "Deploying" with a dedicated user: its state directory, a users file made
     by root with the example users tool, and supervisord.conf.example's user= line."""
     supervisord, supervisorctl = shutil.which("supervisord"), shutil.which("supervisorctl")
     if not (supervisord and supervisorctl):
@@ -236,7 +236,7 @@ def uids(pid) -> set:
 
 
 def test_supervisord_runs_the_example(supervised):
-    """README "Deploying": under supervisord with the shipped example, as a dedicated
+    """docs/deploying.md "Deploying": under supervisord with the shipped example, as a dedicated
     user whose users file root made with the example users tool: logins, delivery, a
     certificate renewed with `supervisorctl signal HUP`, and `supervisorctl stop`
     draining a message in progress, then exit 0."""
@@ -281,7 +281,7 @@ def test_supervisord_runs_the_example(supervised):
 # --- systemd ------------------------------------------------------------------------
 
 def test_systemd_unit_verifies(tmp_path):
-    """README "Deploying": systemd-analyze verify accepts conf/ssmtpd.service without a
+    """docs/deploying.md "Deploying": systemd-analyze verify accepts conf/ssmtpd.service without a
     word of warning (with ExecStart pointed at this machine's ssmtpd)."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -438,7 +438,7 @@ def readme_minimal_process_program() -> str:
 
 @pytest.fixture
 def unit_machine(dedicated_user):
-    """A host laid out as README "Deploying" and the unit's head say, in a temporary
+    """A host laid out as docs/deploying.md "Deploying" and the unit's head say, in a temporary
     directory: the unit's paths moved into it, a users file root made with alice."""
     if not (shutil.which("unshare") and shutil.which("setpriv")):
         pytest.skip("unshare and setpriv (util-linux) are not installed")
@@ -473,9 +473,9 @@ def unit_machine(dedicated_user):
 
 
 def test_systemd_unit_runs_the_readme_minimal_process_program(unit_machine):
-    """README "Under systemd": the unit as shipped, with its sandbox (everything
-    read-only but its ReadWritePaths=), runs the minimal process program of README
-    "The process program" once its directory is made as README "Under systemd" says."""
+    """docs/deploying.md "Under systemd": the unit as shipped, with its sandbox (everything
+    read-only but its ReadWritePaths=), runs the minimal process program of the docs
+    "The process program" once its directory is made as docs/deploying.md "Under systemd" says."""
     m = unit_machine
     spool = m["paths"]["/var/spool/submitted"]
     # install -d -o ssmtpd -g ssmtpd -m 0750 /var/spool/submitted
@@ -493,7 +493,7 @@ def test_systemd_unit_runs_the_readme_minimal_process_program(unit_machine):
 
 
 def test_systemd_unit_runs_the_example_programs(unit_machine):
-    """README "Under systemd": the unit as shipped runs the example programs as
+    """docs/deploying.md "Under systemd": the unit as shipped runs the example programs as
     installed, their state in its state directory."""
     m = unit_machine
     m["configure"](f"{os.path.dirname(sys.executable)}/ssmtpd-deliver-maildir "
@@ -505,7 +505,7 @@ def test_systemd_unit_runs_the_example_programs(unit_machine):
 
 
 def readme_unit_changes(program: str):
-    """The lines README "Under systemd" says to delete from the unit and to add to
+    """The lines docs/deploying.md "Under systemd" says to delete from the unit and to add to
     it, for `program`."""
     with open(os.path.join(ROOT, "docs", "deploying.md")) as f:
         text = f.read()
@@ -530,10 +530,10 @@ POSTFIX_DROP_MAIN = "compatibility_level = 3.6\n"
 
 def test_systemd_unit_pipes_to_postfix_sendmail_once_changed_as_the_readme_says(
         unit_machine):
-    """README "Under systemd": Postfix's sendmail as the process program fails under the
+    """docs/deploying.md "Under systemd": Postfix's sendmail as the process program fails under the
     unit as shipped (NoNewPrivileges= keeps its setgid postdrop from writing the
     maildrop, which ProtectSystem= has made read-only), and works with the changes the
-    README gives for it."""
+    docs give for it."""
     if not (os.path.exists("/usr/sbin/sendmail") and shutil.which("postdrop")):
         pytest.fail("postfix is not installed (.ci/run installs Debian's postfix)")
     m = unit_machine
@@ -658,7 +658,7 @@ def image_command(tmp_path, **extra):
 
 
 def test_dockerfile_command_runs_on_its_environment_alone(tmp_path):
-    """README "Deploying": the image's command, with only the Dockerfile's environment
+    """docs/deploying.md "Deploying": the image's command, with only the Dockerfile's environment
     (its state directory moved into a temporary one), serves mail with the example
     programs, and its HEALTHCHECK passes by speaking SMTP."""
     with image_command(tmp_path) as image:
@@ -674,7 +674,7 @@ def test_dockerfile_command_runs_on_its_environment_alone(tmp_path):
 
 
 def test_readme_docker_exec_add_asks_for_the_password_on_a_terminal(tmp_path):
-    """README "In a container": `docker exec -it ... add alice` gives the users tool a
+    """docs/deploying.md "In a container": `docker exec -it ... add alice` gives the users tool a
     terminal, so it prompts twice, echoes nothing and needs no end-of-file (with -i
     alone it would read the password, echoed, until Ctrl-D)."""
     import pty
@@ -737,18 +737,18 @@ def test_readme_docker_exec_add_asks_for_the_password_on_a_terminal(tmp_path):
 
 
 def readme_proxy_trusted():
-    """Every --proxy-trusted value the README shows, on a command line or as
+    """Every --proxy-trusted value the docs show, on a command line or as
     SSMTPD_PROXY_TRUSTED."""
     text = "".join(open(os.path.join(ROOT, "docs", page)).read()
                    for page in ("deploying.md", "scaling.md"))
     values = re.findall(r"(?:--proxy-trusted[ =]|SSMTPD_PROXY_TRUSTED=)([0-9A-Fa-f.:/,]+)",
                         text)
-    assert values, "the README shows no --proxy-trusted value"
+    assert values, "the docs show no --proxy-trusted value"
     return sorted(set(values))
 
 
 def health_configurations():
-    """The configurations the README shows: the image's own (STARTTLS and implicit
+    """The configurations the docs show: the image's own (STARTTLS and implicit
     TLS), STARTTLS alone, and behind a load balancer with each --proxy-trusted value."""
     yield pytest.param({}, id="image")
     yield pytest.param({"SSMTPD_SMTPS_PORT": "0"}, id="starttls-only")
@@ -759,8 +759,8 @@ def health_configurations():
 
 @pytest.mark.parametrize("extra", list(health_configurations()))
 def test_dockerfile_healthcheck_passes_without_a_warning(tmp_path, certs, extra):
-    """README "In a container", "Logging": the HEALTHCHECK, exactly as the Dockerfile gives
-    it, passes in every configuration the README shows, --proxy-protocol included, and the
+    """docs/deploying.md "In a container", "Logging": the HEALTHCHECK, exactly as the Dockerfile gives
+    it, passes in every configuration the docs show, --proxy-protocol included, and the
     server logs nothing above DEBUG about it however often it runs."""
     # At DEBUG, to see that it spoke: its lines are there only.
     with image_command(tmp_path, SSMTPD_SSL_CERT=certs[1], SSMTPD_SSL_KEY=certs[2],
@@ -795,7 +795,7 @@ def test_dockerfile_healthcheck_passes_without_a_warning(tmp_path, certs, extra)
     pytest.param({"SSMTPD_PROXY_PROTOCOL": "true", "SSMTPD_PROXY_TRUSTED": "10.0.0.0/8"},
                  id="listening-only")])
 def test_dockerfile_healthcheck_fails_when_the_server_does_not_accept(tmp_path, certs, extra):
-    """README "In a container": a server that has stopped answering is unhealthy, within
+    """docs/deploying.md "In a container": a server that has stopped answering is unhealthy, within
     the HEALTHCHECK's --timeout; so is one that is gone."""
     import resource
     with image_command(tmp_path, SSMTPD_SSL_CERT=certs[1], SSMTPD_SSL_KEY=certs[2],
@@ -862,7 +862,7 @@ def postfix_root():
 
 
 def test_postfix_relays_through_ssmtpd(make_server, postfix_root):
-    """README "Deploying": Postfix with ssmtpd as its smarthost (SASL AUTH, TLS required)
+    """docs/deploying.md "Deploying": Postfix with ssmtpd as its smarthost (SASL AUTH, TLS required)
     hands over a message that sendmail(1) queued; it reaches the process program."""
     from conftest import PASSWORD, USER
     if not shutil.which("postfix"):

@@ -1,5 +1,5 @@
 """SIGHUP reloads the configuration without dropping a connection; --graceful-timeout
-(README "Reloading and upgrading").
+(docs/operations.md "Reloading (SIGHUP)").
 
 The server reads its settings from an ini file that each test rewrites before it
 sends SIGHUP.  The process program is the recording one with a word of its own
@@ -143,7 +143,7 @@ def check_sessions(srv, sessions, times, workers_of=None) -> None:
 
 @pytest.mark.parametrize("layout", ["one-process", "workers-3", "workers-3-then-2"])
 def test_reloads_under_load_lose_nothing(tmp_path, certs, layout):
-    """README "Reloading and upgrading": 10 SIGHUPs under a steady load of 10 clients,
+    """docs/operations.md "Reloading (SIGHUP)": 10 SIGHUPs under a steady load of 10 clients,
     each switching the process program (and a limit): no session fails or is refused,
     every message runs once, sessions after a reload's line run its program and those
     before it the one before; with --workers the count may change, and the workers of
@@ -188,7 +188,7 @@ def test_reloads_under_load_lose_nothing(tmp_path, certs, layout):
 @pytest.mark.parametrize("broken", ["unknown-key", "program-not-executable"])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_refused_reload_keeps_the_running_configuration(tmp_path, certs, broken, workers):
-    """README "Reloading and upgrading": a SIGHUP with a broken ini is one ERROR line
+    """docs/operations.md "Reloading (SIGHUP)": a SIGHUP with a broken ini is one ERROR line
     naming the problem, and the running settings keep serving."""
     srv = reloadable_server(tmp_path, certs, "--workers", str(workers))
     try:
@@ -217,7 +217,7 @@ def test_a_refused_reload_keeps_the_running_configuration(tmp_path, certs, broke
 
 
 def test_settings_that_need_a_restart_are_kept_with_a_warning(tmp_path, certs):
-    """README "Reloading and upgrading": --smtps-port and --workers (in a server started
+    """docs/operations.md "Reloading (SIGHUP)": --smtps-port and --workers (in a server started
     without workers) cannot change in a running server: one WARNING each, the rest of
     the new configuration applies."""
     srv = reloadable_server(tmp_path, certs)
@@ -234,7 +234,7 @@ def test_settings_that_need_a_restart_are_kept_with_a_warning(tmp_path, certs):
 
 
 def test_sighup_to_workers_is_ignored_and_costs_nothing(tmp_path, certs):
-    """README "Reloading and upgrading": `pkill -HUP` that reaches every process (the
+    """docs/operations.md "Reloading (SIGHUP)": `pkill -HUP` that reaches every process (the
     master and its workers) during a load: each worker logs that it ignored it, the
     master reloads, no session fails."""
     srv = reloadable_server(tmp_path, certs, "--workers", "2", "--max-connections-per-ip",
@@ -257,7 +257,7 @@ def test_sighup_to_workers_is_ignored_and_costs_nothing(tmp_path, certs):
 
 
 def test_an_old_workers_idle_session_ends_at_the_graceful_timeout(tmp_path, certs):
-    """README "Reloading and upgrading": after a reload with --workers and
+    """docs/operations.md "Reloading (SIGHUP)": after a reload with --workers and
     --graceful-timeout 2, a session of an old worker goes on as before, and gets
     421 4.3.2 about 2 s after the new workers accept."""
     srv = reloadable_server(tmp_path, certs, "--workers", "2", "--graceful-timeout", "2",
@@ -283,7 +283,7 @@ def test_an_old_workers_idle_session_ends_at_the_graceful_timeout(tmp_path, cert
 
 
 def test_sigterm_lets_a_message_finish_until_the_graceful_timeout(tmp_path, certs):
-    """README "Signals": after SIGTERM with --graceful-timeout 2, an idle session gets
+    """docs/operations.md "Signals": after SIGTERM with --graceful-timeout 2, an idle session gets
     421 4.3.2 at once, one in the middle of its message data is cut at about 2 s, one
     whose 5 s process program runs gets its 250; the server exits 0."""
     srv = reloadable_server(tmp_path, certs, "--graceful-timeout", "2", "--timeout", "60")
@@ -312,7 +312,7 @@ def test_sigterm_lets_a_message_finish_until_the_graceful_timeout(tmp_path, cert
 
 
 def test_the_start_up_line_names_the_version(make_server):
-    """README "Logging": the line that says a port is served names ssmtpd's version,
+    """docs/logging.md "Logging": the line that says a port is served names ssmtpd's version,
     in one process and in a master."""
     from ssmtpd import __version__
     single = make_server()

@@ -1,4 +1,4 @@
-"""SIGUSR2 upgrades in place (README "Reloading and upgrading").
+"""SIGUSR2 upgrades in place (docs/operations.md "Upgrading in place (SIGUSR2)").
 
 The server runs from a copy of the package in a directory of the test's own
 (first in PYTHONPATH), as version OLD; its greeting names the version that
@@ -113,7 +113,7 @@ def greeting(srv) -> str:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_an_upgrade_under_load_loses_nothing(tmp_path, certs, workers):
-    """README "Reloading and upgrading": SIGUSR2 under a steady load of 10 clients,
+    """docs/operations.md "Upgrading in place (SIGUSR2)": SIGUSR2 under a steady load of 10 clients,
     after the package was replaced by another version: no session fails or is
     refused, every message runs once, sessions after the hand-over meet the new
     code and those before it the old; the PID stays, the log says `upgraded from X
@@ -151,7 +151,7 @@ def test_an_upgrade_under_load_loses_nothing(tmp_path, certs, workers):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_an_upgrade_keeps_the_counts(tmp_path, certs, workers):
-    """README "Reloading and upgrading": the failed-login count of an address and the
+    """docs/operations.md "Upgrading in place (SIGUSR2)": the failed-login count of an address and the
     messages of a user are whole after an upgrade: a blocked address stays blocked,
     a user at the limit stays there; with --workers, a session open in an old worker
     still holds its address's slot."""
@@ -216,7 +216,7 @@ def test_an_upgrade_keeps_the_counts(tmp_path, certs, workers):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_refused_upgrade_changes_nothing(tmp_path, certs, workers):
-    """README "Reloading and upgrading": SIGUSR2 when the installed code does not
+    """docs/operations.md "Upgrading in place (SIGUSR2)": SIGUSR2 when the installed code does not
     start is one ERROR line; the running code goes on serving, no worker starts."""
     srv = upgradable(tmp_path, certs, workers=workers)
     try:
@@ -236,7 +236,7 @@ def test_a_refused_upgrade_changes_nothing(tmp_path, certs, workers):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_sighup_during_an_upgrade_is_queued(tmp_path, certs, workers):
-    """README "Reloading and upgrading": a SIGHUP that comes while an upgrade is under
+    """docs/operations.md "Upgrading in place (SIGUSR2)": a SIGHUP that comes while an upgrade is under
     way is neither lost nor applied to half the server: once the upgrade is done the
     configuration is read again, and a message runs the program it names."""
     srv = upgradable(tmp_path, certs, workers=workers)
@@ -256,7 +256,7 @@ def test_a_sighup_during_an_upgrade_is_queued(tmp_path, certs, workers):
 
 
 def test_one_process_drains_its_sessions_before_it_goes_on(tmp_path, certs):
-    """README "Reloading and upgrading": with one process, a session open at SIGUSR2
+    """docs/operations.md "Upgrading in place (SIGUSR2)": with one process, a session open at SIGUSR2
     goes on with the old code (a whole message) and gets 421 4.3.2 at
     --graceful-timeout; only then does the process go on as the new master."""
     srv = upgradable(tmp_path, certs, "--graceful-timeout", "2", "--timeout", "60")
@@ -305,7 +305,7 @@ def pip_install(bindir: str, wheel: str) -> None:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_upgrade_under_supervisord(tmp_path, certs, workers):
-    """README "Reloading and upgrading": under supervisord with the shipped example,
+    """docs/operations.md "Upgrading in place (SIGUSR2)": under supervisord with the shipped example,
     `pip install` of another version into the server's virtualenv, then
     `supervisorctl signal USR2`: supervisord shows the same PID RUNNING, the log says
     `upgraded from X to Y`, the load sees no failed session, new sessions meet the
