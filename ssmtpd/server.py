@@ -413,15 +413,18 @@ class Server:
         try:
             self._stopped.wait()
         finally:
-            if not self.stopping:
-                # Handed over: what comes now is for the image that follows.
+            handed_over = not self.stopping
+            if handed_over:
+                # What comes now is for the image that follows (succession.py):
+                # held pending, never ignored, which would discard it.
                 signal.pthread_sigmask(signal.SIG_BLOCK, STARTING_BLOCKED)
             for handler in self._signal_handlers:
                 handler.cancel()
-            # Cancelling restores the default action: a second SIGTERM from an
-            # impatient supervisor must not turn our clean exit into 143.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if not handed_over:
+                # Cancelling restores the default action: a second SIGTERM from
+                # an impatient supervisor must not turn our clean exit into 143.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.stopping:
             events.note(self.log, events.INFO, events.STOPPED, "stopped")
         return 0

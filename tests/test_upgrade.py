@@ -385,3 +385,41 @@ def test_upgrade_under_supervisord(tmp_path, certs, workers):
         assert "all workers stopped" in log()
     finally:
         stop_process(proc, timeout=60)
+
+
+def server_processes(port: int):
+    """Pids of every process serving `port` (a master, its workers, the one process)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"ssmtpd" in argv and str(port).encode() in argv:
+                found.append(int(pid))
+    return found
+
+
+@pytest.mark.parametrize("stage", ["checking", "handed over"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_during_an_upgrade_stops_the_whole_server(tmp_path, certs, workers, stage):
+    """docs/operations.md "Upgrading in place (SIGUSR2)": a SIGTERM that comes while the installed code
+    is checked, or just as the new code takes over, is not lost: the server stops,
+    exit 0, and no process of it is left behind."""
+    srv = upgradable(tmp_path, certs, workers=workers)
+    try:
+        install(srv.site, NEW)
+        srv.signal(signal.SIGUSR2)
+        if stage == "checking":
+            srv.wait_log("SIGUSR2: checking the installed code")
+        else:
+            assert wait_until(lambda: HANDED_OVER.search(srv.log()), timeout=90), srv.log()
+        srv.signal(signal.SIGTERM)
+        assert srv.proc.wait(60) == 0, srv.log()[-3000:]
+        assert wait_until(lambda: not server_processes(srv.port), timeout=30), \
+            server_processes(srv.port)
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log()
