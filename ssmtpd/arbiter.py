@@ -140,6 +140,7 @@ class Arbiter:
         self._reload_wanted = False  # a SIGHUP came during a reload: one more after it
         self._handing_over = False  # the reload's older workers are told to stop accepting
         self._before = None  # while reloading: the settings of the workers serving
+        self._before_tls = None  # and their certificate
         self._signals: Deque[int] = collections.deque()
         self._wake = Event()
         self._state: Optional[int] = None
@@ -209,6 +210,9 @@ class Arbiter:
                         and (not self._reloading or self._stuck()):
                     self._reload_wanted = False
                     self._reload()
+                if self._upgrade_to is not None and self._reloading \
+                        and not self._handing_over and self._stuck():
+                    self._abandon_upgrade()
                 if self._upgrade_wanted and not (self._reloading or self._checking
                                                  or self._upgrade_to):
                     self._upgrade_wanted = False
@@ -278,7 +282,8 @@ class Arbiter:
                         "reload refused, the running configuration stays: cannot hand it "
                         "to workers: %s", e.strerror or e, reason=str(e))
             return False
-        self._before = self._before or self.settings  # of the generation serving now
+        if self._before is None:  # of the generation serving now
+            self._before, self._before_tls = self.settings, self.tls
         self.settings, self.tls = got
         log.setup(self.settings.log_level, format=self.settings.log_format)
         os.close(self._state)
@@ -360,7 +365,7 @@ class Arbiter:
                                 "upgrade: %d workers of ssmtpd %s accept, %d older ones "
                                 "drain; the master goes on with ssmtpd %s", len(self._slots),
                                 self._upgrade_to, len(told), self._upgrade_to)
-                self._before = None
+                self._before = self._before_tls = None
                 for slot in self._slots:
                     if slot.pid is not None and slot.ready:
                         self._tell_to_accept(slot)
@@ -382,7 +387,8 @@ class Arbiter:
         events.note(self.log, events.INFO, events.UPGRADE,
                     "SIGUSR2: checking the installed code with the configuration")
         try:
-            self._upgrade_to = upgrade.check(self.argv, upgrade.run_in_thread)
+            self._upgrade_to = upgrade.check(self.argv, upgrade.run_in_thread,
+                                             handover.encode(self.settings, self.tls.pem))
         except upgrade.UpgradeError as e:
             upgrade.refused(self.log, str(e))
             return
@@ -392,8 +398,51 @@ class Arbiter:
         if self.stopping or not self._reload():
             self._upgrade_to = None
 
+    def _abandon_upgrade(self) -> None:
+        """The workers of the new code die at start or are not ready in time:
+        they go, and the generation that still accepts stays, on its settings."""
+        upgrade.refused(self.log, f"the workers of ssmtpd {self._upgrade_to} did not become "
+                                  f"ready (they died at start, or took more than "
+                                  f"{READY_WAIT:.0f}s)")
+        now = time.monotonic()
+        new = self._slots
+        self._slots = [slot for slot in self._older if slot.retired_at is None]
+        self._older = [slot for slot in self._older if slot.retired_at is not None]
+        for slot in new:
+            if slot.pid is not None:
+                slot.retired_at = now
+                self._older.append(slot)
+                self._signal(slot, signal.SIGTERM)  # it never accepted
+        taken = {slot.index for slot in self._slots}
+        self._slots += [_Slot(index) for index in range(1, self._before.workers + 1)
+                        if index not in taken]
+        self.settings, self.tls = self._before, self._before_tls
+        self._before = self._before_tls = None
+        log.setup(self.settings.log_level, format=self.settings.log_format)
+        try:
+            state = handover.seal(handover.encode(self.settings, self.tls.pem))
+            os.close(self._state)
+            self._state = state
+        except OSError:
+            pass  # the new settings' state serves a replacement worker instead
+        self._reloading = False
+        self._upgrade_to = None
+
     def _go_on_with_new_code(self) -> None:
         """The workers of the new code accept: this process becomes it too."""
+        upgrade.hold_signals()
+        if any(signum in (signal.SIGTERM, signal.SIGINT) for signum in self._signals):
+            upgrade.release_signals()
+            events.note(self.log, events.INFO, events.UPGRADE,
+                        "upgrade: a stop came first; the master stays ssmtpd %s and stops",
+                        __version__)
+            self._upgrade_to = None
+            return
+        # Queued meanwhile: the new image acts on them.
+        for signum in self._signals:
+            self._reload_wanted |= signum == signal.SIGHUP
+            self._upgrade_wanted |= signum == signal.SIGUSR2
+        self._signals.clear()
         now = time.monotonic()
         workers = []
         for slot in self._live():
@@ -403,15 +452,16 @@ class Arbiter:
                 serving=not older and slot.told_to_accept,
                 drain_left=max(0.0, slot.drain_limit - (now - slot.retired_at))
                 if older and slot.retired_at is not None else None,
-                holdings=self.ledger.channel_holdings(slot.pid)))
+                holdings=self.ledger.channel_holdings(slot.pid), ready=slot.ready))
         inherited = upgrade.Inherited(
             __version__, [(sock.fileno(), implicit) for sock, implicit in self.listeners],
             None if self._metrics_server is None else self._metrics_server.socket.fileno(),
             None if self._metrics_dir is None else self._metrics_dir.fd,
             workers, self.ledger.limits.snapshot(),
-            self.tls.pem if self.tls.self_signed else None,
+            handover.encode(self.settings, self.tls.pem),
             reload_wanted=self._reload_wanted, upgrade_wanted=self._upgrade_wanted)
         error = upgrade.replace_image(self.argv, inherited)
+        upgrade.release_signals()
         upgrade.refused(self.log, f"the workers run ssmtpd {self._upgrade_to}, the master "
                                   f"stays: {error}")
         self._upgrade_to = None
@@ -431,7 +481,7 @@ class Arbiter:
         self._slots = []
         for worker in inherited.workers:
             slot = _Slot(worker.index, worker.pid, started=now - MIN_LIFETIME,
-                         ready=worker.serving, told_to_accept=worker.serving,
+                         ready=worker.ready, told_to_accept=worker.serving,
                          drain_limit=self._drain_limit())
             if worker.drain_left is not None:
                 slot.retired_at, slot.drain_limit = now, worker.drain_left
@@ -440,6 +490,9 @@ class Arbiter:
             else:
                 self._slots.append(slot)
             self.ledger.adopt(worker.pid, socket.socket(fileno=worker.channel), worker.holdings)
+        for slot in self._slots:
+            if slot.ready:  # it said so to the process before this image
+                self._tell_to_accept(slot)
         taken = {slot.index for slot in self._slots}
         self._slots += [_Slot(index) for index in range(1, self.settings.workers + 1)
                         if index not in taken]
@@ -490,7 +543,7 @@ class Arbiter:
             try:
                 pid, status = os.waitpid(slot.pid, os.WNOHANG)
             except ChildProcessError:
-                pid, status = slot.pid, 0  # not ours to wait for: gone all the same
+                pid, status = slot.pid, None  # not ours to wait for: gone all the same
             if pid == 0:
                 continue
             orphans = self.ledger.detach(pid)
@@ -584,6 +637,7 @@ class Arbiter:
             raise
         return directory
 
+
 def spawn_worker(index: int, listeners, handed, argv: List[str],
                  metrics_fd: Optional[int] = None):
     """Start a worker: (its pid, the master's end of its ledger channel).
@@ -622,6 +676,8 @@ def spawn_worker(index: int, listeners, handed, argv: List[str],
     return pid, master_end
 
 
-def _describe(status: int) -> str:
+def _describe(status: Optional[int]) -> str:
+    if status is None:
+        return "ended (its exit status was not ours to read)"
     code = os.waitstatus_to_exitcode(status)
     return f"killed by signal {-code}" if code < 0 else f"exited with status {code}"

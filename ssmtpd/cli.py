@@ -67,6 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # Its master gave up the capability to bind before starting it; a
             # Python given it by setcap(8) would give it to the worker again.
             privileges.give_up_capabilities()
+        elif inherited is not None:
+            # What the newest workers run; files changed since are a SIGHUP's.
+            settings, pem = handover.decode(inherited.settings)
         else:
             settings = config.parse(argv)
     except (config.ConfigError, handover.HandoverError, privileges.PrivilegeError) as e:
@@ -74,8 +77,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logger = log.setup(settings.log_level, format=settings.log_format)
     if settings.try_auth is not None or settings.try_process is not None:
         return _try(settings)
-    if inherited is not None and inherited.pem is not None and not settings.ssl_cert:
-        pem = inherited.pem  # the self-signed certificate clients may have pinned
     try:
         tls = TLSHolder(settings.hostname, settings.ssl_cert, settings.ssl_key, pem)
     except TLSError as e:

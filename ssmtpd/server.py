@@ -21,7 +21,8 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from ssmtpd import __version__, events, log, metrics, privileges, proxy, reload, replies, state
+from ssmtpd import (__version__, events, log, metrics, privileges, proxy, reload, replies, state,
+                    upgrade)
 from ssmtpd.config import Settings
 from ssmtpd.delivery import Programs
 from ssmtpd.listener import Listener
@@ -189,7 +190,7 @@ class Server:
         if self.successor is not None:
             # The worker of the upgrade has the configuration read at SIGUSR2;
             # its master reads it again once it has taken over.
-            self.successor.reload_wanted = True
+            self.successor.sighup()
             events.note(self.log, events.INFO, events.RELOAD,
                         "SIGHUP: the reload waits until the upgrade under way is done")
             return
@@ -413,11 +414,12 @@ class Server:
         try:
             self._stopped.wait()
         finally:
-            handed_over = not self.stopping
-            if handed_over:
+            if not self.stopping:
                 # What comes now is for the image that follows (succession.py):
-                # held pending, never ignored, which would discard it.
-                signal.pthread_sigmask(signal.SIG_BLOCK, STARTING_BLOCKED)
+                # held pending, never ignored, which would discard it.  One
+                # caught just before is acted on here (a SIGTERM stops instead).
+                upgrade.hold_signals()
+            handed_over = not self.stopping
             for handler in self._signal_handlers:
                 handler.cancel()
             if not handed_over:
@@ -430,6 +432,8 @@ class Server:
         return 0
 
     def begin_shutdown(self, why: str = "request") -> None:
+        if self.successor is not None:
+            self.successor.server_stopping()  # its worker stops with this process
         if self.stopping:
             self._stop_now(why)
             return

@@ -31,6 +31,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import gevent
+
 from ssmtpd import events, handover
 
 UPGRADE_ENV = "SSMTPD_UPGRADE"
@@ -44,23 +46,24 @@ EXEC_BLOCKED = frozenset((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.S
 # Environment the server sets for its own children, not the installed code's business.
 _OWN_ENV = ("SSMTPD_WORKER", UPGRADE_ENV, "PROMETHEUS_MULTIPROC_DIR")
 
-# (argv, environment) -> (exit status, stdout, stderr)
-Runner = Callable[[Sequence[str], dict], Tuple[int, str, str]]
+# (argv, environment, stdin) -> (exit status, stdout, stderr)
+Runner = Callable[[Sequence[str], dict, bytes], Tuple[int, str, str]]
+# Run by the installed code with the running settings on stdin: whether it
+# can take them over (handover.py's format may change between releases).
+_TAKES_OVER = "import sys; from ssmtpd import handover; handover.decode(sys.stdin.buffer.read())"
 
 
 class UpgradeError(Exception):
     """Why an upgrade cannot go on; str() is the reason for the ERROR line."""
 
 
-def run_in_thread(argv: Sequence[str], env: dict) -> Tuple[int, str, str]:
+def run_in_thread(argv: Sequence[str], env: dict, stdin: bytes = b"") -> Tuple[int, str, str]:
     """A master's runner: a native thread waits for exactly this child, so
     the master's own waitpid of its workers (arbiter.py) and this one never
     take each other's."""
-    import gevent
-
     def run():
         try:
-            done = subprocess.run(list(argv), env=env, stdin=subprocess.DEVNULL,
+            done = subprocess.run(list(argv), env=env, input=stdin,
                                   capture_output=True, timeout=CHECK_TIMEOUT)
         except subprocess.TimeoutExpired:
             return -1, "", f"no answer within {CHECK_TIMEOUT:.0f}s"
@@ -71,19 +74,24 @@ def run_in_thread(argv: Sequence[str], env: dict) -> Tuple[int, str, str]:
     return gevent.get_hub().threadpool.apply(run)
 
 
-def check(argv: Sequence[str], run: Runner) -> str:
+def check(argv: Sequence[str], run: Runner, running: bytes) -> str:
     """The version of the installed code, once it has accepted the
-    configuration as `--check-config` would; raises UpgradeError."""
+    configuration as `--check-config` would, and the `running` settings
+    (handover.encode()) it is to go on with; raises UpgradeError."""
     env = {name: value for name, value in os.environ.items() if name not in _OWN_ENV}
     python = [sys.executable, "-m", "ssmtpd"]
-    status, out, err = run(python + ["--version"], env)
+    status, out, err = run(python + ["--version"], env, b"")
     words = out.split()
     if status != 0 or len(words) != 2 or words[0] != "ssmtpd":
         raise UpgradeError(f"the installed code does not start: {_last_line(err or out)}")
-    status, out, err = run(python + list(argv) + ["--check-config"], env)
+    status, out, err = run(python + list(argv) + ["--check-config"], env, b"")
     if status != 0 or "configuration OK" not in out:
         raise UpgradeError(f"ssmtpd {words[1]} refuses the configuration: "
                            f"{_last_line(err or out)}")
+    status, out, err = run([sys.executable, "-c", _TAKES_OVER], env, running)
+    if status != 0:
+        raise UpgradeError(f"ssmtpd {words[1]} cannot take over the running settings (a "
+                           f"restart can): {_last_line(err or out)}")
     return words[1]
 
 
@@ -99,9 +107,10 @@ class Worker:
     pid: int
     index: int
     channel: int  # descriptor of the master's end of its ledger channel
-    serving: bool  # of the newest generation, accepting clients
+    serving: bool  # of the newest generation, told to accept clients
     drain_left: Optional[float] = None  # of an older one: seconds its drain may still take
     holdings: dict = field(default_factory=dict)  # ledger.Ledger.channel_holdings()
+    ready: bool = True  # it said it can accept (to be told to, if not serving yet)
 
 
 @dataclass
@@ -114,7 +123,10 @@ class Inherited:
     metrics_dir: Optional[int]
     workers: List[Worker]
     counts: dict  # limits.Limits.snapshot()
-    pem: Optional[Tuple[bytes, bytes]]  # the self-signed certificate and key, if in use
+    # The settings and certificate the newest workers run, as handover.encode()
+    # gives them: the new master goes on with them, not with files that may
+    # have changed since (a SIGHUP reads those).
+    settings: bytes
     reload_wanted: bool = False  # a SIGHUP came during the upgrade
     upgrade_wanted: bool = False  # and a SIGUSR2
 
@@ -123,15 +135,30 @@ class Inherited:
         return fds + [fd for fd in (self.metrics_socket, self.metrics_dir) if fd is not None]
 
 
+def hold_signals() -> None:
+    """Before the image is replaced: block the signals it must not lose, then
+    let the loop hand those already caught to their handlers.  From then on
+    one that comes waits, pending, for the image that follows (or for
+    release_signals())."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, EXEC_BLOCKED)
+    # A caught signal runs its handler in a greenlet of its own: a few turns.
+    for _ in range(3):
+        gevent.sleep(0.01)
+
+
+def release_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, EXEC_BLOCKED)
+
+
 def replace_image(argv: Sequence[str], inherited: Inherited) -> UpgradeError:
-    """execve(2) the installed code as the master, handing it `inherited`.
+    """execve(2) the installed code as the master, handing it `inherited`;
+    signals are held (hold_signals()).
 
     Returns only if that failed: the error, with everything as it was.
     """
     description = asdict(inherited)
-    pem = description.pop("pem")
     bulk = {"counts": description.pop("counts"),
-            "pem": None if pem is None else [part.decode("ascii") for part in pem],
+            "settings": description.pop("settings").decode("utf-8"),
             "holdings": [w.pop("holdings") for w in description["workers"]]}
     try:
         sealed = handover.seal(json.dumps(bulk).encode("ascii"), COUNTS_LIMIT, COUNTS_NAME)
@@ -144,7 +171,6 @@ def replace_image(argv: Sequence[str], inherited: Inherited) -> UpgradeError:
     fds = inherited.descriptors() + [sealed]
     sys.stdout.flush()
     sys.stderr.flush()
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, EXEC_BLOCKED)
     try:
         for fd in fds:
             os.set_inheritable(fd, True)
@@ -153,7 +179,6 @@ def replace_image(argv: Sequence[str], inherited: Inherited) -> UpgradeError:
         for fd in fds:
             os.set_inheritable(fd, False)
         os.close(sealed)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         return UpgradeError(f"cannot start {sys.executable}: {e.strerror or e}")
     raise AssertionError("execve returned")  # pragma: no cover
 
@@ -175,9 +200,8 @@ def inherited() -> Optional[Inherited]:
         workers = [Worker(**w, holdings=held)
                    for w, held in zip(description.pop("workers"), bulk["holdings"])]
         listeners = [(int(fd), bool(tls)) for fd, tls in description.pop("listeners")]
-        pem = tuple(part.encode("ascii") for part in bulk["pem"]) if bulk["pem"] else None
-        return Inherited(listeners=listeners, workers=workers, counts=bulk["counts"], pem=pem,
-                         **description)
+        return Inherited(listeners=listeners, workers=workers, counts=bulk["counts"],
+                         settings=bulk["settings"].encode("utf-8"), **description)
     except (ValueError, TypeError, KeyError, OSError) as e:
         raise handover.HandoverError(
             f"{UPGRADE_ENV}: not what an upgrading master hands over ({e}); restart") from None

@@ -34,16 +34,32 @@ HANDED_OVER = re.compile(rf"^(\S+) INFO upgrade: (?:a worker|\d+ workers) of ssm
                          rf"{re.escape(NEW)} ", re.M)
 
 
-def code_copy(dest: str, version: str, broken: bool = False) -> None:
-    """The package as `version` in dest/ssmtpd, its greeting naming that version."""
+# A copy whose workers die as they start, though the master's checks pass.
+WORKERS_DIE = """
+_spec_from_env = worker_spec_from_env
+
+
+def worker_spec_from_env():
+    if os.environ.get(WORKER_ENV):
+        os._exit(3)
+    return _spec_from_env()
+"""
+
+
+def code_copy(dest: str, version: str, broken: str = "") -> None:
+    """The package as `version` in dest/ssmtpd, its greeting naming that version;
+    `broken`: "start" (it does not start at all), "workers" (its workers die)."""
     tree = os.path.join(dest, "ssmtpd")
     shutil.copytree(os.path.join(ROOT, "ssmtpd"), tree,
                     ignore=shutil.ignore_patterns("__pycache__"))
     edit(os.path.join(tree, "__init__.py"), r'__version__ = "[^"]*"', f'__version__ = "{version}"')
     edit(os.path.join(tree, "replies.py"), r'ESMTP ssmtpd"', f'ESMTP ssmtpd {version}"')
-    if broken:
+    if broken == "start":
         with open(os.path.join(tree, "cli.py"), "a") as f:
             f.write("\nthis is not Python\n")
+    elif broken == "workers":
+        with open(os.path.join(tree, "arbiter.py"), "a") as f:
+            f.write(WORKERS_DIE)
 
 
 def edit(path: str, pattern: str, replacement: str) -> None:
@@ -55,7 +71,7 @@ def edit(path: str, pattern: str, replacement: str) -> None:
         f.write(changed)
 
 
-def install(site: str, version: str, broken: bool = False) -> None:
+def install(site: str, version: str, broken: str = "") -> None:
     """Replace the package in `site` by `version`, by renames."""
     staging = tempfile.mkdtemp(dir=site)
     code_copy(staging, version, broken)
@@ -165,13 +181,15 @@ def test_an_upgrade_keeps_the_counts(tmp_path, certs, workers):
         return Raw(socket.create_connection(("127.0.0.1", srv.port), timeout=30,
                                             source_address=(ip, 0)))
     try:
+        # One connection each: with one slot per address, a second one could come
+        # before the server has let go of the first.
+        raw = from_address("127.0.0.2")
+        raw.hello(ctx)
         for _ in range(2):
-            raw = from_address("127.0.0.2")
-            raw.hello(ctx)
             assert raw.cmd(f"AUTH PLAIN {plain_token(password='wrong')}")[0] == 535
-            raw.close()
+        raw.close()
         for n in range(2):
-            raw = from_address("127.0.0.3")
+            raw = from_address(f"127.0.0.{5 + n}")
             raw.login(ctx)
             assert raw.send_message(sender=f"m{n}@example.org")[0] == 250
             raw.close()
@@ -221,7 +239,7 @@ def test_a_refused_upgrade_changes_nothing(tmp_path, certs, workers):
     srv = upgradable(tmp_path, certs, workers=workers)
     try:
         started = srv.log().count(") started")
-        install(srv.site, NEW, broken=True)
+        install(srv.site, NEW, broken="start")
         srv.signal(signal.SIGUSR2)
         line = srv.wait_log("upgrade refused")
         assert "the installed code does not start" in line.split("upgrade refused", 1)[1]
@@ -423,3 +441,103 @@ def test_sigterm_during_an_upgrade_stops_the_whole_server(tmp_path, certs, worke
     finally:
         srv.stop()
     assert "Traceback" not in srv.log()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_upgrade_whose_workers_die_is_given_up(tmp_path, certs, workers):
+    """docs/operations.md "Upgrading in place (SIGUSR2)": installed code that passes
+    the checks but whose workers die as they start: one ERROR line, the old code goes
+    on serving (and reloading), nothing is left half-upgraded."""
+    srv = upgradable(tmp_path, certs, workers=workers)
+    try:
+        install(srv.site, NEW, broken="workers")
+        srv.signal(signal.SIGUSR2)
+        srv.wait_log("upgrade refused", timeout=90)
+        assert "did not become ready" in srv.log() or "before it was ready" in srv.log()
+        assert greeting(srv).endswith(f"ssmtpd {OLD}")
+        assert generation_of_a_message(srv) == 0
+        assert UPGRADED not in srv.log()
+        write_ini(srv.ini_path, 1, workers=workers)
+        srv.clear_runs()
+        if workers > 1:
+            # The old code's workers, back in place, reload as before.
+            install(srv.site, OLD)
+        srv.signal(signal.SIGHUP)
+        assert wait_until(lambda: re.search(r"INFO reload: .*changed: --process", srv.log()),
+                          timeout=90), srv.log()[-3000:]
+        assert generation_of_a_message(srv) == 1
+    finally:
+        assert srv.stop() == 0, srv.log()[-3000:]
+    assert "Traceback" not in srv.log()
+
+
+def test_one_process_replaces_a_worker_that_dies_while_it_drains(tmp_path, certs):
+    """docs/operations.md "Upgrading in place (SIGUSR2)": with one process, the new
+    worker is what accepts while the old sessions drain; if it dies, another takes
+    its place, and new clients are served."""
+    srv = upgradable(tmp_path, certs, "--graceful-timeout", "60", "--timeout", "60")
+    try:
+        raw = srv.raw(timeout=30)
+        raw.login(srv.tls_context())
+        install(srv.site, NEW)
+        srv.signal(signal.SIGUSR2)
+        log = srv.wait_log("sessions here drain")
+        (first,) = re.findall(r"worker 1 \(pid (\d+)\) started", log)
+        os.kill(int(first), signal.SIGKILL)
+        srv.wait_log("starting another")
+        assert wait_until(lambda: len(re.findall(r"worker 1 \(pid \d+\) started",
+                                                 srv.log())) == 2, timeout=60)
+        assert greeting(srv).endswith(f"ssmtpd {NEW}")
+        srv.clear_runs()
+        assert generation_of_a_message(srv) == 0
+        assert raw.cmd("QUIT")[0] == 221  # the old session, still in the old process
+        srv.wait_log(UPGRADED, timeout=60)
+        assert srv.log().count(") started") == 2
+    finally:
+        assert srv.stop() == 0, srv.log()[-3000:]
+
+
+def test_one_process_reloads_after_a_refused_upgrade(tmp_path, certs):
+    """docs/operations.md "Upgrading in place (SIGUSR2)": a SIGHUP that waited for an
+    upgrade is applied when the upgrade is refused."""
+    srv = upgradable(tmp_path, certs)
+    try:
+        install(srv.site, NEW, broken="workers")
+        srv.signal(signal.SIGUSR2)
+        srv.wait_log("worker 1 (pid")
+        write_ini(srv.ini_path, 1)
+        srv.signal(signal.SIGHUP)
+        srv.wait_log("upgrade refused", timeout=90)
+        assert wait_until(lambda: re.search(r"INFO reload: .*changed: --process", srv.log()),
+                          timeout=30), srv.log()[-3000:]
+        assert generation_of_a_message(srv) == 1
+    finally:
+        assert srv.stop() == 0, srv.log()[-3000:]
+
+
+@pytest.mark.parametrize("given", ["garbage", "unsealed"])
+def test_a_forged_hand_over_is_refused(tmp_path, given):
+    """docs/security.md: a master started with an SSMTPD_UPGRADE that an upgrading
+    master did not write (not its JSON, or counts in a file anyone could have
+    written) refuses to start: one line, exit 2, nothing bound."""
+    import json
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    pass_fds = ()
+    if given == "garbage":
+        env["SSMTPD_UPGRADE"] = "{not json"
+    else:
+        path = tmp_path / "counts.json"
+        path.write_text(json.dumps({"counts": {}, "settings": "{}", "holdings": []}))
+        fd = os.open(path, os.O_RDONLY)
+        pass_fds = (fd,)
+        env["SSMTPD_UPGRADE"] = json.dumps({
+            "version": OLD, "listeners": [], "metrics_socket": None, "metrics_dir": None,
+            "workers": [], "reload_wanted": False, "upgrade_wanted": False, "sealed": fd})
+    result = subprocess.run([sys.executable, "-m", "ssmtpd", "--port", str(free_port())],
+                            env=env, capture_output=True, text=True, timeout=60,
+                            pass_fds=pass_fds)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("ssmtpd: ") and len(result.stderr.splitlines()) == 1, \
+        result.stderr
+    assert ("not what an upgrading master" in result.stderr if given == "garbage"
+            else "not a sealed memfd" in result.stderr or "not sealed" in result.stderr)
