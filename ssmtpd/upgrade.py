@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -41,6 +42,8 @@ CHECK_TIMEOUT = 60.0
 # The counts may hold 100,000 addresses and every user's windows.
 COUNTS_LIMIT = 1 << 28
 COUNTS_NAME = "ssmtpd-upgrade-counts"
+# How long the native threads of gevent's pool may take to end before an execve.
+THREADS_END_WAIT = 2.0
 # Signals that must wait while the new image starts: it has no handlers yet.
 EXEC_BLOCKED = frozenset((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2))
 # Environment the server sets for its own children, not the installed code's business.
@@ -139,8 +142,22 @@ def hold_signals() -> None:
     """Before the image is replaced: block the signals it must not lose, then
     let the loop hand those already caught to their handlers.  From then on
     one that comes waits, pending, for the image that follows (or for
-    release_signals())."""
+    release_signals()).
+
+    A mask is a thread's own: a native thread of gevent's pool (the check's
+    runner, Redis calls of --state) would still take a signal, and its
+    handler would run in a loop that never turns again.  So the pool ends
+    first; one is made again if it is needed after all.
+    """
     signal.pthread_sigmask(signal.SIG_BLOCK, EXEC_BLOCKED)
+    hub = gevent.get_hub()
+    pool = hub._threadpool  # gevent's attribute: reading `threadpool` would make one
+    if pool is not None:
+        pool.kill()
+        del hub.threadpool
+    deadline = time.monotonic() + THREADS_END_WAIT
+    while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
+        gevent.sleep(0.01)
     # A caught signal runs its handler in a greenlet of its own: a few turns.
     for _ in range(3):
         gevent.sleep(0.01)
