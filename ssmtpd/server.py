@@ -182,9 +182,7 @@ class Server:
 
     def _on_sighup(self) -> None:
         if self._read_again is None:
-            events.note(self.log, events.WARNING, events.RELOAD,
-                        "SIGHUP to worker %d ignored: the master (pid %d) reloads; send it "
-                        "there", os.getpid(), os.getppid())
+            self._leave_to_master("SIGHUP", events.RELOAD, "reloads")
             return
         self.forget_logins()
         if self.successor is not None:
@@ -198,11 +196,15 @@ class Server:
 
     def _on_sigusr2(self) -> None:
         if self._upgrade is None:
-            events.note(self.log, events.WARNING, events.UPGRADE,
-                        "SIGUSR2 to worker %d ignored: the master (pid %d) upgrades; send it "
-                        "there", os.getpid(), os.getppid())
+            self._leave_to_master("SIGUSR2", events.UPGRADE, "upgrades")
             return
         gevent.spawn(self._upgrade)
+
+    def _leave_to_master(self, name: str, event: str, does: str) -> None:
+        """A signal only the master acts on reached a worker (pkill reaches every process)."""
+        events.note(self.log, events.WARNING, event,
+                    "%s to worker %d ignored: the master (pid %d) %s; send it there", name,
+                    os.getpid(), os.getppid(), does)
 
     def forget_logins(self) -> None:
         """SIGHUP: every login is asked of the auth program again (docs/auth-program.md

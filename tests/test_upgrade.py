@@ -273,17 +273,23 @@ def test_a_sighup_during_an_upgrade_is_queued(tmp_path, certs, workers):
         assert srv.stop() == 0, srv.log()[-3000:]
 
 
+def upgrade_with_a_session_open(srv):
+    """A logged-in session, then SIGUSR2 once NEW is installed: (the session, the
+    log once the one process has handed over and drains)."""
+    raw = srv.raw(timeout=30)
+    raw.login(srv.tls_context())
+    install(srv.site, NEW)
+    srv.signal(signal.SIGUSR2)
+    return raw, srv.wait_log("sessions here drain")
+
+
 def test_one_process_drains_its_sessions_before_it_goes_on(tmp_path, certs):
     """docs/operations.md "Upgrading in place (SIGUSR2)": with one process, a session open at SIGUSR2
     goes on with the old code (a whole message) and gets 421 4.3.2 at
     --graceful-timeout; only then does the process go on as the new master."""
     srv = upgradable(tmp_path, certs, "--graceful-timeout", "2", "--timeout", "60")
     try:
-        raw = srv.raw(timeout=30)
-        raw.login(srv.tls_context())
-        install(srv.site, NEW)
-        srv.signal(signal.SIGUSR2)
-        log = srv.wait_log("sessions here drain")
+        raw, log = upgrade_with_a_session_open(srv)
         handed_over = stamp(HANDED_OVER.findall(log)[0])
         assert UPGRADED not in log
         assert raw.send_message(sender="old@example.org")[0] == 250
@@ -477,11 +483,7 @@ def test_one_process_replaces_a_worker_that_dies_while_it_drains(tmp_path, certs
     its place, and new clients are served."""
     srv = upgradable(tmp_path, certs, "--graceful-timeout", "60", "--timeout", "60")
     try:
-        raw = srv.raw(timeout=30)
-        raw.login(srv.tls_context())
-        install(srv.site, NEW)
-        srv.signal(signal.SIGUSR2)
-        log = srv.wait_log("sessions here drain")
+        raw, log = upgrade_with_a_session_open(srv)
         (first,) = re.findall(r"worker 1 \(pid (\d+)\) started", log)
         os.kill(int(first), signal.SIGKILL)
         srv.wait_log("starting another")
