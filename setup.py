@@ -1,8 +1,15 @@
+import re
+
 from setuptools import find_packages, setup
+
+# One version, where the running server reads it (`ssmtpd --version`, the
+# start-up line, an upgrade's "upgraded from X to Y").
+with open("ssmtpd/__init__.py", encoding="utf-8") as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
 
 setup(
     name="ssmtpd",
-    version="0.1.0",
+    version=VERSION,
     description="A small SMTP submission server that hands each message to your program",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -4,8 +4,9 @@
 An upgrade has three steps, whatever the layout:
 
 1. check(): the installed code is run as `python -m ssmtpd --version` and
-   `--check-config` with the server's own arguments and environment.  If it
-   does not say "configuration OK", one ERROR line and nothing changes.
+   `--check-config` with the server's own arguments and environment, and is
+   asked to read the running settings as a worker would.  If any of that
+   fails, one ERROR line and nothing changes.
 2. Workers of the new code take over the listening sockets: they are fresh
    interpreters, so they import what is installed now.  With --workers the
    master starts them as it does on SIGHUP, and the older ones drain.  With
@@ -14,10 +15,12 @@ An upgrade has three steps, whatever the layout:
 3. The master replaces its own image with execve(2): same PID (the one
    supervisord or systemd watches), same listening sockets, the workers
    still its children.  What it must not forget goes with it: the sockets,
-   each worker's channel and what that worker holds, the counts of limits.py
-   and the self-signed certificate.  The descriptors are inherited; their
-   numbers, and the few facts that fit, are in SSMTPD_UPGRADE; the counts
-   are in a sealed memfd (handover.seal), as a worker's settings are.
+   each worker's channel and what that worker holds, the counts of limits.py,
+   and the settings and certificate the workers run (files changed since are
+   a SIGHUP's business).  The descriptors are inherited; their numbers, and
+   the few facts that fit, are in SSMTPD_UPGRADE; the rest is in a sealed
+   memfd (handover.seal), as a worker's settings are.  Signals are held
+   across the execve (hold_signals()).
 
 The new master reads that (inherited()), adopts the workers, and logs
 `upgraded from X to Y`.

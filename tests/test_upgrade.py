@@ -311,7 +311,6 @@ def wheel_of(tmp: str, version: str) -> str:
     code_copy(source, version)
     for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(os.path.join(ROOT, name), source)
-    edit(os.path.join(source, "setup.py"), r'version="[^"]*"', f'version="{version}"')
     wheels = os.path.join(tmp, f"wheels-{version}")
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                             wheels, source], capture_output=True, timeout=300)
