@@ -5,12 +5,14 @@ grouping are checked exactly; test_abuse.py checks the same rules end to end.
 """
 
 import ipaddress
+import json
 
 from hypothesis import example, given, settings
+from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 from ssmtpd.limits import (MESSAGES, RECIPIENTS, TOO_MANY, TOO_MANY_FROM_ADDRESS,
-                           ConnectionCount, Limits, Window, address_key)
+                           ConnectionCount, Limits, Window, address_key, user_key)
 
 PROPERTY = settings(max_examples=300, deadline=None)
 
@@ -233,3 +235,52 @@ def test_ipv4_fast_path_agrees_with_ipaddress(text):
     except ValueError:
         expected = text  # not an address: counted as it is
     assert address_key(text, 64) == expected
+
+
+# --- an upgrade carries the counts over -----------------------------------------------
+
+OPERATIONS = st.lists(st.tuples(st.sampled_from(["admit", "fail", "send", "open", "tick"]),
+                                st.sampled_from(["a", "b", "c"]), st.integers(1, 4)),
+                      max_size=60)
+
+
+@hyp_settings(max_examples=200, deadline=None)
+@given(OPERATIONS)
+def test_counts_survive_a_snapshot_as_json(operations):
+    """docs/operations.md "Upgrading in place (SIGUSR2)": whatever was counted,
+    a Limits restored from another's snapshot (through JSON, as it travels) answers
+    every question as the first one does."""
+    clock = Clock()
+    config = settings(max_connection_rate_per_ip=((5, 30.0),), max_auth_failures_per_ip=3,
+                      max_connections_per_ip=3)
+
+    def made():
+        limits = Limits(config)
+        for window in [limits.logins, *limits.connection_rates,
+                       *limits.sending[MESSAGES], *limits.sending[RECIPIENTS]]:
+            window._clock = clock
+        limits._clock = clock
+        return limits
+    first = made()
+    for op, key, n in operations:
+        if op == "admit":
+            first.admit(key)
+        elif op == "fail":
+            first.login_failed(key)
+        elif op == "send":
+            first.take_message(key, n)
+        elif op == "open":
+            first.user_session_opened(key)
+        else:
+            clock.now += 7 * n
+    second = made()
+    second.restore(json.loads(json.dumps(first.snapshot())))
+    for window in [second.logins, *second.connection_rates,
+                   *second.sending[MESSAGES], *second.sending[RECIPIENTS]]:
+        window._clock = clock
+    for key in "abc":
+        assert second.connections.of(key) == first.connections.of(key)
+        assert second.login_blocked(key) == first.login_blocked(key)
+        assert second.sending_refused(key, 1, 1) == first.sending_refused(key, 1, 1)
+        assert second.user_sessions.of(user_key(key)) == first.user_sessions.of(user_key(key))
+        assert second.admit(key) == first.admit(key)
