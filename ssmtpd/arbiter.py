@@ -171,11 +171,16 @@ class Arbiter:
         if inherited is not None:
             self._adopt(inherited)
             on_bound()
-            self._state = handover.seal(handover.encode(self.settings, self.tls.pem))
-            return self._supervise()
-        self.listeners = bind_listeners(self.settings)
-        self._metrics_dir = self._serve_metrics()
-        on_bound()
+        else:
+            self.listeners = bind_listeners(self.settings)
+            self._metrics_dir = self._serve_metrics()
+            on_bound()
+            self._say_listening()
+        self._state = handover.seal(handover.encode(self.settings, self.tls.pem))
+        return self._supervise()
+
+    def _say_listening(self) -> None:
+        """The start-up line of each port, with the version."""
         for sock, implicit in self.listeners:
             host, port = sock.getsockname()[:2]
             events.note(self.log, events.INFO, events.LISTENING,
@@ -184,8 +189,6 @@ class Arbiter:
                         host, port, "implicit TLS" if implicit else "STARTTLS",
                         self.settings.workers, address=host, port=port,
                         tls_mode="implicit" if implicit else "starttls")
-        self._state = handover.seal(handover.encode(self.settings, self.tls.pem))
-        return self._supervise()
 
     def _supervise(self) -> int:
         stop_deadline = None
@@ -413,9 +416,7 @@ class Arbiter:
                 slot.retired_at = now
                 self._older.append(slot)
                 self._signal(slot, signal.SIGTERM)  # it never accepted
-        taken = {slot.index for slot in self._slots}
-        self._slots += [_Slot(index) for index in range(1, self._before.workers + 1)
-                        if index not in taken]
+        self._fill_slots(self._before.workers)
         self.settings, self.tls = self._before, self._before_tls
         self._before = self._before_tls = None
         log.setup(self.settings.log_level, format=self.settings.log_format)
@@ -427,6 +428,11 @@ class Arbiter:
             pass  # the new settings' state serves a replacement worker instead
         self._reloading = False
         self._upgrade_to = None
+
+    def _fill_slots(self, count: int) -> None:
+        """Empty places for the indices 1..count no worker holds: started when due."""
+        taken = {slot.index for slot in self._slots}
+        self._slots += [_Slot(index) for index in range(1, count + 1) if index not in taken]
 
     def _go_on_with_new_code(self) -> None:
         """The workers of the new code accept: this process becomes it too."""
@@ -493,20 +499,12 @@ class Arbiter:
         for slot in self._slots:
             if slot.ready:  # it said so to the process before this image
                 self._tell_to_accept(slot)
-        taken = {slot.index for slot in self._slots}
-        self._slots += [_Slot(index) for index in range(1, self.settings.workers + 1)
-                        if index not in taken]
+        self._fill_slots(self.settings.workers)
         # A configuration changed since the workers started: a reload fits them to it.
         self._reload_wanted = inherited.reload_wanted or len(self._slots) != self.settings.workers
         self._upgrade_wanted = inherited.upgrade_wanted
         serving = sum(slot.pid is not None for slot in self._slots)
-        for sock, implicit in self.listeners:
-            host, port = sock.getsockname()[:2]
-            events.note(self.log, events.INFO, events.LISTENING,
-                        "ssmtpd %s master %d: listening on %s port %d (%s), %d workers",
-                        __version__, os.getpid(), host, port,
-                        "implicit TLS" if implicit else "STARTTLS", self.settings.workers,
-                        address=host, port=port, tls_mode="implicit" if implicit else "starttls")
+        self._say_listening()
         upgrade.upgraded(self.log, inherited.version, __version__,
                          f"master {os.getpid()} took over {serving} serving workers and "
                          f"{len(self._older)} draining")
@@ -582,7 +580,8 @@ class Arbiter:
 
     def _spawn(self, slot: _Slot) -> None:
         try:
-            handed = self._hand_over()
+            # Queued now, taken by the worker once it is non-dumpable.
+            handed = handover.offered(self._state)
         except OSError as e:
             self._retry_later(slot, f"cannot hand it its settings: {e.strerror or e}")
             return
@@ -600,21 +599,6 @@ class Arbiter:
         self.ledger.attach(slot.pid, master_end)
         events.note(self.log, events.INFO, events.WORKER, "worker %d (pid %d) started",
                     slot.index, slot.pid, worker=slot.index, pid=slot.pid)
-
-    def _hand_over(self):
-        """The worker's end of a channel holding the sealed state (handover.py).
-
-        Queued now, taken by the worker once it is non-dumpable: until then no
-        descriptor of its can show the state to another process of the user.
-        """
-        handing, handed = handover.channel()
-        try:
-            with handing:
-                handover.send(handing, self._state)
-        except OSError:
-            handed.close()
-            raise
-        return handed
 
     def _retry_later(self, slot: _Slot, why: str) -> None:
         slot.restart_later(crashed=True)
@@ -642,7 +626,7 @@ def spawn_worker(index: int, listeners, handed, argv: List[str],
                  metrics_fd: Optional[int] = None):
     """Start a worker: (its pid, the master's end of its ledger channel).
 
-    `handed` is the worker's end of a handover channel (Arbiter._hand_over);
+    `handed` is the worker's end of a handover channel (handover.offered());
     the caller closes it.  Raises OSError.
     """
     master_end, worker_end = ledger.channel_pair()

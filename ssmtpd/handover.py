@@ -237,6 +237,21 @@ def send(sock: socket.socket, fd: int) -> None:
     socket.send_fds(sock, [_MESSAGE], [fd])
 
 
+def offered(fd: int) -> socket.socket:
+    """The worker's end of a channel() holding `fd` (a sealed state), queued
+    now and taken by the worker once it is non-dumpable (receive()): until
+    then no descriptor of its can show the state to another process of the
+    user.  Raises OSError."""
+    handing, handed = channel()
+    try:
+        with handing:
+            send(handing, fd)
+    except OSError:
+        handed.close()
+        raise
+    return handed
+
+
 def receive(fd: int) -> Tuple[Settings, Pem]:
     """In a new worker: take the memfd from its end of channel(), check and parse it.
 

@@ -471,7 +471,7 @@ class Server:
         # The line first: every session that begins after it is the worker's.
         events.note(self.log, events.INFO, events.UPGRADE, message.format(len(self.sessions)))
         go()
-        gevent.spawn(self._drain, gently=True)
+        gevent.spawn(self._drain, gently=True, listening=True)
 
     def _stop_now(self, why: str) -> None:
         """A second SIGTERM or SIGINT while draining: close every session that
@@ -484,13 +484,14 @@ class Server:
         for session in sessions:
             session.interrupt(now=True)
 
-    def _drain(self, gently: bool) -> None:
+    def _drain(self, gently: bool, listening: bool = False) -> None:
         """Stop accepting, and end the sessions: after SIGTERM the idle ones at
         once, those sending a message once it is answered; gently (retiring),
         none.  Past --graceful-timeout every session still open is closed
-        with 421 4.3.2, one whose program runs once that is answered."""
-        for server, _ in self._servers:
-            if not (gently and self.successor is not None):
+        with 421 4.3.2, one whose program runs once that is answered.
+        `listening`: the listening sockets stay open (hand_over())."""
+        if not listening:
+            for server, _ in self._servers:
                 server.close()  # the socket stays open in the other processes that share it
         # Connections accepted just before have their greenlets queued: let them
         # be counted, so the wait below waits for them too.

@@ -127,9 +127,7 @@ class Succession:
     def _start_worker(self) -> None:
         state = handover.seal(self._running())
         try:
-            handing, handed = handover.channel()
-            with handing:
-                handover.send(handing, state)
+            handed = handover.offered(state)
         finally:
             os.close(state)
         try:

@@ -425,21 +425,33 @@ def make_server(tmp_path, certs):
             assert "Traceback" not in srv.log(), srv.log()
 
 
-@pytest.fixture(scope="module")
-def module_server(tmp_path_factory, certs):
-    srv = ServerProcess(str(tmp_path_factory.mktemp("server")), certs).start()
+def shared_by_the_module(srv: "ServerProcess"):
+    """A module fixture's body: `srv` (started) for the module's tests, then
+    stopped, cleanly (exit 0) and without a traceback."""
     yield srv
     rc = srv.stop()
     assert rc == 0, srv.log()
     assert "Traceback" not in srv.log(), srv.log()
 
 
+def lent_to_one_test(srv: "ServerProcess"):
+    """A test fixture's body: the module's server with its run records emptied,
+    and no traceback in its log after the test."""
+    srv.clear_runs()
+    yield srv
+    assert "Traceback" not in srv.log(), srv.log()
+
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory, certs):
+    yield from shared_by_the_module(
+        ServerProcess(str(tmp_path_factory.mktemp("server")), certs).start())
+
+
 @pytest.fixture
 def server(module_server):
     """The shared default server, with its run records emptied for this test."""
-    module_server.clear_runs()
-    yield module_server
-    assert "Traceback" not in module_server.log(), module_server.log()
+    yield from lent_to_one_test(module_server)
 
 
 def stop_process(proc, timeout: float = 30.0) -> None:

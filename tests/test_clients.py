@@ -11,7 +11,8 @@ import subprocess
 
 import pytest
 
-from conftest import ServerProcess, free_port, make_certs, plain_token, wait_for_port
+from conftest import (ServerProcess, free_port, lent_to_one_test, make_certs, plain_token,
+                      shared_by_the_module, wait_for_port)
 from ssmtpd import replies
 
 SENDER = "sender@example.org"
@@ -49,17 +50,12 @@ def clients_server(tmp_path_factory, certs):
                         ["--smtps-port", str(smtps_port)]).start()
     wait_for_port(smtps_port, proc=srv.proc)
     srv.smtps_port = smtps_port
-    yield srv
-    rc = srv.stop()
-    assert rc == 0, srv.log()
-    assert "Traceback" not in srv.log(), srv.log()
+    yield from shared_by_the_module(srv)
 
 
 @pytest.fixture
 def srv(clients_server):
-    clients_server.clear_runs()
-    yield clients_server
-    assert "Traceback" not in clients_server.log(), clients_server.log()
+    yield from lent_to_one_test(clients_server)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from conftest import (HOSTNAME, PROGRAMS, RECORD, USER, Raw, ServerProcess, plain_token,
-                      wait_until)
+from conftest import (HOSTNAME, PROGRAMS, RECORD, USER, Raw, ServerProcess,
+                      lent_to_one_test, plain_token, shared_by_the_module, wait_until)
 from ssmtpd import replies
 
 ECHO = os.path.join(PROGRAMS, "echo-body")
@@ -46,27 +46,21 @@ def open_server(tmp_path_factory, certs):
                  "SSMTPD_TLS": "TLSv9", "SSMTPD_RCPT_TO": "inherited@example.net",
                  # Octets that are not UTF-8 (os.environ's surrogateescape form).
                  "TEST_OCTETS": INHERITED_OCTETS.decode("utf-8", "surrogateescape")}
-    srv = ServerProcess(str(tmp_path_factory.mktemp("open")), certs,
-                        ["--no-require-tls", "--no-require-auth"], env=inherited).start()
-    yield srv
-    assert srv.stop() == 0, srv.log()
-    assert "Traceback" not in srv.log(), srv.log()
+    yield from shared_by_the_module(
+        ServerProcess(str(tmp_path_factory.mktemp("open")), certs,
+                      ["--no-require-tls", "--no-require-auth"], env=inherited).start())
 
 
 @pytest.fixture(scope="module")
 def echo_server(tmp_path_factory, certs):
     """A server whose process program echoes the message: the test picks its stdout."""
-    srv = ServerProcess(str(tmp_path_factory.mktemp("echo")), certs, ["--process", ECHO]).start()
-    yield srv
-    assert srv.stop() == 0, srv.log()
-    assert "Traceback" not in srv.log(), srv.log()
+    yield from shared_by_the_module(
+        ServerProcess(str(tmp_path_factory.mktemp("echo")), certs, ["--process", ECHO]).start())
 
 
 @pytest.fixture
 def open_srv(open_server):
-    open_server.clear_runs()
-    yield open_server
-    assert "Traceback" not in open_server.log(), open_server.log()
+    yield from lent_to_one_test(open_server)
 
 
 def session(srv, tls=True, auth=True, helo="EHLO client.test", timeout=30):

@@ -20,7 +20,8 @@ import time
 import pytest
 
 from conftest import (AUTH, HOSTNAME, PASSWORD, PROGRAMS, RECORD, USER, Raw, ServerProcess,
-                      b64, free_port, plain_token, wait_until)
+                      b64, free_port, lent_to_one_test, plain_token, shared_by_the_module,
+                      wait_until)
 
 HOSTILE = os.path.join(PROGRAMS, "hostile")
 ENV_DUMP = os.path.join(PROGRAMS, "env-dump")
@@ -178,17 +179,10 @@ def started_server(tmp_path_factory, certs, name, *args) -> ServerProcess:
     return ServerProcess(str(tmp_path_factory.mktemp(name)), certs, args).start()
 
 
-def finished(srv) -> None:
-    rc = srv.stop()
-    assert rc == 0, srv.log()
-    assert "Traceback" not in srv.log(), srv.log()
-
-
 @pytest.fixture(scope="module")
 def drip_server(tmp_path_factory, certs):
     srv = started_server(tmp_path_factory, certs, "drip", "--timeout", "2", "--data-timeout", "3")
-    yield srv
-    finished(srv)
+    yield from shared_by_the_module(srv)
 
 
 @pytest.fixture(scope="module")
@@ -197,33 +191,27 @@ def hostile_server(tmp_path_factory, certs):
     # child, on a busy machine; the timeout test waits for it once.
     srv = started_server(tmp_path_factory, certs, "hostile", "--process", HOSTILE,
                          "--process-timeout", "5")
-    yield srv
-    finished(srv)
+    yield from shared_by_the_module(srv)
 
 
 @pytest.fixture
 def hostile(hostile_server):
-    hostile_server.clear_runs()
-    yield hostile_server
+    yield from lent_to_one_test(hostile_server)
     assert wait_until(lambda: not zombie_children(hostile_server.proc.pid), 5), \
         f"zombie children: {zombie_children(hostile_server.proc.pid)}"
-    assert "Traceback" not in hostile_server.log(), hostile_server.log()
 
 
 @pytest.fixture(scope="module")
 def debug_server_module(tmp_path_factory, certs):
     srv = started_server(tmp_path_factory, certs, "debug", "--log-level", "debug",
                          "--process", ENV_DUMP, "--auth-timeout", "2")
-    yield srv
-    finished(srv)
+    yield from shared_by_the_module(srv)
 
 
 @pytest.fixture
 def debug_server(debug_server_module):
-    debug_server_module.clear_runs()
-    yield debug_server_module
+    yield from lent_to_one_test(debug_server_module)
     log = debug_server_module.log()
-    assert "Traceback" not in log, log
     # splitlines() breaks at every separator a reader or terminal may honour (CR, NEL, U+2028...).
     split = [l for l in log.splitlines() if l and not LOG_LINE.match(l)]
     assert not split, f"log lines not starting with a timestamp: {split[:5]}"

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from conftest import (AUTH, PASSWORD, PROGRAMS, USER, Raw, ServerProcess, b64, plain_token,
-                      wait_until)
+from conftest import (AUTH, PASSWORD, PROGRAMS, USER, Raw, ServerProcess, b64,
+                      lent_to_one_test, plain_token, shared_by_the_module, wait_until)
 
 ENV_DUMP = os.path.join(PROGRAMS, "env-dump")
 ALL = "PLAIN,LOGIN,OAUTHBEARER,XOAUTH2"
@@ -77,19 +77,13 @@ def token_runs(srv):
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory, certs):
     """One server offering every mechanism, for the module."""
-    srv = ServerProcess(str(tmp_path_factory.mktemp("oauth")), certs,
-                        ["--auth-mechanisms", ALL]).start()
-    yield srv
-    rc = srv.stop()
-    assert rc == 0, srv.log()
-    assert "Traceback" not in srv.log(), srv.log()
+    yield from shared_by_the_module(ServerProcess(str(tmp_path_factory.mktemp("oauth")), certs,
+                                                  ["--auth-mechanisms", ALL]).start())
 
 
 @pytest.fixture
 def srv(token_server):
-    token_server.clear_runs()
-    yield token_server
-    assert "Traceback" not in token_server.log(), token_server.log()
+    yield from lent_to_one_test(token_server)
 
 
 @pytest.fixture
